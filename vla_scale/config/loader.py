@@ -1,0 +1,211 @@
+"""Load a run configuration: YAML preset + dotted overrides -> typed `Config`.
+
+Merging is OmegaConf's structured-config merge, so types are checked and an
+unknown key fails; we turn its errors into `ConfigError`s that name the key,
+the file it came from, and the nearest valid key. Semantic checks (values
+that are well-typed but meaningless together) live in `validate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vla_scale.config.schema import Config
+from vla_scale.errors import ConfigError
+
+_CHOICES = {
+    "model.source_type": ("auto", "llava", "paligemma", "parts"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "model.precision": ("auto", "fp32", "bf16"),
+    "model.projector.init": ("source", "random"),
+    "model.projector.activation": ("gelu", "gelu_tanh"),
+    "actions.tokenizer": ("string", "bins"),
+    "actions.style": ("fixed", "vla-plus"),
+    "train.schedule": ("cosine", "constant"),
+    "train.strategy": ("single", "deepspeed"),
+    "train.on_nonfinite": ("skip", "stop"),
+}
+TASKS = ("robot", "vqa", "spatial", "affordance")
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts (list elements as `name.0.field`)."""
+    keys: list[str] = []
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            full = f"{prefix}{f.name}"
+            keys.append(full)
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                keys += _valid_keys(value, full + ".")
+            elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+                keys += [k.replace(f"{full}.0.", f"{full}.N.") for k in _valid_keys(value[0], full + ".0.")]
+    return keys
+
+
+def _nearest(key: str, candidates: Iterable[str]) -> str | None:
+    cands = list(candidates)
+    if "." in key:
+        best = difflib.get_close_matches(key, cands, n=1, cutoff=0.6)
+        if best:
+            return best[0]
+    leaf = key.rsplit(".", 1)[-1]
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [c for c in cands if c.startswith(parent) and "." not in c[len(parent):]] if parent else cands
+    by_leaf = {c.rsplit(".", 1)[-1]: c for c in siblings or cands}
+    best = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.5)
+    return by_leaf[best[0]] if best else None
+
+
+def _schema_for_hints() -> Config:
+    from vla_scale.config.schema import EncoderConfig, ModelConfig
+
+    return Config(model=ModelConfig(encoders=[EncoderConfig()]))
+
+
+def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
+    key = str(getattr(err, "full_key", None) or "")
+    msg = str(err).splitlines()[0]
+    m = re.search(r"Key '([^']+)' not in", msg)
+    if m:
+        leaf = m.group(1)
+        if not key.endswith(leaf):
+            key = f"{key}.{leaf}" if key else leaf
+        norm = re.sub(r"\[(\d+)\]", r".N", key)
+        norm = ".".join("N" if part.isdigit() else part for part in norm.split("."))
+        near = _nearest(norm, _valid_keys(_schema_for_hints()))
+        hint = f"; did you mean '{near}'?" if near else ""
+        return ConfigError(f"{where}: unknown config key '{key}'{hint}")
+    return ConfigError(f"{where}: invalid value for '{key}': {msg}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build a `Config` from an optional YAML file and `a.b.c=value` overrides."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = OmegaConf.load(p)
+        except Exception as e:  # yaml syntax errors come in several types
+            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if raw is None or not OmegaConf.is_dict(raw):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        try:
+            merged = OmegaConf.merge(merged, raw)
+        except OmegaConfBaseException as e:
+            raise _explain(e, str(p)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value (e.g. train.lr=3e-4)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        try:
+            parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]
+            if OmegaConf.is_config(parsed):
+                parsed = OmegaConf.to_container(parsed)
+            OmegaConf.update(merged, key, parsed, merge=True)
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override '{item}'") from None
+        except (TypeError, ValueError, IndexError) as e:
+            raise ConfigError(f"override '{item}': {e}") from None
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _explain(e, str(path) if path else "config") from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a `Config` from a plain dict (e.g. one saved in a checkpoint)."""
+    try:
+        cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))  # type: ignore
+    except OmegaConfBaseException as e:
+        raise _explain(e, "saved config") from None
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically: readers never see half a file)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, p)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields; raises `ConfigError` naming the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}{hint}")
+    m, t, a, d = cfg.model, cfg.train, cfg.actions, cfg.data
+    names = [e.name for e in m.encoders]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model.encoders: encoder names must be unique, got {names}")
+    for i, e in enumerate(m.encoders):
+        if e.select not in ("auto", "patch", "full"):
+            raise ConfigError(f"model.encoders.{i}.select={e.select!r} is not one of ['auto', 'patch', 'full']")
+    if m.source_type == "parts":
+        if not m.llm:
+            raise ConfigError("model.llm: source_type 'parts' needs the LLM folder")
+        if any(e.path is None for e in m.encoders):
+            raise ConfigError("model.encoders.N.path: source_type 'parts' needs a folder for every encoder")
+        if m.projector.init == "source":
+            raise ConfigError("model.projector.init: source_type 'parts' has no source projector; use 'random'")
+    if m.image_size <= 0:
+        raise ConfigError(f"model.image_size must be positive, got {m.image_size}")
+    if a.dim <= 0 or a.chunk <= 0:
+        raise ConfigError(f"actions.dim and actions.chunk must be positive, got {a.dim}, {a.chunk}")
+    if not 1 <= a.decimals <= 8:
+        raise ConfigError(f"actions.decimals must be in 1..8, got {a.decimals}")
+    for k in a.keep_dims:
+        if not 0 <= k < a.dim:
+            raise ConfigError(f"actions.keep_dims: dimension {k} is outside 0..{a.dim - 1}")
+    if not d.sources:
+        raise ConfigError("data.sources: at least one source is needed")
+    for i, s in enumerate(d.sources):
+        if s.task not in TASKS:
+            near = difflib.get_close_matches(s.task, TASKS, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"data.sources.{i}.task={s.task!r} is not one of {list(TASKS)}{hint}")
+        if s.weight < 0:
+            raise ConfigError(f"data.sources.{i}.weight must be >= 0, got {s.weight}")
+    if sum(s.weight for s in d.sources) <= 0:
+        raise ConfigError("data.sources: the weights sum to zero")
+    if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
+        raise ConfigError("train.global_batch_size and train.micro_batch_size must be positive")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size}"
+        )
+    if t.steps <= 0:
+        raise ConfigError(f"train.steps must be positive, got {t.steps}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas needs two values, got {t.betas}")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in 0..train.steps={t.steps}")

@@ -1,0 +1,177 @@
+"""The typed configuration of a vla-scale run.
+
+One frozen-in-shape tree of dataclasses. YAML presets in `configs/` and
+dotted command-line overrides are merged onto it by `vla_scale.config.load`;
+anything not declared here is an error at load time. Field comments are the
+reference documentation of every key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class EncoderConfig:
+    # A name for logs, checkpoints and the export (unique within the model).
+    name: str = "encoder"
+    # Local Hugging Face folder of a vision model (SigLIP, DINOv2, CLIP...).
+    # null: a copy of the source VLM's own vision tower (siamese layout).
+    path: Optional[str] = None
+    # false: frozen (outside the optimizer and the ZeRO engine); true: fine-tuned.
+    trainable: bool = False
+    # Which hidden state to use: an index into the encoder's hidden states
+    # (embeddings first). -2, the default, is the output of the
+    # second-to-last layer, as in LLaVA and Prismatic.
+    feature_layer: int = -2
+    # Apply the encoder's final layer norm to that hidden state (PaliGemma
+    # uses the last layer with its post-layernorm: feature_layer -1, true).
+    post_layernorm: bool = False
+    # "patch": drop prefix tokens (CLS, registers), keep patch tokens;
+    # "full": keep every token; "auto": what the source VLM does for its own
+    # tower (LLaVA's vision_feature_select_strategy), "patch" otherwise.
+    select: str = "auto"
+
+
+@dataclass
+class ProjectorConfig:
+    # "source": start from the source VLM's projector (the first weight is
+    # split over the encoders, [W/k | ... | W/k], so that k identical copies
+    # reproduce the source VLM exactly at step 0); "random": a new projector.
+    init: str = "source"
+    # Layer widths between the concatenated features and the LLM width, for
+    # init: random (Prismatic's fused GELU MLP for 2176 -> 4096 is [8704, 4096]).
+    hidden_dims: List[int] = field(default_factory=list)
+    # Activation between layers: "gelu" (erf) or "gelu_tanh".
+    activation: str = "gelu"
+    # Use the fused Triton concat-projection kernel on CUDA (reference elsewhere).
+    fused_kernel: bool = True
+
+
+@dataclass
+class ModelConfig:
+    # Local folder of the source VLM (a LLaVA-family or PaliGemma checkpoint).
+    # Empty with source_type "parts".
+    source: str = ""
+    # "auto" (from the folder's config.json), "llava", "paligemma", or "parts"
+    # (separate encoder folders + an LLM folder + a new projector, Prismatic-style).
+    source_type: str = "auto"
+    # parts mode: local folder of the causal LM (Llama, Qwen2, Gemma...).
+    llm: Optional[str] = None
+    # Local tokenizer folder; default: the source VLM's (or the LLM's) folder.
+    tokenizer: Optional[str] = None
+    # The vision encoders, features concatenated per patch in this order.
+    encoders: List[EncoderConfig] = field(default_factory=list)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    # Square input resolution in pixels (every encoder sees the same image).
+    image_size: int = 224
+    # "auto": flash_attention_2 when flash_attn imports and a GPU is present, else sdpa.
+    attn_implementation: str = "auto"
+    # Activation checkpointing of the LLM's decoder layers.
+    gradient_checkpointing: bool = False
+    # "auto": bf16 on GPU, fp32 on CPU; or "fp32" / "bf16".
+    precision: str = "auto"
+
+
+@dataclass
+class ActionConfig:
+    # Number of action dimensions (7: delta xyz, delta roll/pitch/yaw, gripper).
+    dim: int = 7
+    # Actions per prediction (1: no chunking, as in the paper's release).
+    chunk: int = 1
+    # "string" (the paper's) or "bins" (OpenVLA's 256-bin baseline, for ablations).
+    tokenizer: str = "string"
+    # String style: "fixed" (+0.0312 -0.5000 ...) or "vla-plus" (the release's text).
+    style: str = "fixed"
+    decimals: int = 4
+    # Dimensions kept as they are (not normalized), e.g. the 0/1 gripper.
+    keep_dims: List[int] = field(default_factory=lambda: [6])
+
+
+@dataclass
+class SourceConfig:
+    # A co-training data source.
+    name: str = "robot"
+    # "robot", "vqa", "spatial" or "affordance".
+    task: str = "robot"
+    # "synthetic" (built-in generator) or a local dataset path.
+    path: str = "synthetic"
+    # Share of every global batch (weights are normalized to sum to 1).
+    weight: float = 1.0
+
+
+@dataclass
+class SyntheticDataConfig:
+    # Samples generated per source by the built-in synthetic co-training set.
+    samples_per_source: int = 256
+    # Image side of generated samples (resized to model.image_size).
+    image_size: int = 32
+
+
+@dataclass
+class DataConfig:
+    # Default mix is the paper's: robot 0.50, VQA 0.25, spatial 0.125, affordance 0.125.
+    sources: List[SourceConfig] = field(
+        default_factory=lambda: [
+            SourceConfig(name="robot", task="robot", weight=0.5),
+            SourceConfig(name="vqa", task="vqa", weight=0.25),
+            SourceConfig(name="spatial", task="spatial", weight=0.125),
+            SourceConfig(name="affordance", task="affordance", weight=0.125),
+        ]
+    )
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    # Action statistics (q01/q99 per dimension); null: computed from the robot source.
+    stats: Optional[str] = None
+    # Longest token sequence (image tokens included); longer samples are an error.
+    max_length: int = 512
+    # OpenVLA-style image augmentation (random resized crop + colour jitter).
+    augment: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    # Samples per optimizer step over all ranks.
+    global_batch_size: int = 32
+    # Samples per forward/backward on one rank; accumulation steps =
+    # global_batch_size / (micro_batch_size * world_size).
+    micro_batch_size: int = 32
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    # "cosine" (after linear warmup) or "constant".
+    schedule: str = "cosine"
+    # Final LR as a fraction of lr (cosine).
+    min_lr_ratio: float = 0.0
+    # Max global gradient norm; 0 disables clipping.
+    grad_clip: float = 1.0
+    seed: int = 0
+    # "single" (one process) or "deepspeed" (ZeRO-3).
+    strategy: str = "single"
+    # Save every N steps (and at the end); 0: only at the end.
+    checkpoint_every: int = 2500
+    keep_last_k: int = 3
+    log_every: int = 1
+    # On a NaN/inf loss: "skip" the step (warn and count) or "stop" (save, then fail).
+    on_nonfinite: str = "skip"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    # Where checkpoints, metrics.jsonl, TensorBoard logs and config.yaml go.
+    output_dir: str = "runs/default"
+    name: str = "vla"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actions: ActionConfig = field(default_factory=ActionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
