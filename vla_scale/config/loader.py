@@ -33,6 +33,8 @@ _CHOICES = {
     "train.on_nonfinite": ("skip", "stop"),
 }
 TASKS = ("robot", "vqa", "spatial", "affordance")
+# Encoders live in an nn.ModuleDict keyed by name; these names would shadow its methods.
+_RESERVED_MODULE_NAMES = frozenset(n for n in dir(__import__("torch").nn.ModuleDict()) if not n.startswith("_"))
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
@@ -167,6 +169,9 @@ def validate(cfg: Config) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"model.encoders: encoder names must be unique, got {names}")
     for i, e in enumerate(m.encoders):
+        if not e.name.isidentifier() or e.name in _RESERVED_MODULE_NAMES:
+            raise ConfigError(f"model.encoders.{i}.name={e.name!r}: use an identifier that is not a torch "
+                              f"Module attribute (e.g. 'siglip_frozen', not 'train' or 'eval')")
         if e.select not in ("auto", "patch", "full"):
             raise ConfigError(f"model.encoders.{i}.select={e.select!r} is not one of ['auto', 'patch', 'full']")
     if m.source_type == "parts":

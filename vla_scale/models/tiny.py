@@ -43,7 +43,7 @@ def build_tokenizer(out_dir: str | os.PathLike | None = None, vocab_size: int = 
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    specials = [SPECIAL_TOKENS[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")] + list(extra_special)
+    specials = [SPECIAL_TOKENS[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
@@ -56,7 +56,9 @@ def build_tokenizer(out_dir: str | os.PathLike | None = None, vocab_size: int = 
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
-    hf.add_special_tokens({"additional_special_tokens": list(extra_special)}) if extra_special else None
+    if extra_special:
+        # Added above the base vocabulary, as real tokenizers (Llama, Gemma) hold their extra tokens.
+        hf.add_special_tokens({"additional_special_tokens": list(extra_special)})
     if out_dir is not None:
         hf.save_pretrained(str(out_dir))
     return hf

@@ -1,0 +1,116 @@
+"""Export and the policy: same outputs as in training, and every decoded action is well formed."""
+import numpy as np
+import pytest
+import torch
+
+from vla_scale.actions import ActionNormalizer
+from vla_scale.config import config_to_dict, load_config
+from vla_scale.errors import CheckpointError
+from vla_scale.models.export import load_export, save_export
+from vla_scale.models.loading import build_vla
+from vla_scale.policy import VLAPolicy
+
+STATS = {"q01": [-0.05, -0.05, -0.04, -0.03, -0.05, -0.05, 0.0], "q99": [0.05, 0.05, 0.03, 0.03, 0.05, 0.05, 1.0],
+         "mask": [True] * 6 + [False]}
+
+
+def _export(tiny_llava, out, *overrides):
+    cfg = load_config(None, [f"model.source={tiny_llava}", "model.image_size=32",
+                             "model.encoders=[{name: frozen}, {name: trained, trainable: true}]", *overrides])
+    torch.manual_seed(0)
+    vla, tok = build_vla(cfg.model)
+    with torch.no_grad():  # random weights: the policy must cope with anything
+        for p in vla.core.llm.parameters():
+            p.normal_(0, 0.5)
+    save_export(vla, tok, STATS, config_to_dict(cfg)["actions"], out)
+    return vla, tok, cfg
+
+
+def test_export_reloads_to_identical_outputs(tiny_llava, tmp_path):
+    vla, tok, _ = _export(tiny_llava, tmp_path / "export")
+    loaded, tok2, stats, config = load_export(tmp_path / "export")
+    assert stats == STATS and config["frozen_encoders"] == ["frozen"]
+    assert tok2.convert_tokens_to_ids("<VLA_PROMPT>") == tok.convert_tokens_to_ids("<VLA_PROMPT>")
+    ids = torch.tensor([[tok.bos_token_id, 10, 11, 12, tok.eos_token_id]])
+    batch = {"pixel_values": torch.rand(1, 3, 32, 32), "input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.tensor([[-100, -100, 11, 12, tok.eos_token_id]])}
+    vla.eval()
+    with torch.no_grad():
+        assert torch.equal(vla(batch).loss, loaded(batch).loss)
+        assert torch.equal(vla.image_tokens(batch["pixel_values"]), loaded.image_tokens(batch["pixel_values"]))
+
+
+@pytest.mark.parametrize("style, chunk", [("fixed", 1), ("vla-plus", 1), ("fixed", 2)])
+def test_random_model_always_predicts_well_formed_actions(tiny_llava, tmp_path, style, chunk):
+    _export(tiny_llava, tmp_path / "export", f"actions.style={style}", f"actions.chunk={chunk}")
+    policy = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu")
+    rng = np.random.default_rng(0)
+    words = ["pick", "up", "the", "red", "block", "open", "drawer", "zebra", "?", "42"]
+    lo, hi = np.array(STATS["q01"]), np.array(STATS["q99"])
+    for i in range(50 if (style, chunk) == ("fixed", 1) else 10):
+        size = int(rng.integers(16, 80))
+        image = rng.integers(0, 256, size=(size, size + 3, 3), dtype=np.uint8)
+        instruction = " ".join(rng.choice(words, size=int(rng.integers(1, 8))))
+        action = policy.predict_action(image, instruction)
+        assert action.shape == ((7,) if chunk == 1 else (chunk, 7))
+        assert np.all(np.isfinite(action))
+        flat = action.reshape(-1, 7)
+        assert np.all(flat[:, :6] >= lo[:6] - 1e-6) and np.all(flat[:, :6] <= hi[:6] + 1e-6)
+        assert np.all((flat[:, 6] == 0) | (flat[:, 6] == 1) | ((flat[:, 6] >= -1) & (flat[:, 6] <= 1)))
+
+
+def test_forced_tokens_cost_no_forward_pass_and_choices_match_the_full_model(tiny_llava, tmp_path):
+    _export(tiny_llava, tmp_path / "export", "actions.style=fixed", "actions.decimals=3")
+    policy = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu")
+    image = np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    policy.predict_action(image, "pick up the red block")
+    res = policy.last_decode
+    g = policy.grammar
+    # Count positions with a real choice by walking the grammar over the decoded ids.
+    state, choices = g.start, 0
+    for t in res.ids:
+        choices += g.forced(state) is None
+        state = g.advance(state, t)
+    assert g.is_done(state) and res.choices == choices
+    assert res.forward_passes == choices  # prefill + one pass per later choice; forced tokens ride along
+    assert res.forward_passes < len(res.ids)
+
+    # Each chosen token is the argmax over the allowed set of the full (uncached) model's logits.
+    model, tok = policy.model, policy.tokenizer
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    prompt = policy.prompts.prompt_ids(policy.prompts.robot_prompt("pick up the red block"))
+    with torch.no_grad():
+        ids = torch.tensor([prompt + res.ids])
+        embeds, mask, _ = model.core.embed(ids, torch.ones_like(ids), model.image_tokens(pixels))
+        logits = model.core.llm(inputs_embeds=embeds, attention_mask=mask).logits[0]
+    offset = len(prompt) + model.num_image_tokens - 1
+    state = g.start
+    for k, t in enumerate(res.ids):
+        allowed = g.allowed(state)
+        if len(allowed) > 1:
+            row = logits[offset + k, allowed]
+            assert allowed[int(torch.argmax(row))] == t
+        state = g.advance(state, t)
+
+
+def test_normalizer_round_trip_through_the_policy_stats():
+    n = ActionNormalizer.from_stats(STATS)
+    a = np.array([0.01, -0.02, 0.0, 0.03, -0.05, 0.05, 1.0])
+    np.testing.assert_allclose(n.unnormalize(n.normalize(a)), a, atol=1e-7)
+
+
+def test_missing_or_corrupt_export_is_a_checkpoint_error(tiny_llava, tmp_path):
+    with pytest.raises(CheckpointError, match="not a vla-scale export"):
+        VLAPolicy.from_pretrained(tmp_path / "nothing")
+    _export(tiny_llava, tmp_path / "export")
+    (tmp_path / "export" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        VLAPolicy.from_pretrained(tmp_path / "export")
+
+
+def test_export_never_overwrites_without_force(tiny_llava, tmp_path):
+    _export(tiny_llava, tmp_path / "export")
+    before = (tmp_path / "export" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="already exists"):
+        _export(tiny_llava, tmp_path / "export")
+    assert (tmp_path / "export" / "model.safetensors").read_bytes() == before

@@ -1,0 +1,29 @@
+"""Images in, pixel tensors out: the one place that turns uint8 HxWx3 into model input.
+
+Training and the policy both call `to_pixels`, so an image is resized and
+scaled identically in both. Per-encoder normalisation happens inside each
+encoder (`VisionEncoder`), never here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vla_scale.errors import DataError
+
+
+def to_pixels(image: np.ndarray | Image.Image, size: int) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, size, size) in [0, 1], bilinear resize."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise DataError(f"expected an RGB image of shape (H, W, 3), got {image.shape}")
+    if image.dtype != np.uint8:
+        raise DataError(f"expected a uint8 image, got {image.dtype}")
+    if image.shape[0] != size or image.shape[1] != size:
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    if not image.flags.writeable or not image.flags.c_contiguous:
+        image = np.array(image, copy=True)  # torch.from_numpy needs a writable, contiguous array
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)

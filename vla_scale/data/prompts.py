@@ -1,0 +1,59 @@
+"""Prompts and labels: the one home of the paper's prompt formats.
+
+    robot:  [BOS] <VLA_PROMPT> What action should the robot take to {instruction}? {action tokens} [EOS]
+    VL:     [BOS] <VLM_PROMPT> {question} {answer} [EOS]
+
+Labels are -100 everywhere except the answer tokens and EOS, so the loss is
+on actions (or answers) only. Image tokens are spliced in after BOS by the
+model; they never appear here. The policy builds its prompt with the same
+`prompt_ids` so that inference sees exactly what training saw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vla_scale.errors import DataError
+from vla_scale.models.loading import VLA_PROMPT, VLM_PROMPT
+from vla_scale.models.vla import IGNORE_INDEX
+
+ROBOT_TEMPLATE = VLA_PROMPT + " What action should the robot take to {instruction}?"
+VL_TEMPLATE = VLM_PROMPT + " {question}"
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: Any, action_tokenizer: Any, max_length: int):
+        self.tokenizer = tokenizer
+        self.action_tokenizer = action_tokenizer
+        self.max_length = max_length
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """BOS + the prompt's tokens (what the policy feeds before decoding)."""
+        return [self.tokenizer.bos_token_id] + self.tokenizer.encode(text, add_special_tokens=False)
+
+    def robot_prompt(self, instruction: str) -> str:
+        instruction = instruction.strip().rstrip("?.! ")
+        return ROBOT_TEMPLATE.format(instruction=instruction[:1].lower() + instruction[1:])
+
+    def build_robot(self, instruction: str, normalized_action: np.ndarray) -> TokenizedSample:
+        return self._assemble(self.prompt_ids(self.robot_prompt(instruction)),
+                              list(self.action_tokenizer.encode(normalized_action)))
+
+    def build_vl(self, question: str, answer: str) -> TokenizedSample:
+        prompt = self.prompt_ids(VL_TEMPLATE.format(question=question.strip()))
+        return self._assemble(prompt, self.tokenizer.encode(" " + answer.strip(), add_special_tokens=False))
+
+    def _assemble(self, prompt: list[int], answer: list[int]) -> TokenizedSample:
+        ids = prompt + answer + [self.tokenizer.eos_token_id]
+        if len(ids) > self.max_length:
+            raise DataError(f"sample has {len(ids)} text tokens, more than data.max_length={self.max_length}")
+        labels = [IGNORE_INDEX] * len(prompt) + answer + [self.tokenizer.eos_token_id]
+        return TokenizedSample(ids, labels)

@@ -1,0 +1,269 @@
+"""Build a VLA from local Hugging Face checkpoints, as the config describes.
+
+Three source kinds, one result (`VisionLanguageActionModel` + tokenizer):
+- "llava": a `LlavaForConditionalGeneration` folder, split into its vision
+  tower, projector and LLM;
+- "paligemma": a `PaliGemmaForConditionalGeneration` folder, likewise;
+- "parts": separate encoder folders + an LLM folder + a new projector
+  (Prismatic-style paired encoders, e.g. DINOv2 + SigLIP + Llama-2).
+An encoder whose `path` is null is a copy of the source VLM's own tower; with
+`projector.init: source`, k such copies get the source projector's first
+weight split as [W/k | ... | W/k], so the VLA computes exactly what the
+source VLM computed at step 0 (the paper's siamese layout).
+
+Everything is read from local folders; nothing here may reach a model hub.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vla_scale.config.schema import ModelConfig
+from vla_scale.errors import ModelLoadError
+from vla_scale.models.projector import Projector
+from vla_scale.models.vision import (
+    EncoderSpec,
+    VisionEncoder,
+    check_same_patch_grid,
+    count_prefix_tokens,
+    image_stats,
+    load_vision_model,
+)
+from vla_scale.models.vla import FrozenEncoders, VisionLanguageActionModel, VLACore
+
+log = logging.getLogger(__name__)
+
+VLA_PROMPT = "<VLA_PROMPT>"
+VLM_PROMPT = "<VLM_PROMPT>"
+PAD_TOKEN = "<PAD>"
+
+
+def choose_attn_implementation(requested: str = "auto") -> str:
+    """flash_attention_2 when flash_attn imports and a GPU is present, SDPA otherwise."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def detect_source_type(folder: str | Path) -> str:
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"source VLM folder {folder} has no config.json (a local Hugging Face folder is needed)")
+    model_type = json.loads(cfg_path.read_text()).get("model_type", "")
+    if model_type in ("llava", "paligemma"):
+        return model_type
+    raise ModelLoadError(
+        f"{cfg_path}: model_type {model_type!r} is not a supported source VLM "
+        "(llava, paligemma); use source_type: parts for separate encoders + LLM"
+    )
+
+
+@dataclass
+class SourceParts:
+    """A source VLM taken apart."""
+
+    vision_tower: nn.Module | None
+    projector_linears: list[nn.Linear]
+    projector_activation: str | None
+    post_scale: float
+    llm: nn.Module
+    vision_select: str  # "patch" or "full" for the source's own tower
+    vision_feature_layer: int
+    vision_post_layernorm: bool
+    folder: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _causal_lm_from_parts(text_config, decoder: nn.Module, lm_head: nn.Module) -> nn.Module:
+    """Wrap a VLM's decoder and head as a standalone causal LM without copying weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(text_config)
+    llm.model = decoder
+    llm.lm_head = lm_head
+    leftover = [n for n, t in list(llm.named_parameters()) + list(llm.named_buffers()) if t.is_meta]
+    if leftover:
+        raise ModelLoadError(f"could not take the LLM out of the source VLM: {leftover[:3]} were not found")
+    return llm
+
+
+def _take_apart(m: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """(vision_tower, projector, decoder, lm_head) across transformers layouts (<4.52 and >=4.52)."""
+    inner = getattr(m, "model", None)
+    if inner is not None and hasattr(inner, "vision_tower"):
+        return inner.vision_tower, inner.multi_modal_projector, inner.language_model, m.lm_head
+    lm = m.language_model  # older layout: language_model is a CausalLM
+    return m.vision_tower, m.multi_modal_projector, lm.model, lm.lm_head
+
+
+def load_source_vlm(folder: str | Path, source_type: str, attn: str) -> SourceParts:
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if source_type == "auto":
+        source_type = detect_source_type(folder)
+    cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    try:
+        if source_type == "llava":
+            from transformers import LlavaForConditionalGeneration as Cls
+        else:
+            from transformers import PaliGemmaForConditionalGeneration as Cls
+        m = Cls.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn,
+                                dtype=torch.float32)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load the {source_type} VLM from {folder}: {str(e).splitlines()[0]}") from None
+    tower, proj, decoder, head = _take_apart(m)
+    llm = _causal_lm_from_parts(cfg.text_config, decoder, head)
+    if source_type == "llava":
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ModelLoadError(f"{folder}: multi-layer vision_feature_layer {layer} is not supported")
+        act = getattr(cfg, "projector_hidden_act", "gelu")
+        act = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act)
+        if act is None:
+            raise ModelLoadError(f"{folder}: projector activation {cfg.projector_hidden_act!r} is not supported")
+        return SourceParts(tower, [proj.linear_1, proj.linear_2], act, 1.0, llm,
+                           "patch" if cfg.vision_feature_select_strategy == "default" else "full",
+                           layer, False, folder)
+    # PaliGemma: last_hidden_state (post-layernorm), one linear, then / sqrt(text hidden).
+    return SourceParts(tower, [proj.linear], None, 1.0 / math.sqrt(cfg.text_config.hidden_size), llm,
+                       "full", -1, True, folder)
+
+
+def load_tokenizer(folder: str | Path, llm: nn.Module | None = None):
+    """The LLM's tokenizer with our prompt tokens added (and embeddings resized to match)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+    new = [t for t in (VLA_PROMPT, VLM_PROMPT) if t not in tok.get_vocab()]
+    if new:
+        tok.add_special_tokens({"additional_special_tokens": new}, replace_additional_special_tokens=False)
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tok.bos_token_id is None or tok.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer in {folder} needs BOS and EOS tokens")
+    if llm is not None:
+        resize_embeddings(llm, len(tok))
+    return tok
+
+
+def resize_embeddings(llm: nn.Module, n: int) -> None:
+    old = llm.get_input_embeddings().weight.shape[0]
+    if n > old:
+        # Round up to a multiple of 64 (tensor-core friendly); new rows start at the mean embedding.
+        llm.resize_token_embeddings(n, pad_to_multiple_of=64, mean_resizing=False)
+        with torch.no_grad():
+            for emb in {llm.get_input_embeddings(), llm.get_output_embeddings()}:
+                if emb is not None:
+                    emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+
+
+def _encoder(model: nn.Module, name: str, trainable: bool, feature_layer: int, post_ln: bool, select: str,
+             folder: Path | None) -> VisionEncoder:
+    mean, std = image_stats(folder, getattr(model.config, "model_type", ""))
+    spec = EncoderSpec(name=name, trainable=trainable, feature_layer=feature_layer, post_layernorm=post_ln,
+                       num_prefix_tokens=count_prefix_tokens(model, select), image_mean=mean, image_std=std,
+                       hf_config=model.config.to_dict())
+    return VisionEncoder(model, spec)
+
+
+def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
+    """The VLA and its tokenizer from a `ModelConfig` (see module docstring)."""
+    if not cfg.encoders:
+        raise ModelLoadError("model.encoders is empty: list at least one vision encoder")
+    attn = choose_attn_implementation(cfg.attn_implementation)
+    log.info("attention implementation: %s", attn)
+    source: SourceParts | None = None
+    if cfg.source_type != "parts":
+        if not cfg.source:
+            raise ModelLoadError("model.source: the source VLM folder is not set")
+        source = load_source_vlm(cfg.source, cfg.source_type, attn)
+        llm = source.llm
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            llm = AutoModelForCausalLM.from_pretrained(cfg.llm, local_files_only=True, attn_implementation=attn,
+                                                       dtype=torch.float32)
+        except OSError as e:
+            raise ModelLoadError(f"cannot load the LLM from {cfg.llm}: {str(e).splitlines()[0]}") from None
+
+    encoders: list[VisionEncoder] = []
+    copies_of_source = 0
+    for i, ec in enumerate(cfg.encoders):
+        if ec.path is None:
+            if source is None or source.vision_tower is None:
+                raise ModelLoadError(f"model.encoders.{i}.path is null but there is no source VLM tower to copy")
+            model = source.vision_tower if copies_of_source == 0 else copy.deepcopy(source.vision_tower)
+            copies_of_source += 1
+            select = source.vision_select if ec.select == "auto" else ec.select
+            encoders.append(_encoder(model, ec.name, ec.trainable, ec.feature_layer, ec.post_layernorm, select,
+                                     source.folder))
+        else:
+            model = load_vision_model(ec.path, attn)
+            select = "patch" if ec.select == "auto" else ec.select
+            encoders.append(_encoder(model, ec.name, ec.trainable, ec.feature_layer, ec.post_layernorm, select,
+                                     Path(ec.path)))
+    if source is not None and copies_of_source:
+        # The source's own feature layer/post-norm decide what its projector was trained on.
+        for enc, ec in zip(encoders, cfg.encoders):
+            if ec.path is None and (enc.spec.feature_layer, enc.spec.post_layernorm) != (
+                    source.vision_feature_layer, source.vision_post_layernorm):
+                log.warning("encoder '%s' reads layer %s (post_layernorm=%s) but the source VLM used %s (%s)",
+                            ec.name, enc.spec.feature_layer, enc.spec.post_layernorm,
+                            source.vision_feature_layer, source.vision_post_layernorm)
+    num_tokens = check_same_patch_grid(encoders, cfg.image_size)
+
+    llm_hidden = llm.get_input_embeddings().weight.shape[1]
+    in_dims = [e.feature_dim for e in encoders]
+    pc = cfg.projector
+    if pc.init == "source":
+        assert source is not None
+        if copies_of_source != len(encoders):
+            raise ModelLoadError("projector.init: source needs every encoder to be a copy of the source tower "
+                                 "(path: null); use init: random for paired encoders")
+        dims = [l.out_features for l in source.projector_linears]
+        projector = Projector(in_dims, dims, source.projector_activation or pc.activation, source.post_scale,
+                              pc.fused_kernel)
+        projector.split_first_weight_from(source.projector_linears[0], copies_of_source)
+        with torch.no_grad():
+            for mine, theirs in zip(projector.layers[1:], source.projector_linears[1:]):
+                mine.weight.copy_(theirs.weight)
+                mine.bias.copy_(theirs.bias)
+    else:
+        projector = Projector(in_dims, [*pc.hidden_dims, llm_hidden], pc.activation, 1.0, pc.fused_kernel)
+
+    tok_folder = cfg.tokenizer or (cfg.source if source is not None else cfg.llm)
+    tokenizer = load_tokenizer(tok_folder, llm)
+    if cfg.gradient_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    llm.config.use_cache = False
+
+    for e in encoders:
+        e.requires_grad_(e.spec.trainable)
+    frozen = FrozenEncoders([e for e in encoders if not e.spec.trainable])
+    core = VLACore([e for e in encoders if e.spec.trainable], projector, llm, [e.spec.name for e in encoders])
+    vla = VisionLanguageActionModel(frozen, core, cfg.image_size, num_tokens)
+    log.info("VLA built: %d image tokens, frozen %.2fM params (%s), trainable %.2fM params",
+             num_tokens, vla.frozen_parameter_count() / 1e6, ",".join(frozen.encoders.keys()) or "none",
+             vla.trainable_parameter_count() / 1e6)
+    return vla, tokenizer

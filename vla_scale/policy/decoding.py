@@ -1,0 +1,71 @@
+"""Grammar-constrained greedy decoding of action tokens, with a KV cache.
+
+At every position the action grammar says which token ids may come next.
+- One allowed id (a forced token: '.', separators, EOS, the zeros after a
+  leading 1): it is appended without computing any logits (jump-forward),
+  and forced tokens are fed to the LLM together with the next chosen token,
+  in one forward pass.
+- Several allowed ids: only those rows of the LM head are multiplied with
+  the hidden state (`constrained_argmax`: a Triton kernel on CUDA, a gathered-
+  row PyTorch reference elsewhere); the V-wide logits are never formed.
+So the number of LLM forward passes per action equals the number of
+positions with a real choice, and every decoded sequence parses, whatever
+the weights are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vla_scale.kernels import constrained_argmax
+
+
+@dataclass
+class DecodeResult:
+    ids: list[int]  # decoded ids, EOS included
+    forward_passes: int  # LLM forward passes, prefill included
+    choices: int  # positions where a token was chosen (not forced)
+
+
+@torch.no_grad()
+def constrained_greedy(core, prefix_embeds: torch.Tensor, grammar, max_tokens: int = 4096) -> DecodeResult:
+    """Decode one sequence (batch 1) after `prefix_embeds` (1, L, H) under `grammar`."""
+    from transformers import DynamicCache
+
+    decoder = core.decoder()
+    embed = core.llm.get_input_embeddings()
+    head = core.llm.get_output_embeddings()
+    cache = DynamicCache()
+    state = grammar.start
+    out: list[int] = []
+    pending: list[int] = []
+    forwards = choices = 0
+    hidden = None
+    inputs = prefix_embeds
+    while not grammar.is_done(state):
+        forced = grammar.forced(state)
+        if forced is not None:
+            out.append(forced)
+            pending.append(forced)
+            state = grammar.advance(state, forced)
+            continue
+        # A real choice: bring the LLM up to date with everything appended since its last pass.
+        if pending or hidden is None:
+            if pending:
+                ids = torch.tensor([pending], device=prefix_embeds.device)
+                new = embed(ids)
+                inputs = new if hidden is not None else torch.cat([inputs, new], dim=1)
+            hidden = decoder(inputs_embeds=inputs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            forwards += 1
+            pending = []
+        allowed = torch.tensor([grammar.allowed(state)], device=hidden.device)
+        token = int(constrained_argmax(hidden.to(head.weight.dtype), head.weight, allowed,
+                                       bias=getattr(head, "bias", None))[0])
+        choices += 1
+        out.append(token)
+        pending.append(token)
+        state = grammar.advance(state, token)
+        if len(out) > max_tokens:
+            raise RuntimeError(f"action grammar did not terminate within {max_tokens} tokens")
+    return DecodeResult(out, forwards, choices)

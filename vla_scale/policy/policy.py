@@ -1,0 +1,69 @@
+"""`VLAPolicy`: an exported VLA as a robot policy (image + instruction -> action).
+
+Input and output transforms live here: the image is resized exactly as in
+training (`vla_scale.data.images.to_pixels`), the prompt is built by the same
+`PromptBuilder`, decoding is grammar-constrained, and the action is
+unnormalised with the dataset's statistics. The returned action is always
+finite and well formed, whatever the weights.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vla_scale.actions import ActionNormalizer
+from vla_scale.actions.factory import make_action_tokenizer
+from vla_scale.config.schema import ActionConfig
+from vla_scale.data.images import to_pixels
+from vla_scale.data.prompts import PromptBuilder
+from vla_scale.models.export import load_export
+from vla_scale.policy.decoding import DecodeResult, constrained_greedy
+
+
+class VLAPolicy:
+    def __init__(self, model, tokenizer, stats: dict, actions: ActionConfig, device: torch.device | str = "cpu",
+                 max_length: int = 4096):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.actions = actions
+        self.normalizer = ActionNormalizer.from_stats(stats)
+        self.action_tokenizer = make_action_tokenizer(actions, tokenizer)
+        self.grammar = self.action_tokenizer.grammar(tokenizer.eos_token_id, chunk=actions.chunk)
+        self.prompts = PromptBuilder(tokenizer, self.action_tokenizer, max_length)
+        self.last_decode: DecodeResult | None = None
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "VLAPolicy":
+        """Load an export folder (`vla-scale export`); GPU and bf16 when available unless told otherwise."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, tokenizer, stats, config = load_export(Path(folder))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model.to(dtype)
+        return cls(model, tokenizer, stats, ActionConfig(**config["actions"]), device)
+
+    @torch.no_grad()
+    def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        """Unnormalised action: shape (D,), or (T, D) for action chunks."""
+        pixels = to_pixels(image, self.model.image_size).unsqueeze(0).to(self.device)
+        core = self.model.core
+        img_tokens = self.model.image_tokens(pixels)
+        ids = self.prompts.prompt_ids(self.prompts.robot_prompt(instruction))
+        ids_t = torch.tensor([ids], device=self.device)
+        mask = torch.ones_like(ids_t)
+        embeds, _, _ = core.embed(ids_t, mask, img_tokens)
+        result = constrained_greedy(core, embeds, self.grammar)
+        self.last_decode = result
+        normalized = self.action_tokenizer.decode(result.ids, chunk=self.actions.chunk if self.actions.chunk > 1 else None)
+        action = self.normalizer.unnormalize(np.asarray(normalized, dtype=np.float64))
+        return np.asarray(action, dtype=np.float32)
+
+    def __call__(self, observation: dict[str, Any]) -> np.ndarray:
+        """Simulator-style call: {"image": HxWx3 uint8, "instruction": str} -> action."""
+        return self.predict_action(observation["image"], observation["instruction"])

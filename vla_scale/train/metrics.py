@@ -1,0 +1,413 @@
+"""Training metrics: throughput and MFU, per-source loss/accuracy, and the metrics log.
+
+- `ThroughputMeter` turns step timings into samples/s, tokens/s, seconds per
+  step and model FLOPs utilization (MFU), excluding warm-up steps.
+- `transformer_flops_per_token` is the standard training-FLOPs estimate used
+  for MFU.
+- `PerSourceAccumulator` sums loss, token and correct-token counts per data
+  source over the micro-batches of one optimizer step, on the device, and
+  reads them back once per step.
+- `MetricsLogger` appends one JSON line per logged step to
+  `<run_dir>/metrics.jsonl` and mirrors the scalars to TensorBoard;
+  `read_metrics` reads that file back.
+
+Metric names carry their units (`tokens_per_s`, `step_time_s`, `mfu` as a
+fraction of peak). Nothing here may synchronize a CUDA device on its own
+initiative except `PerSourceAccumulator.compute` (once per step, by design),
+and nothing here may write from a rank other than 0: the log is one file per
+run, not per rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from vla_scale.train.checkpoint import write_bytes_atomic
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def transformer_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token of a decoder-only transformer: 6*N + 12*L*H*S.
+
+    The PaLM (Chowdhery et al. 2022, appendix B) / Megatron-LM estimate:
+    6*N counts the forward (2 FLOPs per parameter per token: one multiply, one
+    add) and backward (twice the forward) matmuls with the weights; 12*L*H*S
+    adds the attention score and value matmuls (QK^T and AV, each 2*H*S per
+    token per layer forward, times 3 for forward + backward), which have no
+    weights. N is the parameters that take part in forward AND backward
+    (embedding lookups are not matmuls and are often left out). A frozen
+    encoder only runs forward: add 2 * its parameters per image token
+    yourself. Activation recomputation is not counted: MFU measures useful
+    work, not hardware work.
+    """
+    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+
+
+class ThroughputMeter:
+    """Throughput over a window of optimizer steps.
+
+    Call `start()` just before the first step of the window and `step(...)`
+    right after each optimizer step, with the step's GLOBAL counts (all ranks
+    together): samples, tokens and, for MFU, model FLOPs (e.g.
+    `transformer_flops_per_token(...) * tokens`). The time of a step is the
+    gap between consecutive calls, so data loading, logging and checkpointing
+    in between are counted, as a user waiting for the run sees them.
+
+    The first `warmup_steps` steps after `start()` are left out of the
+    averages: they pay for compilation, autotuning and allocator growth.
+    `reset()` starts a new averaging window (e.g. after each log line)
+    without re-excluding warm-up steps.
+
+    Timing uses `time.perf_counter` (or the injected `clock`). CUDA kernels
+    run asynchronously: the caller must `torch.cuda.synchronize()` before
+    `step()` (e.g. only on steps that are logged, or read a loss value,
+    which synchronizes), otherwise the meter measures launch time, not
+    compute time. The meter never synchronizes by itself.
+
+    MFU = achieved model FLOP/s per device / `peak_flops_per_device`; it is
+    reported only when a peak is given and every measured step passed flops.
+    `peak_flops_per_device` is the dense peak of the datatype trained in
+    (e.g. 989e12 for H100 SXM bf16), not the sparse figure.
+    """
+
+    def __init__(
+        self,
+        *,
+        warmup_steps: int = 1,
+        peak_flops_per_device: float | None = None,
+        num_devices: int = 1,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if num_devices < 1:
+            raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+        if peak_flops_per_device is not None and peak_flops_per_device <= 0:
+            raise ValueError(f"peak_flops_per_device must be positive, got {peak_flops_per_device}")
+        self.warmup_steps = warmup_steps
+        self.peak_flops_per_device = peak_flops_per_device
+        self.num_devices = num_devices
+        self._clock = clock
+        self._last: float | None = None
+        self._seen = 0  # steps since start(), warm-up included
+        self.reset()
+
+    def start(self) -> None:
+        """Begin measuring now; the next `warmup_steps` steps are excluded."""
+        self._last = self._clock()
+        self._seen = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear the averaging window; warm-up already passed stays passed."""
+        self.steps = 0
+        self.samples = 0
+        self.tokens = 0
+        self.flops = 0.0
+        self.seconds = 0.0
+        self._flops_complete = True
+
+    def step(self, samples: int, tokens: int, flops: float | None = None) -> None:
+        """Record one finished optimizer step (global counts over all ranks)."""
+        if self._last is None:
+            raise RuntimeError("ThroughputMeter.step() called before start()")
+        now = self._clock()
+        elapsed, self._last = now - self._last, now
+        self._seen += 1
+        if self._seen <= self.warmup_steps:
+            return
+        self.steps += 1
+        self.samples += samples
+        self.tokens += tokens
+        self.seconds += elapsed
+        if flops is None:
+            self._flops_complete = False
+        else:
+            self.flops += flops
+
+    @property
+    def step_time_s(self) -> float | None:
+        return self.seconds / self.steps if self.steps else None
+
+    @property
+    def samples_per_s(self) -> float | None:
+        return self.samples / self.seconds if self.steps and self.seconds > 0 else None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.steps and self.seconds > 0 else None
+
+    @property
+    def tokens_per_s_per_device(self) -> float | None:
+        tps = self.tokens_per_s
+        return tps / self.num_devices if tps is not None else None
+
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOPs utilization as a fraction (0.45 means 45%)."""
+        if (
+            self.peak_flops_per_device is None
+            or not self.steps
+            or self.seconds <= 0
+            or not self._flops_complete
+        ):
+            return None
+        achieved_per_device = self.flops / self.seconds / self.num_devices
+        return achieved_per_device / self.peak_flops_per_device
+
+    def summary(self) -> dict[str, float]:
+        """The window's averages; keys whose value is not known yet are left out."""
+        values = {
+            "samples_per_s": self.samples_per_s,
+            "tokens_per_s": self.tokens_per_s,
+            "tokens_per_s_per_device": self.tokens_per_s_per_device,
+            "step_time_s": self.step_time_s,
+            "mfu": self.mfu,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- per-source loss
+
+
+class PerSourceAccumulator:
+    """Per-source token loss and accuracy over the micro-batches of one optimizer step.
+
+    `add` takes per-sample tensors (all shape (B,), on the training device):
+    the summed token loss of each sample, its number of loss tokens, its
+    number of correctly predicted tokens, and its source index into
+    `source_names`. The sums stay on the device (index_add_, no host sync);
+    `compute` reads them back once and returns
+    `{"loss/<source>": mean token loss, "acc/<source>": token accuracy,
+    "tokens/<source>": loss tokens}` for the sources that had tokens.
+
+    With several ranks, pass `reduce` to `compute` (e.g. an in-place
+    `torch.distributed.all_reduce` on the (3, S) sums) so every rank reports
+    the global values. Source indices must lie in [0, len(source_names));
+    they are checked only for CPU tensors (a check on CUDA would sync).
+    """
+
+    def __init__(self, source_names: Sequence[str]) -> None:
+        if not source_names:
+            raise ValueError("PerSourceAccumulator needs at least one source name")
+        if len(set(source_names)) != len(source_names):
+            raise ValueError(f"duplicate source names: {list(source_names)}")
+        self.source_names = list(source_names)
+        self._sums: torch.Tensor | None = None  # (3, S): loss, tokens, correct
+
+    def reset(self) -> None:
+        self._sums = None
+
+    def add(
+        self,
+        sample_loss_sum: torch.Tensor,
+        sample_tokens: torch.Tensor,
+        sample_correct: torch.Tensor,
+        source: torch.Tensor,
+    ) -> None:
+        n = len(self.source_names)
+        source = source.detach().long().reshape(-1)
+        if source.device.type == "cpu" and source.numel() and (source.min() < 0 or source.max() >= n):
+            raise ValueError(f"source index out of range 0..{n - 1}: {source.tolist()}")
+        device = source.device
+        # float64 keeps token counts exact at any batch size; MPS has no float64.
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        if self._sums is None:
+            self._sums = torch.zeros(3, n, dtype=dtype, device=device)
+        # detach: the loss tensor usually carries the autograd graph, which
+        # must not be kept alive until the end of the step.
+        values = torch.stack(
+            [
+                sample_loss_sum.detach().reshape(-1).to(self._sums),
+                sample_tokens.detach().reshape(-1).to(self._sums),
+                sample_correct.detach().reshape(-1).to(self._sums),
+            ]
+        )
+        self._sums.index_add_(1, source.to(self._sums.device), values)
+
+    def compute(self, reduce: Callable[[torch.Tensor], Any] | None = None) -> dict[str, float]:
+        """Per-source metrics of everything added since the last `reset`; one host sync."""
+        if self._sums is None:
+            return {}
+        sums = self._sums
+        if reduce is not None:
+            sums = sums.clone()
+            out = reduce(sums)
+            if isinstance(out, torch.Tensor):  # functional reductions return the result
+                sums = out
+        loss, tokens, correct = sums.cpu().tolist()
+        result: dict[str, float] = {}
+        for name, l, t, c in zip(self.source_names, loss, tokens, correct):
+            if t > 0:
+                result[f"loss/{name}"] = l / t
+                result[f"acc/{name}"] = c / t
+                result[f"tokens/{name}"] = t
+        return result
+
+
+# --------------------------------------------------------------------------- log file
+
+_warned_no_tensorboard = False
+
+
+class MetricsLogger:
+    """Append-only metrics log of a run: `metrics.jsonl` plus TensorBoard scalars.
+
+    Each `log(step, metrics)` writes one line
+    `{"step": step, "time": <unix seconds>, **metrics}` and flushes it, so a
+    crash of the process loses nothing already logged. NaN and infinities are
+    written as `null` (JSON has no NaN). Only rank 0 writes; on other ranks
+    every method is a no-op.
+
+    Resume: call `truncate_after(resumed_step)` before logging again. Lines of
+    steps after the checkpoint (logged before the crash, now to be redone) are
+    dropped, so the file keeps one line per step; TensorBoard hides the same
+    steps (`purge_step`). A fresh start in a run directory that already has a
+    log calls `truncate_after(-1)`, which empties it. If the TensorBoard package is missing, a warning is
+    given once and only the JSON file is written.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, tensorboard: bool = True, rank: int = 0) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self.rank = rank
+        self._tensorboard = tensorboard
+        self._writer: Any = None
+        self._purge_step: int | None = None
+        self._file = None
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+            self._end_torn_line()
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        if self._file is None:
+            raise RuntimeError(f"MetricsLogger for {self.path} is closed")
+        values = {key: _as_number(key, value) for key, value in metrics.items()}
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        writer = self._tensorboard_writer()
+        if writer is not None:
+            for key, value in values.items():
+                writer.add_scalar(key, value, int(step))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the lines of steps > `step` (and a torn last line) from metrics.jsonl."""
+        if self.rank != 0:
+            return
+        if self._file is not None:
+            self._file.close()
+        kept = [json.dumps(r, allow_nan=False) for r in read_metrics(self.path) if r.get("step", -1) <= step]
+        write_bytes_atomic(self.path, "".join(line + "\n" for line in kept).encode("utf-8"))
+        self._file = open(self.path, "a", encoding="utf-8")
+        # TensorBoard: hide events at steps > `step` written before the crash.
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._purge_step = step + 1
+
+    def _end_torn_line(self) -> None:
+        # A crash mid-write leaves a last line without its newline; start on a
+        # fresh line so the next record is not glued onto it (the torn line is
+        # then skipped by read_metrics and dropped by truncate_after).
+        if self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            self._file.write("\n")
+            self._file.flush()
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _tensorboard_writer(self) -> Any:
+        # Created on first use so that `truncate_after` can still pass purge_step.
+        global _warned_no_tensorboard
+        if not self._tensorboard or self._writer is not None:
+            return self._writer
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            if not _warned_no_tensorboard:
+                warnings.warn(
+                    f"TensorBoard is not installed ({e}); metrics go to {self.path} only. "
+                    "Install `tensorboard` or set train.tensorboard: false.",
+                    stacklevel=3,
+                )
+                _warned_no_tensorboard = True
+            self._tensorboard = False
+            return None
+        self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=self._purge_step)
+        return self._writer
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (or of `<run_dir>/metrics.jsonl`), in file order.
+
+    A line that is not valid JSON (a line torn by a crash mid-write) is
+    skipped with a warning.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}:{lineno}: skipping a line that is not valid JSON", stacklevel=2)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _as_number(key: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"metric {key!r} is a tensor of shape {tuple(value.shape)}, not a scalar")
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}: {value!r}") from None

@@ -1,0 +1,198 @@
+"""Training strategies: how one optimizer step is executed, behind one seam.
+
+The trainer loop (`vla_scale.train.trainer`) is the same for every strategy;
+a strategy owns the optimizer, the LR scheduler, the device placement and the
+checkpoint files of the trainable part. `SingleProcessStrategy` is the
+debugging/CPU path; the DeepSpeed ZeRO-3 strategy implements the same
+interface over `model.core` only. No strategy ever gives the frozen encoders
+to an optimizer.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vla_scale.config.schema import Config
+from vla_scale.errors import CheckpointError, TrainingError
+from vla_scale.models.vla import VisionLanguageActionModel
+from vla_scale.train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-weighted mean loss over the step's answer tokens (this rank)
+    grad_norm: float
+    lr: float
+    skipped: bool
+    samples: int
+    tokens: int  # all input tokens processed, image tokens included (for throughput)
+    # Per-sample sums of every micro-batch, concatenated (for per-source metrics).
+    sample_loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    sample_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    sample_correct: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    source: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+
+def trainable_parameters(model: VisionLanguageActionModel) -> list[torch.nn.Parameter]:
+    params = [p for p in model.core.parameters() if p.requires_grad]
+    frozen = {id(p) for p in model.frozen.parameters()}
+    assert not any(id(p) in frozen for p in params), "a frozen encoder parameter reached the optimizer"
+    return params
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    # No weight decay on biases and norms (the usual rule; the paper's recipe uses 0 anyway).
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                             foreach=True)
+
+
+def resolve_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU (unless fp32 is asked for), none on CPU."""
+    p = cfg.model.precision
+    if p == "fp32" or (p == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+class Strategy(ABC):
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device
+
+    @abstractmethod
+    def setup(self, model: VisionLanguageActionModel) -> None: ...
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult: ...
+
+    @abstractmethod
+    def save(self, ckpt_dir: Path) -> None:
+        """Write the trainable weights, optimizer and scheduler state into `ckpt_dir` (this rank's part)."""
+
+    @abstractmethod
+    def load(self, ckpt_dir: Path) -> None: ...
+
+    @abstractmethod
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) state dict of `model.core`, on CPU, for exports."""
+
+    def barrier(self) -> None:
+        pass
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class SingleProcessStrategy(Strategy):
+    """One process, one device: plain PyTorch (the reference every other strategy must match)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = resolve_device()
+        self.amp = autocast_dtype(cfg, self.device)
+        self.nonfinite_steps = 0
+
+    def setup(self, model: VisionLanguageActionModel) -> None:
+        self.model = model.to(self.device)
+        if self.device.type == "cuda":
+            model.frozen.to(torch.bfloat16)  # frozen: 2 bytes/parameter, no master copy needed
+        self.params = trainable_parameters(model)
+        self.optimizer = make_optimizer(self.params, self.cfg)
+        t = self.cfg.train
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                                         schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
+
+    def _autocast(self):
+        if self.amp is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        self.model.core.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(micro_batches)
+        sums, toks, corr, srcs = [], [], [], []
+        samples = tokens = 0
+        for mb in micro_batches:
+            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            with self._autocast():
+                out = self.model(mb)
+            (out.loss / n).backward()
+            sums.append(out.sample_loss_sum)
+            toks.append(out.sample_tokens)
+            corr.append(out.sample_correct)
+            srcs.append(mb["source"])
+            samples += mb["input_ids"].shape[0]
+            tokens += int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
+        loss_sum, tok_sum = torch.cat(sums).sum(), torch.cat(toks).sum()
+        loss = float(loss_sum / tok_sum.clamp(min=1))
+        clip = self.cfg.train.grad_clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        if skipped:
+            self.nonfinite_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cfg.train.on_nonfinite == "stop":
+                raise TrainingError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                                    "stopping (train.on_nonfinite=stop)")
+            warnings.warn(f"non-finite loss ({loss}) or gradient norm ({grad_norm}): step skipped "
+                          f"({self.nonfinite_steps} so far)", RuntimeWarning, stacklevel=2)
+            with warnings.catch_warnings():  # the LR stays a function of the step number
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+        return StepResult(loss, grad_norm, lr, skipped, samples, tokens, torch.cat(sums).cpu(),
+                          torch.cat(toks).cpu(), torch.cat(corr).cpu(), torch.cat(srcs).cpu())
+
+    def save(self, ckpt_dir: Path) -> None:
+        from safetensors.torch import save_model
+
+        save_model(self.model.core, str(ckpt_dir / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "nonfinite_steps": self.nonfinite_steps}, ckpt_dir / "optimizer.pt")
+
+    def load(self, ckpt_dir: Path) -> None:
+        from safetensors.torch import load_model
+
+        try:
+            missing, unexpected = load_model(self.model.core, str(ckpt_dir / "model.safetensors"), strict=False,
+                                             device=str(self.device))
+            if missing or unexpected:
+                raise CheckpointError(f"{ckpt_dir / 'model.safetensors'} does not match the model: "
+                                      f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+            state = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise CheckpointError(f"cannot load checkpoint {ckpt_dir}: {str(e).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.core.state_dict().items()}
+
+
+def make_strategy(cfg: Config) -> Strategy:
+    if cfg.train.strategy == "single":
+        return SingleProcessStrategy(cfg)
+    raise TrainingError(f"train.strategy={cfg.train.strategy!r} is not available yet in this version; use 'single'")

@@ -1,0 +1,236 @@
+"""The training loop: one readable file, the same for every strategy.
+
+    build model + tokenizer -> data -> strategy.setup -> (resume) ->
+    for each step: loader.next_step() -> strategy.train_step() -> metrics
+                   -> checkpoint every N steps (atomic) -> final checkpoint
+
+A checkpoint holds everything needed to continue exactly: the strategy's
+files (trainable weights, optimizer, scheduler), the data-loader state, the
+RNG states per rank, the resolved config, the action statistics, the
+tokenizer and run metadata. The frozen encoders are not saved: their source
+and a content hash are recorded, and resume/export verify the hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vla_scale.actions import ActionNormalizer
+from vla_scale.actions.factory import make_action_tokenizer
+from vla_scale.config import Config, config_from_dict, config_to_dict, save_config
+from vla_scale.data.pipeline import CoTrainingLoader, load_source_samples, robot_actions
+from vla_scale.data.prompts import PromptBuilder
+from vla_scale.errors import CheckpointError, ConfigError, DataError, TrainingError
+from vla_scale.models.loading import build_vla
+from vla_scale.models.vla import VisionLanguageActionModel
+from vla_scale.train.checkpoint import (
+    CheckpointManager,
+    load_rng_state,
+    restore_rng_state,
+    save_rng_state,
+    write_json_atomic,
+)
+from vla_scale.train.metrics import MetricsLogger, PerSourceAccumulator, ThroughputMeter
+from vla_scale.train.strategy import Strategy, make_strategy
+
+log = logging.getLogger(__name__)
+
+# Config sections that must not change across a resume (they define the model and its outputs).
+_RESUME_LOCKED = ("model", "actions")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def frozen_encoder_record(model: VisionLanguageActionModel, cfg: Config) -> dict[str, Any]:
+    """Source and content hash of each frozen encoder (checkpoints store this instead of the weights)."""
+    record = {}
+    for name, enc in model.frozen.encoders.items():
+        ec = next(e for e in cfg.model.encoders if e.name == name)
+        h = hashlib.sha256()
+        for key, tensor in sorted(enc.state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        record[name] = {"source": ec.path or cfg.model.source, "sha256": h.hexdigest()}
+    return record
+
+
+def verify_frozen(model: VisionLanguageActionModel, cfg: Config, saved: dict[str, Any], where: Path) -> None:
+    now = frozen_encoder_record(model, cfg)
+    for name, rec in saved.items():
+        if name not in now or now[name]["sha256"] != rec["sha256"]:
+            raise CheckpointError(f"{where}: frozen encoder '{name}' loaded from {rec['source']} is not the one "
+                                  "this checkpoint was trained with (content hash differs)")
+
+
+def load_stats(cfg: Config, samples: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    if cfg.data.stats:
+        p = Path(cfg.data.stats)
+        try:
+            stats = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"data.stats: cannot read {p}: {e}") from None
+        return stats
+    mask = [i not in set(cfg.actions.keep_dims) for i in range(cfg.actions.dim)]
+    return ActionNormalizer.from_actions(robot_actions(samples, cfg.actions.dim), mask=mask).to_stats()
+
+
+def check_resume_config(saved: dict[str, Any], cfg: Config, where: Path) -> None:
+    now = config_to_dict(cfg)
+    diffs = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        elif a != b:
+            diffs.append(f"{prefix}: {a!r} -> {b!r}")
+
+    for section in _RESUME_LOCKED:
+        walk(saved.get(section), now.get(section), section)
+    if diffs:
+        raise ConfigError(f"cannot resume from {where}: the model config differs from the checkpoint's: "
+                          + "; ".join(diffs))
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    last_checkpoint: Path | None
+    losses: dict[int, float]
+    final_step: int
+
+
+class Trainer:
+    def __init__(self, cfg: Config, strategy: Strategy | None = None):
+        self.cfg = cfg
+        self.strategy = strategy or make_strategy(cfg)
+        self.run_dir = Path(cfg.run.output_dir)
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        self.model, self.tokenizer = build_vla(cfg.model)
+        samples = load_source_samples(cfg)
+        self.stats = load_stats(cfg, samples)
+        self.normalizer = ActionNormalizer.from_stats(self.stats)
+        self.action_tokenizer = make_action_tokenizer(cfg.actions, self.tokenizer)
+        self.prompts = PromptBuilder(self.tokenizer, self.action_tokenizer, cfg.data.max_length)
+        self.loader = CoTrainingLoader(cfg, self.prompts, self.normalizer, samples,
+                                       rank=self.strategy.rank, world_size=self.strategy.world_size)
+        self.frozen_record = frozen_encoder_record(self.model, cfg)
+        self.strategy.setup(self.model)
+
+    def _write_checkpoint(self, ckpt: CheckpointManager, step: int, counters: dict[str, Any]) -> Path:
+        def write(tmp: Path) -> None:
+            self.strategy.save(tmp)
+            save_rng_state(tmp, self.strategy.rank)
+            if self.strategy.is_main:
+                write_json_atomic(tmp / "data_state.json", self.loader.state_dict())
+                save_config(self.cfg, tmp / "config.yaml")
+                write_json_atomic(tmp / "action_stats.json", self.stats)
+                write_json_atomic(tmp / "frozen_encoders.json", self.frozen_record)
+                self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+
+        meta = {"step": step, **counters, "world_size": self.strategy.world_size,
+                "config": config_to_dict(self.cfg)}
+        return ckpt.save(step, write, meta)
+
+    def _resume(self, ckpt: CheckpointManager, spec: str) -> tuple[int, dict[str, Any]]:
+        path = ckpt.resolve(spec)
+        if path is None:
+            if spec not in ("auto", "none", ""):
+                raise CheckpointError(f"--resume {spec}: no checkpoint found")
+            return 0, {"samples": 0, "tokens": 0, "wall_time_s": 0.0}
+        meta = json.loads((path / "metadata.json").read_text())
+        check_resume_config(meta.get("config", {}), self.cfg, path)
+        frozen = path / "frozen_encoders.json"
+        if frozen.is_file():
+            verify_frozen(self.model, self.cfg, json.loads(frozen.read_text()), path)
+        self.strategy.load(path)
+        self.loader.load_state_dict(json.loads((path / "data_state.json").read_text()))
+        restore_rng_state(load_rng_state(path, self.strategy.rank))
+        log.info("resumed from %s at step %d", path, meta["step"])
+        return int(meta["step"]), {k: meta.get(k, 0) for k in ("samples", "tokens", "wall_time_s")}
+
+    def fit(self, resume: str = "auto", stop_after: int | None = None) -> TrainResult:
+        """Train to `train.steps`; `stop_after=k` checkpoints at step k and returns (a planned preemption)."""
+        cfg, t = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._build()
+        if self.strategy.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last_k=t.keep_last_k,
+                                 rank=self.strategy.rank, world_size=self.strategy.world_size)
+        start, counters = self._resume(ckpt, resume)
+        metrics = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, rank=self.strategy.rank)
+        metrics.truncate_after(start)
+        per_source = PerSourceAccumulator(self.loader.source_names)
+        meter = ThroughputMeter(warmup_steps=1, num_devices=self.strategy.world_size)
+        bar = None
+        if t.progress and self.strategy.is_main and start < t.steps:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        losses: dict[int, float] = {}
+        last_ckpt = ckpt.latest()
+        wall0 = time.time() - float(counters.get("wall_time_s", 0.0))
+        meter.start()
+        try:
+            for step in range(start + 1, t.steps + 1):
+                data_state = self.loader.state_dict()
+                try:
+                    result = self.strategy.train_step(self.loader.next_step())
+                except TrainingError:
+                    # on_nonfinite=stop: the weights were not updated; save the state before this
+                    # step (data position included) so the run can be inspected or resumed, then fail.
+                    self.loader.load_state_dict(data_state)
+                    if step - 1 > start:
+                        counters["wall_time_s"] = time.time() - wall0
+                        self._write_checkpoint(ckpt, step - 1, counters)
+                    raise
+                counters["samples"] = int(counters.get("samples", 0)) + result.samples * self.strategy.world_size
+                counters["tokens"] = int(counters.get("tokens", 0)) + result.tokens * self.strategy.world_size
+                meter.step(result.samples * self.strategy.world_size, result.tokens * self.strategy.world_size)
+                losses[step] = result.loss
+                per_source.add(result.sample_loss_sum, result.sample_tokens, result.sample_correct, result.source)
+                if step % t.log_every == 0 or step == t.steps:
+                    row = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
+                           "skipped": float(result.skipped), **per_source.compute(),
+                           **{f"perf/{k}": v for k, v in meter.summary().items()}}
+                    per_source.reset()
+                    metrics.log(step, row)
+                if bar is not None:
+                    s = meter.summary()
+                    bar.set_postfix(loss=f"{result.loss:.4f}", **({"samples/s": f"{s['samples_per_s']:.1f}"}
+                                                                  if s.get("samples_per_s") else {}))
+                    bar.update(1)
+                if (t.checkpoint_every and step % t.checkpoint_every == 0) or step in (t.steps, stop_after):
+                    counters["wall_time_s"] = time.time() - wall0
+                    last_ckpt = self._write_checkpoint(ckpt, step, counters)
+                if step == stop_after:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+        return TrainResult(self.run_dir, last_ckpt, losses, max(losses, default=start))
+
+
+def load_checkpoint_config(ckpt_dir: Path) -> Config:
+    meta_path = Path(ckpt_dir) / "metadata.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a checkpoint: metadata.json is missing")
+    return config_from_dict(json.loads(meta_path.read_text())["config"])
