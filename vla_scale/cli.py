@@ -111,12 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     pr.set_defaults(func=cmd_predict)
 
-    d = sub.add_parser("demo", help="the whole loop on a tiny model, on a CPU, in about a minute",
+    d = sub.add_parser("demo", help="the whole loop on a tiny model, on a CPU, in under a minute",
                        description="Build a tiny LLaVA-style source VLM locally, turn it into a siamese "
                                    "dual-encoder VLA, co-train it on the built-in synthetic set, stop half-way "
                                    "(as if preempted), resume, export, and predict an action.")
     d.add_argument("--workdir", default="demo_out", help="where everything is written (default: ./demo_out)")
-    d.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
+    d.add_argument("--steps", type=int, default=400, help="training steps (default: 400, about 30 s on 2 cores)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -212,5 +213,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.steps must be positive, got {t.steps}")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas needs two values, got {t.betas}")
-    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
-        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in 0..train.steps={t.steps}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if t.warmup_steps > t.steps:
+        # Common when shortening a preset from the command line (train.steps=2): warm up over the whole run.
+        warnings.warn(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}; using {t.steps}",
+                      stacklevel=2)
+        t.warmup_steps = t.steps

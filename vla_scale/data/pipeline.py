@@ -8,12 +8,15 @@ shards plug in behind the same seam.
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vla_scale.actions import ActionNormalizer
 from vla_scale.config.schema import Config
 from vla_scale.data.images import to_pixels
 from vla_scale.data.mixture import CoTrainingMixture
@@ -59,6 +62,28 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
         mask[i, :n] = 1
     return {"pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": ids,
             "attention_mask": mask, "labels": labels, "source": torch.tensor([s["source"] for s in samples])}
+
+
+def load_stats(cfg: Config, samples: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Action statistics: from `data.stats` when given, else computed from the robot sources."""
+    if cfg.data.stats:
+        p = Path(cfg.data.stats)
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"data.stats: cannot read {p}: {e}") from None
+    keep = set(cfg.actions.keep_dims)
+    mask = [i not in keep for i in range(cfg.actions.dim)]
+    return ActionNormalizer.from_actions(robot_actions(samples, cfg.actions.dim), mask=mask).to_stats()
+
+
+def build_data(cfg: Config, prompts: PromptBuilder, rank: int = 0,
+               world_size: int = 1) -> tuple["CoTrainingLoader", dict[str, Any]]:
+    """The loader for this rank and the action statistics it normalises with."""
+    samples = load_source_samples(cfg)
+    stats = load_stats(cfg, samples)
+    loader = CoTrainingLoader(cfg, prompts, ActionNormalizer.from_stats(stats), samples, rank, world_size)
+    return loader, stats
 
 
 class CoTrainingLoader:

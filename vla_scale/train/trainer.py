@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_scale.actions import ActionNormalizer
 from vla_scale.actions.factory import make_action_tokenizer
 from vla_scale.config import Config, config_from_dict, config_to_dict, save_config
-from vla_scale.data.pipeline import CoTrainingLoader, load_source_samples, robot_actions
+from vla_scale.data.pipeline import build_data
 from vla_scale.data.prompts import PromptBuilder
-from vla_scale.errors import CheckpointError, ConfigError, DataError, TrainingError
+from vla_scale.errors import CheckpointError, ConfigError, TrainingError
 from vla_scale.models.loading import build_vla
 from vla_scale.models.vla import VisionLanguageActionModel
 from vla_scale.train.checkpoint import (
@@ -75,18 +74,6 @@ def verify_frozen(model: VisionLanguageActionModel, cfg: Config, saved: dict[str
                                   "this checkpoint was trained with (content hash differs)")
 
 
-def load_stats(cfg: Config, samples: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    if cfg.data.stats:
-        p = Path(cfg.data.stats)
-        try:
-            stats = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"data.stats: cannot read {p}: {e}") from None
-        return stats
-    mask = [i not in set(cfg.actions.keep_dims) for i in range(cfg.actions.dim)]
-    return ActionNormalizer.from_actions(robot_actions(samples, cfg.actions.dim), mask=mask).to_stats()
-
-
 def check_resume_config(saved: dict[str, Any], cfg: Config, where: Path) -> None:
     now = config_to_dict(cfg)
     diffs = []
@@ -123,13 +110,10 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         self.model, self.tokenizer = build_vla(cfg.model)
-        samples = load_source_samples(cfg)
-        self.stats = load_stats(cfg, samples)
-        self.normalizer = ActionNormalizer.from_stats(self.stats)
         self.action_tokenizer = make_action_tokenizer(cfg.actions, self.tokenizer)
         self.prompts = PromptBuilder(self.tokenizer, self.action_tokenizer, cfg.data.max_length)
-        self.loader = CoTrainingLoader(cfg, self.prompts, self.normalizer, samples,
-                                       rank=self.strategy.rank, world_size=self.strategy.world_size)
+        self.loader, self.stats = build_data(cfg, self.prompts, rank=self.strategy.rank,
+                                             world_size=self.strategy.world_size)
         self.frozen_record = frozen_encoder_record(self.model, cfg)
         self.strategy.setup(self.model)
 
