@@ -15,7 +15,7 @@ launch anything, or import triton when triton is absent.
 """
 from ._backend import ENV_VAR, interpreting, resolve_backend, triton_available
 from .concat_linear import ACTIVATIONS, fused_concat_linear, fused_concat_linear_reference
-from .constrained_argmax import MAX_ALLOWED, constrained_argmax, constrained_argmax_reference
+from .constrained_decode import MAX_ALLOWED, constrained_argmax, constrained_argmax_reference
 
 __all__ = [
     "ACTIVATIONS",

@@ -4,6 +4,9 @@ On a CPU-only machine the kernels run under the Triton interpreter
 (TRITON_INTERPRET=1, set below before anything imports triton). On a machine
 with CUDA the same tests run the compiled kernels on the GPU, plus the
 ``gpu``-marked tests at production shapes.
+
+These tests must never need a GPU to pass (CUDA-only tests skip without one), never
+download anything, and never import the kernels folder as a top-level ``kernels``.
 """
 import os
 import zlib

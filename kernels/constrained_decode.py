@@ -26,6 +26,8 @@ never change global torch/Triton settings.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._backend import interpreting, resolve_backend, triton_available
@@ -179,13 +181,14 @@ if triton_available():
                           out_id_ptr, out_logit_ptr, HAS_BIAS)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
 
 
-def _launch(hidden, weight, allowed_ids, bias, num_splits: int | None):
+def _launch(hidden, weight, allowed_ids, bias, num_splits: int | None, block_h: int | None = None):
     B, H = hidden.shape
     K = allowed_ids.shape[1]
     if K > MAX_ALLOWED:
@@ -199,8 +202,12 @@ def _launch(hidden, weight, allowed_ids, bias, num_splits: int | None):
     if B == 0:
         return out_ids, out_logits
     BLOCK_K = max(16, triton.next_power_of_2(K))
-    BLOCK_H = 64 if interpreting() else (256 if BLOCK_K <= 32 else 128)
-    num_warps = 4 if BLOCK_K <= 16 else 8
+    if block_h is None:
+        block_h = 64 if interpreting() else max(64, 8192 // BLOCK_K)  # ~8K elements per tile
+    BLOCK_H = int(block_h)
+    if BLOCK_H < 1 or BLOCK_H & (BLOCK_H - 1):
+        raise ValueError(f"block_h must be a power of two, got {BLOCK_H}")
+    num_warps = 8 if BLOCK_K * BLOCK_H >= 8192 else 4
     n_chunks = triton.cdiv(H, BLOCK_H)
     if num_splits is None:
         # enough programs to keep ~2 per SM busy pulling rows from HBM
@@ -240,6 +247,7 @@ def constrained_argmax(
     backend: str | None = None,
     validate: bool = True,
     num_splits: int | None = None,
+    block_h: int | None = None,
 ):
     """For each row b, the id in ``allowed_ids[b]`` with the largest logit.
 
@@ -255,6 +263,7 @@ def constrained_argmax(
         validate: check for empty rows / out-of-range ids (one host sync when the ids
             are on the GPU). Disable only when the caller guarantees valid ids.
         num_splits: Triton path: number of H slices per row (None = auto).
+        block_h: Triton path: H elements per tile (power of two; None = auto).
 
     Returns ``(B,)`` int64 ids, or ``(ids, logits)``. Logits accumulate in fp32;
     ties break to the smallest id. Raises ``ValueError`` for a row with no allowed id.
@@ -263,5 +272,5 @@ def constrained_argmax(
     if resolve_backend(backend, hidden, lm_head_weight, bias) == "torch":
         return constrained_argmax_reference(hidden, lm_head_weight, allowed_ids, return_logits,
                                             bias, validate=False)
-    ids, logits = _launch(hidden, lm_head_weight, allowed_ids, bias, num_splits)
+    ids, logits = _launch(hidden, lm_head_weight, allowed_ids, bias, num_splits, block_h)
     return (ids, logits) if return_logits else ids
