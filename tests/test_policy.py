@@ -77,7 +77,7 @@ def test_forced_tokens_cost_no_forward_pass_and_choices_match_the_full_model(tin
 
     # Each chosen token is the argmax over the allowed set of the full (uncached) model's logits.
     model, tok = policy.model, policy.tokenizer
-    pixels = torch.from_numpy(image).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)  # uint8, as the policy feeds it
     prompt = policy.prompts.prompt_ids(policy.prompts.robot_prompt("pick up the red block"))
     with torch.no_grad():
         ids = torch.tensor([prompt + res.ids])

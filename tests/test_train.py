@@ -102,3 +102,15 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_config, tmp_path):
                                f"run.output_dir={tmp_path / 'b'}")).fit(resume="none")
     for step in (1, 2, 3):
         assert ckpt.losses[step] == pytest.approx(plain.losses[step], abs=1e-5)
+
+
+def test_resume_allows_moved_weights_and_hardware_switches(tiny_config, tiny_llava, tmp_path):
+    import shutil as _sh
+
+    cfg = tiny_config("train.steps=2", "train.checkpoint_every=1")
+    Trainer(cfg).fit(resume="none", stop_after=1)
+    moved = tmp_path / "moved-source"
+    _sh.copytree(tiny_llava, moved)
+    again = tiny_config("train.steps=2", "train.checkpoint_every=1", f"model.source={moved}",
+                        "model.gradient_checkpointing=true", "model.attn_implementation=eager")
+    assert sorted(Trainer(again).fit(resume="auto").losses) == [2]

@@ -36,10 +36,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vla_scale.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    result = Trainer(cfg).fit(resume=args.resume)
-    last = max(result.losses) if result.losses else None
-    print(json.dumps({"run_dir": str(result.run_dir), "checkpoint": str(result.last_checkpoint),
-                      "final_loss": result.losses.get(last) if last else None}))
+    trainer = Trainer(cfg)
+    result = trainer.fit(resume=args.resume)
+    if trainer.strategy.is_main:  # one summary line per run, not per rank
+        last = max(result.losses) if result.losses else None
+        print(json.dumps({"run_dir": str(result.run_dir), "checkpoint": str(result.last_checkpoint),
+                          "final_loss": result.losses.get(last) if last else None}))
+    trainer.strategy.close()
+    from vla_scale.train.distributed import shutdown
+
+    shutdown()
     return 0
 
 
@@ -62,7 +68,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         image = np.asarray(Image.open(args.image).convert("RGB"))
     except (OSError, ValueError) as e:
         raise DataError(f"--image {args.image}: cannot read the image: {e}") from None
-    policy = VLAPolicy.from_pretrained(args.export, device=args.device)
+    policy = VLAPolicy.from_pretrained(args.export, device=args.device, unnorm_key=args.unnorm_key)
     action = policy.predict_action(image, args.instruction)
     print(json.dumps({"action": action.tolist(), "forward_passes": policy.last_decode.forward_passes}))
     return 0
@@ -72,6 +78,86 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vla_scale.demo import run_demo
 
     run_demo(Path(args.workdir), steps=args.steps)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from vla_scale.config import load_config
+    from vla_scale.train.plan import plan_memory
+
+    cfg = load_config(args.config, args.overrides)
+    # Libraries log to stdout when imported (DeepSpeed does); keep stdout for the plan itself.
+    with contextlib.redirect_stdout(sys.stderr):
+        plan = plan_memory(cfg, args.gpus, args.nodes, gpu_memory_gib=args.gpu_memory,
+                           text_tokens=args.text_tokens, config_path=args.config)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _csv(text: str | None) -> list[str] | None:
+    """'a,b' -> ['a', 'b']; None -> None (use the default); 'none' or '' -> [] (explicitly nothing)."""
+    if text is None:
+        return None
+    return [] if text.strip().lower() in ("", "none") else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from vla_scale.data.converters import CONVERTERS
+    from vla_scale.errors import DataError
+
+    applies = {"images": ("llava",), "task": ("llava",), "camera": ("lerobot", "hdf5"),
+               "wrist_camera": ("lerobot", "hdf5"), "state_keys": ("lerobot", "hdf5"), "action_key": ("lerobot",),
+               "flip_images": ("hdf5",), "instruction": ("hdf5",)}
+    for option, kinds in applies.items():
+        if getattr(args, option) not in (None, False) and args.kind not in kinds:
+            raise DataError(f"--{option.replace('_', '-')} applies to {' and '.join(kinds)} only, not {args.kind}")
+    options = dict(skip_bad=args.skip_bad, overwrite=args.overwrite, dataset_name=args.dataset_name,
+                   size_limit=args.size_limit, compression=args.compression, progress=not args.no_progress)
+    state_keys = _csv(args.state_keys)
+    if args.kind == "llava":
+        if args.task is None:
+            raise DataError("convert llava needs --task vqa, spatial or affordance")
+        options.update(task=args.task, images=args.images)
+    elif args.kind == "lerobot":
+        if state_keys is not None and len(state_keys) > 1:
+            raise DataError(f"--state-keys: a LeRobot dataset has one state feature; got {state_keys}")
+        options.update(camera=args.camera, wrist_camera=args.wrist_camera, action_key=args.action_key or "action")
+        if state_keys is not None:
+            options["state_key"] = state_keys[0] if state_keys else None
+    else:
+        options.update(camera=args.camera, wrist_camera=args.wrist_camera, state_keys=state_keys,
+                       flip_images=args.flip_images, instruction=args.instruction)
+    summary = CONVERTERS[args.kind](args.src, args.out, **options)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from vla_scale.data.stats import stats_for_shards
+    from vla_scale.errors import DataError
+
+    if args.out is not None and len(args.shards) > 1:
+        raise DataError("--out names one file; with several shard folders each gets its own stats.json")
+    keep = _csv(args.keep_dims)
+    try:
+        keep_dims = None if keep is None else [int(k) for k in keep]
+    except ValueError:
+        raise DataError(f"--keep-dims takes comma-separated dimension numbers (e.g. 6 or 5,6) or 'none', "
+                        f"got {args.keep_dims!r}") from None
+    report = {}
+    for folder in args.shards:
+        stats, path = stats_for_shards(folder, out=args.out, keep_dims=keep_dims, progress=not args.no_progress)
+        report[str(path)] = {k: stats[k] for k in ("samples", "count", "dim", "mask", "q01", "q99", "min", "max")}
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -87,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a VLA from a YAML config",
                        description="Train a VLA. CONFIG is a YAML preset (e.g. configs/tiny.yaml); any key can be "
                                    "overridden with dotted KEY=VALUE arguments, e.g. train.lr=3e-4 "
-                                   "model.encoders.1.trainable=false. The resolved config is saved in the run folder.")
+                                   "model.encoders.1.trainable=false. The resolved config is saved in the run folder. "
+                                   "Several ranks (train.strategy=deepspeed, ZeRO-3): launch with "
+                                   "`torchrun --nproc-per-node N -m vla_scale.cli train CONFIG ...` (NCCL on GPU, "
+                                   "gloo on CPU); without a launcher it runs as a world of one.")
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     t.add_argument("--resume", default="auto",
@@ -109,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--image", required=True, help="an RGB image file")
     pr.add_argument("--instruction", required=True, help='e.g. "pick up the red block"')
     pr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    pr.add_argument("--unnorm-key", default=None,
+                    help="whose action statistics to unnormalise with, when trained on several robot datasets")
     pr.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="the whole loop on a tiny model, on a CPU, in under a minute",
@@ -118,6 +209,80 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="demo_out", help="where everything is written (default: ./demo_out)")
     d.add_argument("--steps", type=int, default=400, help="training steps (default: 400, about 30 s on 2 cores)")
     d.set_defaults(func=cmd_demo)
+
+    pl = sub.add_parser("plan", help="per-GPU memory of a config under ZeRO-3, without weights",
+                        description="Build the config's model on the meta device (no weights, no memory; the "
+                                    "weights folders' config.json, or the architecture JSONs named by "
+                                    "model.llm_arch / model.encoders.N.arch when the folders do not exist yet), "
+                                    "count its parameters per component, and print per-rank memory under "
+                                    "DeepSpeed ZeRO-3: bf16 parameters, fp32 master weights, Adam moments, "
+                                    "gradients, the replicated frozen encoders, ZeRO-3 buffers and activations "
+                                    "for the micro-batch, with and without activation checkpointing, cross-checked "
+                                    "against DeepSpeed's own estimator. Overrides come before the options, e.g. "
+                                    "vla-scale plan configs/openvla_plus_7b.yaml train.micro_batch_size=16 --gpus 8")
+    pl.add_argument("config", help="YAML config file")
+    pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="dotted overrides, e.g. train.micro_batch_size=16")
+    pl.add_argument("--gpus", type=_positive_int, default=1, help="GPUs per node (default: 1)")
+    pl.add_argument("--nodes", type=_positive_int, default=1, help="nodes (default: 1); world = gpus x nodes")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                    help="memory of one GPU in GiB (default: 80, H100/A100-80G)")
+    pl.add_argument("--text-tokens", type=_positive_int, default=None, metavar="N",
+                    help="text tokens per sample (default: data.max_length, the longest allowed)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per rank) instead of a table")
+    pl.set_defaults(func=cmd_plan)
+
+    cv = sub.add_parser("convert", help="convert a dataset (LeRobot, HDF5, LLaVA JSON) to co-training shards",
+                        description="Convert KIND at SRC to MDS shards in OUT (readable by plain "
+                                    "streaming.StreamingDataset). lerobot: a LeRobotDataset folder (v2.x or v3.0, "
+                                    "images in parquet or mp4); hdf5: a robomimic/LIBERO file or folder of files; "
+                                    "llava: a LLaVA-style JSON/JSONL file plus --images DIR and --task. Streams with "
+                                    "bounded memory, validates (NaN/inf actions, missing images, mismatched lengths "
+                                    "are errors naming file, episode and step), and writes atomically: OUT appears "
+                                    "only when complete. Prints a JSON summary. Then run `vla-scale stats OUT` for "
+                                    "robot data.")
+    cv.add_argument("kind", choices=("lerobot", "hdf5", "llava"), help="source format")
+    cv.add_argument("src", help="source folder or file")
+    cv.add_argument("out", help="output shard folder (refused if it exists and is not empty, unless --overwrite)")
+    cv.add_argument("--skip-bad", action="store_true",
+                    help="skip bad episodes (robot: the whole episode) or samples (llava) and count them in the "
+                         "summary, instead of stopping at the first")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing OUT (swapped in atomically when done)")
+    cv.add_argument("--dataset-name", default=None, help="the 'dataset' column (default: the source's name)")
+    cv.add_argument("--images", default=None, metavar="DIR", help="llava: image folder (default: the JSON's folder)")
+    cv.add_argument("--task", choices=("vqa", "spatial", "affordance"), default=None, help="llava: co-training task")
+    cv.add_argument("--camera", default=None,
+                    help="primary camera: lerobot feature (default: the first image/video feature) or hdf5 obs key "
+                         "(default: agentview_rgb / agentview_image / the first image obs)")
+    cv.add_argument("--wrist-camera", default=None,
+                    help="optional wrist camera (e.g. observation.images.wrist, eye_in_hand_rgb)")
+    cv.add_argument("--state-keys", default=None, metavar="K1,K2",
+                    help="proprioception: lerobot one feature (default observation.state), hdf5 obs keys "
+                         "concatenated (default LIBERO ee_states,gripper_states or robomimic eef/gripper keys); "
+                         "'none' for no state")
+    cv.add_argument("--action-key", default=None, help="lerobot: the action feature (default: action)")
+    cv.add_argument("--flip-images", action="store_true",
+                    help="hdf5: rotate frames 180 degrees (LIBERO renders upside down)")
+    cv.add_argument("--instruction", default=None, help="hdf5: instruction for every episode (overrides attributes "
+                                                        "and file names)")
+    cv.add_argument("--size-limit", default="64mb", help="shard size before starting a new shard (default: 64mb)")
+    cv.add_argument("--compression", default=None, help="shard compression, e.g. zstd or zstd:7 (default: none)")
+    cv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cv.set_defaults(func=cmd_convert)
+
+    st = sub.add_parser("stats", help="action statistics of robot shards, into stats.json beside them",
+                        description="One streaming pass over the robot samples of each SHARDS folder: per-dimension "
+                                    "q01, q99 (within 1e-4 of the range of numpy's exact quantiles), mean, std, min, "
+                                    "max, count, and the normalisation mask (dimensions only ever 0 or 1, such as a "
+                                    "gripper, are kept raw unless --keep-dims says otherwise). Written atomically to "
+                                    "SHARDS/stats.json, which the action normalizer reads.")
+    st.add_argument("shards", nargs="+", help="shard folder(s) written by `vla-scale convert`; each gets its own file")
+    st.add_argument("--out", default=None, help="write here instead of SHARDS/stats.json (one folder only)")
+    st.add_argument("--keep-dims", default=None, metavar="DIMS",
+                    help="comma-separated dimensions kept raw (mask false), e.g. 6; 'none' to normalise all "
+                         "(default: detect {0,1}-valued dimensions)")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    st.set_defaults(func=cmd_stats)
     return p
 
 

@@ -3,7 +3,8 @@
 Builds a tiny LLaVA-style source VLM (SigLIP tower + Llama, random init, BPE
 tokenizer trained on the spot, saved with save_pretrained), turns it into the
 paper's siamese dual-encoder VLA, co-trains it on the built-in synthetic set
-(robot 50%, VQA 25%, spatial 12.5%, affordance 12.5%), stops half-way as if
+written as MDS shards and streamed with exact per-batch mixing (robot 50%,
+VQA 25%, spatial 12.5%, affordance 12.5%), stops half-way as if
 preempted, resumes from the checkpoint, exports an inference folder and
 predicts actions with grammar-constrained decoding. Everything it writes
 stays under --workdir.
@@ -52,6 +53,7 @@ def run_demo(workdir: Path, steps: int = 400) -> dict:
                                f"train.checkpoint_every={half}", f"train.warmup_steps={min(4, steps)}"])
     enc = ", ".join(f"{e.name} ({'trained' if e.trainable else 'frozen'})" for e in cfg.model.encoders)
     _say(f"dual encoder: {enc}; mix: " + ", ".join(f"{s.name} {s.weight:g}" for s in cfg.data.sources))
+    _say(f"synthetic co-training data is written as MDS shards under {run_dir / 'data'} and streamed from there")
     _say(f"training steps 1-{half}, then stopping as if the job were preempted")
     first = Trainer(cfg).fit(resume="none", stop_after=half)
     _say(f"checkpoint written: {first.last_checkpoint}")

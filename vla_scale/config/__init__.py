@@ -4,6 +4,7 @@ from vla_scale.config.schema import (
     ActionConfig,
     Config,
     DataConfig,
+    DeepSpeedConfig,
     EncoderConfig,
     ModelConfig,
     ProjectorConfig,
@@ -14,7 +15,7 @@ from vla_scale.config.schema import (
 )
 
 __all__ = [
-    "ActionConfig", "Config", "DataConfig", "EncoderConfig", "ModelConfig", "ProjectorConfig",
+    "ActionConfig", "Config", "DataConfig", "DeepSpeedConfig", "EncoderConfig", "ModelConfig", "ProjectorConfig",
     "RunConfig", "SourceConfig", "SyntheticDataConfig", "TrainConfig",
     "config_from_dict", "config_to_dict", "load_config", "save_config", "validate",
 ]

@@ -31,6 +31,10 @@ class EncoderConfig:
     # "full": keep every token; "auto": what the source VLM does for its own
     # tower (LLaVA's vision_feature_select_strategy), "patch" otherwise.
     select: str = "auto"
+    # Architecture config (a Hugging Face config.json) used by `vla-scale plan`
+    # when `path` is not a local folder yet, so memory can be planned before the
+    # weights are downloaded: a JSON file, or the name of one in configs/arch/.
+    arch: Optional[str] = None
 
 
 @dataclass
@@ -60,6 +64,10 @@ class ModelConfig:
     llm: Optional[str] = None
     # Local tokenizer folder; default: the source VLM's (or the LLM's) folder.
     tokenizer: Optional[str] = None
+    # Architecture config used by `vla-scale plan` when the weights folder does not
+    # exist locally: the source VLM's config.json (llava/paligemma) or the LLM's
+    # (parts); a JSON file, or the name of one in configs/arch/.
+    llm_arch: Optional[str] = None
     # The vision encoders, features concatenated per patch in this order.
     encoders: List[EncoderConfig] = field(default_factory=list)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -94,10 +102,15 @@ class SourceConfig:
     name: str = "robot"
     # "robot", "vqa", "spatial" or "affordance".
     task: str = "robot"
-    # "synthetic" (built-in generator) or a local dataset path.
+    # "synthetic" (the built-in generator, written as shards into the run folder)
+    # or a local folder of MDS shards written by `vla-scale convert`.
     path: str = "synthetic"
-    # Share of every global batch (weights are normalized to sum to 1).
+    # Share of every global batch (weights are normalized to sum to 1; each global
+    # batch holds exactly round(weight x batch) samples of this source).
     weight: float = 1.0
+    # Robot sources: action statistics (q01/q99/mask). null: PATH/stats.json, or
+    # computed in one pass at start and saved in the run folder.
+    stats: Optional[str] = None
 
 
 @dataclass
@@ -120,13 +133,18 @@ class DataConfig:
         ]
     )
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    # Action statistics (q01/q99 per dimension); null: computed from the robot source.
-    stats: Optional[str] = None
-    # Longest token sequence (image tokens included); longer samples are an error.
+    # Longest text sequence in tokens (image tokens not counted); longer samples are an error.
     max_length: int = 512
-    # OpenVLA-style image augmentation (random resized crop + colour jitter).
+    # OpenVLA-style image augmentation (random resized crop + colour jitter),
+    # deterministic per (seed, sample, epoch); both encoders see the same image.
     augment: bool = False
+    # DataLoader worker processes per rank (decode, augment, tokenize, collate).
     num_workers: int = 0
+    # mosaicml-streaming's canonical node count: keep it fixed for the life of a run
+    # so that resuming on a different number of GPUs neither repeats nor skips samples.
+    num_canonical_nodes: int = 1
+    # Shuffle seed of the sample order (the augmentation seed is train.seed).
+    shuffle_seed: int = 0
 
 
 @dataclass
@@ -157,8 +175,29 @@ class TrainConfig:
     log_every: int = 1
     # On a NaN/inf loss: "skip" the step (warn and count) or "stop" (save, then fail).
     on_nonfinite: str = "skip"
+    # Exit with every thread's traceback if one step (with its checkpoint save) takes
+    # longer than this many seconds, e.g. a collective waiting for a dead rank; 0: off.
+    # The elastic launcher then restarts the run from its latest checkpoint.
+    hang_timeout_s: float = 0.0
     tensorboard: bool = True
     progress: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    # ZeRO stage (3: parameters, gradients and optimizer state partitioned).
+    stage: int = 3
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
+    # Gather 16-bit weights on save (needed for save_16bit_model; off: zero_to_fp32 consolidates).
+    stage3_gather_16bit_weights_on_model_save: bool = False
+    # A user's DeepSpeed JSON, merged over the generated config (its keys win).
+    config_file: Optional[str] = None
 
 
 @dataclass
@@ -175,3 +214,4 @@ class Config:
     actions: ActionConfig = field(default_factory=ActionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

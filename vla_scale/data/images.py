@@ -1,8 +1,11 @@
 """Images in, pixel tensors out: the one place that turns uint8 HxWx3 into model input.
 
-Training and the policy both call `to_pixels`, so an image is resized and
-scaled identically in both. Per-encoder normalisation happens inside each
-encoder (`VisionEncoder`), never here.
+Training and the policy both call `to_pixels`, so an image is resized
+identically in both. Pixels stay uint8 (3, H, W) through loading and
+collation - a quarter of the bytes of float32 in host memory and on the way
+to the GPU - and become floats on the device: scaling to [0, 1] and
+per-encoder normalisation happen inside each encoder (`VisionEncoder`),
+never here.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from vla_scale.errors import DataError
 
 
 def to_pixels(image: np.ndarray | Image.Image, size: int) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, size, size) in [0, 1], bilinear resize."""
+    """uint8 (H, W, 3) -> uint8 (3, size, size), bilinear resize."""
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     image = np.asarray(image)
@@ -24,6 +27,4 @@ def to_pixels(image: np.ndarray | Image.Image, size: int) -> torch.Tensor:
         raise DataError(f"expected a uint8 image, got {image.dtype}")
     if image.shape[0] != size or image.shape[1] != size:
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-    if not image.flags.writeable or not image.flags.c_contiguous:
-        image = np.array(image, copy=True)  # torch.from_numpy needs a writable, contiguous array
-    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -1,15 +1,31 @@
 """From configured sources to this rank's micro-batches for one optimizer step.
 
-`CoTrainingLoader` is the seam the trainer sees: `next_step()` returns the
-micro-batches (collated tensors) this rank processes for one optimizer step,
-and `state_dict()`/`load_state_dict()` make resume continue at exactly the
-next sample. Sources are the built-in synthetic set for now; streaming MDS
-shards plug in behind the same seam.
+    sources (MDS shard folders; "synthetic" ones are generated into the run folder)
+      -> one mosaicml-streaming StreamingDataset with a Stream per source,
+         stratified batching: every global batch holds exactly
+         round(weight x batch) samples of each source
+      -> per-sample processing in loader workers: decode, augment, normalise the
+         action with its source's statistics, prompt + labels
+      -> collate (right padding) -> split into micro-batches
+
+`CoTrainingLoader` is the seam the trainer sees: `next_step()` returns this
+rank's micro-batches for one optimizer step; `state_dict()` /
+`load_state_dict()` resume at exactly the next sample, also on a different
+number of ranks (streaming's sample order depends on the global batch and
+`num_canonical_nodes`, which stay fixed, not on the world size).
+
+Two facts of streaming's stratified batching worth knowing: the global batch
+is exact, but ranks take contiguous slices of it, so a rank's slice is not
+itself mixed in the same proportions; and the ratio is exact per batch only
+when weight x global batch is an integer (otherwise the per-source counts are
+the largest-remainder rounding, fixed for the whole run).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,35 +33,147 @@ import numpy as np
 import torch
 
 from vla_scale.actions import ActionNormalizer
-from vla_scale.config.schema import Config
+from vla_scale.config.schema import Config, SourceConfig
+from vla_scale.data.augment import augment_image
 from vla_scale.data.images import to_pixels
-from vla_scale.data.mixture import CoTrainingMixture
+from vla_scale.data.mixture import batch_counts
 from vla_scale.data.prompts import PromptBuilder
+from vla_scale.data.schema import ROBOT_TASK, STATS_FILE, robot_sample, vl_sample
+from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.data.synthetic import make_samples
 from vla_scale.errors import DataError
 from vla_scale.models.vla import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
+_WAIT_S = float(os.environ.get("VLA_SCALE_DATA_WAIT_S", "1800"))
 
-def load_source_samples(cfg: Config) -> list[list[dict[str, Any]]]:
-    out = []
+
+def _wait_for(path: Path, what: str) -> None:
+    """Ranks other than 0 wait for a file rank 0 writes atomically (no process group needed)."""
+    deadline = time.monotonic() + _WAIT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise DataError(f"timed out after {_WAIT_S:.0f} s waiting for rank 0 to write {what} ({path})")
+        time.sleep(0.2)
+
+
+# -- sources -----------------------------------------------------------------
+def synthetic_dir(cfg: Config, index: int) -> Path:
+    return Path(cfg.run.output_dir) / "data" / cfg.data.sources[index].name
+
+
+def write_synthetic_source(cfg: Config, index: int, out: Path) -> None:
+    """The built-in synthetic set of one source, as real MDS shards (deterministic in the seed)."""
+    from vla_scale.data.writer import ShardWriter
+
+    src = cfg.data.sources[index]
+    samples = make_samples(src.task, cfg.data.synthetic.samples_per_source, seed=cfg.train.seed + index,
+                           image_size=cfg.data.synthetic.image_size, action_dim=cfg.actions.dim,
+                           chunk=cfg.actions.chunk)
+    with ShardWriter(out, size_limit=1 << 20) as w:
+        for i, s in enumerate(samples):
+            where = f"synthetic source '{src.name}' sample {i}"
+            if s["task"] == ROBOT_TASK:
+                w.write(robot_sample(image=s["image"], instruction=s["instruction"], action=s["action"],
+                                     dataset=f"synthetic-{src.name}", episode=s["episode"], step=s["step"],
+                                     where=where), where)
+            else:
+                w.write(vl_sample(image=s["image"], turns=[{"question": s["question"], "answer": s["answer"]}],
+                                  task=s["task"], dataset=f"synthetic-{src.name}", where=where), where)
+
+
+def source_dirs(cfg: Config, rank: int = 0) -> list[Path]:
+    """The shard folder of every source; rank 0 generates synthetic ones, the others wait for them."""
+    dirs = []
     for i, src in enumerate(cfg.data.sources):
-        if src.path != "synthetic":
-            raise DataError(f"data.sources.{i}.path={src.path!r}: only the built-in 'synthetic' source is "
-                            "available in this version (streaming shards come next)")
-        out.append(make_samples(src.task, cfg.data.synthetic.samples_per_source, seed=cfg.train.seed + i,
-                                image_size=cfg.data.synthetic.image_size, action_dim=cfg.actions.dim,
-                                chunk=cfg.actions.chunk))
+        if src.path == "synthetic":
+            d = synthetic_dir(cfg, i)
+            if rank == 0 and not (d / "index.json").is_file():
+                write_synthetic_source(cfg, i, d)
+            _wait_for(d / "index.json", f"synthetic source '{src.name}'")
+        else:
+            d = Path(src.path)
+            if not (d / "index.json").is_file():
+                raise DataError(f"data.sources.{i}.path={src.path!r} is not a shard folder (no index.json); "
+                                f"write one with `vla-scale convert`")
+        dirs.append(d)
+    return dirs
+
+
+def source_stats(cfg: Config, dirs: list[Path], rank: int = 0) -> dict[str, dict[str, Any]]:
+    """Action statistics per robot source: `stats:` if set, else DIR/stats.json, else computed once."""
+    from vla_scale.data.stats import load_stats, stats_for_shards
+
+    out: dict[str, dict[str, Any]] = {}
+    for i, (src, d) in enumerate(zip(cfg.data.sources, dirs)):
+        if src.task != ROBOT_TASK:
+            continue
+        if src.stats:
+            out[src.name] = load_stats(src.stats)
+        elif (d / STATS_FILE).is_file():
+            out[src.name] = load_stats(d / STATS_FILE)
+        else:
+            # Never write into a user's dataset folder: computed statistics go to the run folder
+            # (synthetic shards live in the run folder already).
+            target = d / STATS_FILE if src.path == "synthetic" else (
+                Path(cfg.run.output_dir) / "stats" / f"{src.name}.json")
+            if rank == 0 and not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                log.info("computing action statistics of source '%s' (%s)", src.name, d)
+                stats_for_shards(d, out=target, keep_dims=cfg.actions.keep_dims)
+            _wait_for(target, f"statistics of source '{src.name}'")
+            out[src.name] = load_stats(target)
+        dim = len(out[src.name]["q01"])
+        if dim != cfg.actions.dim:
+            raise DataError(f"source '{src.name}': its actions have {dim} dimensions but actions.dim is "
+                            f"{cfg.actions.dim}")
+    if not out:
+        raise DataError("data.sources: at least one robot source is needed (action statistics come from it)")
     return out
 
 
-def robot_actions(samples_per_source: list[list[dict[str, Any]]], dim: int) -> np.ndarray:
-    acts = [np.asarray(s["action"], dtype=np.float32).reshape(-1, dim)
-            for samples in samples_per_source for s in samples if s["task"] == "robot"]
-    if not acts:
-        raise DataError("no robot samples: action statistics need at least one robot source")
-    return np.concatenate(acts, axis=0)
+# -- per-sample processing (runs in loader workers) ---------------------------
+class SampleProcessor:
+    """Decode, augment, normalise, tokenise and collate one rank batch. Picklable for workers."""
+
+    def __init__(self, cfg: Config, prompts: PromptBuilder, stats: dict[str, dict[str, Any]],
+                 source_of_stream: list[str]):
+        self.image_size = cfg.model.image_size
+        self.augment = cfg.data.augment
+        self.seed = cfg.train.seed
+        self.chunk = cfg.actions.chunk
+        self.dim = cfg.actions.dim
+        self.prompts = prompts
+        self.normalizers = {name: ActionNormalizer.from_stats(s) for name, s in stats.items()}
+        self.source_of_stream = source_of_stream  # stream index -> source name
+        self.source_index = {name: i for i, name in enumerate(source_of_stream)}
+
+    def sample(self, s: dict[str, Any]) -> dict[str, Any]:
+        stream = int(s["_stream"])
+        name = self.source_of_stream[stream]
+        where = f"source '{name}' sample {int(s['_uid'])}"
+        image = s["image"]
+        if self.augment:
+            rng = np.random.default_rng([self.seed, int(s["_uid"]), int(s["_epoch"])])
+            image = augment_image(image.convert("RGB"), rng)
+        pixels = to_pixels(np.asarray(image.convert("RGB")), self.image_size)
+        if s["task"] == ROBOT_TASK:
+            action = np.asarray(s["action"], dtype=np.float32)
+            expect = (self.dim,) if self.chunk == 1 else (self.chunk, self.dim)
+            if action.shape != expect:
+                raise DataError(f"{where}: action has shape {action.shape}, the config expects {expect} "
+                                f"(actions.dim={self.dim}, actions.chunk={self.chunk})")
+            if not np.all(np.isfinite(action)):
+                raise DataError(f"{where}: non-finite action {action}")
+            tok = self.prompts.build_robot(s["instruction"], self.normalizers[name].normalize(action))
+        else:
+            tok = self.prompts.build_vl_turns(list(s["turns"]))
+        return {"input_ids": tok.input_ids, "labels": tok.labels, "source": stream, "pixels": pixels,
+                "sample_id": int(s["_uid"])}
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate([self.sample(s) for s in batch], self.prompts.tokenizer.pad_token_id)
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -61,73 +189,111 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
         labels[i, :n] = torch.tensor(s["labels"])
         mask[i, :n] = 1
     return {"pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": ids,
-            "attention_mask": mask, "labels": labels, "source": torch.tensor([s["source"] for s in samples])}
+            "attention_mask": mask, "labels": labels, "source": torch.tensor([s["source"] for s in samples]),
+            "sample_id": torch.tensor([s.get("sample_id", -1) for s in samples])}
 
 
-def load_stats(cfg: Config, samples: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """Action statistics: from `data.stats` when given, else computed from the robot sources."""
-    if cfg.data.stats:
-        p = Path(cfg.data.stats)
-        try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"data.stats: cannot read {p}: {e}") from None
-    keep = set(cfg.actions.keep_dims)
-    mask = [i not in keep for i in range(cfg.actions.dim)]
-    return ActionNormalizer.from_actions(robot_actions(samples, cfg.actions.dim), mask=mask).to_stats()
+def split_micro_batches(batch: dict[str, torch.Tensor], micro: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive micro-batches, each trimmed to its own longest sequence."""
+    out = []
+    for k in range(0, batch["input_ids"].shape[0], micro):
+        mb = {key: v[k:k + micro] for key, v in batch.items()}
+        longest = int(mb["attention_mask"].sum(1).max())
+        for key in ("input_ids", "attention_mask", "labels"):
+            mb[key] = mb[key][:, :longest]
+        out.append(mb)
+    return out
 
 
-def build_data(cfg: Config, prompts: PromptBuilder, rank: int = 0,
-               world_size: int = 1) -> tuple["CoTrainingLoader", dict[str, Any]]:
-    """The loader for this rank and the action statistics it normalises with."""
-    samples = load_source_samples(cfg)
-    stats = load_stats(cfg, samples)
-    loader = CoTrainingLoader(cfg, prompts, ActionNormalizer.from_stats(stats), samples, rank, world_size)
-    return loader, stats
+# -- the loader ---------------------------------------------------------------
+def _check_world(rank: int, world_size: int) -> None:
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    env_rank = int(os.environ.get("RANK", "0"))
+    if (env_rank, env_world) != (rank, world_size):
+        raise DataError(f"data loader for rank {rank}/{world_size} but the environment says "
+                        f"RANK={env_rank} WORLD_SIZE={env_world}; streaming partitions by the environment")
 
 
 class CoTrainingLoader:
-    def __init__(self, cfg: Config, prompt_builder: PromptBuilder, normalizer: Any,
-                 samples_per_source: list[list[dict[str, Any]]], rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: Config, prompts: PromptBuilder, stats: dict[str, dict[str, Any]], dirs: list[Path],
+                 rank: int = 0, world_size: int = 1):
         t = cfg.train
         if t.global_batch_size % (t.micro_batch_size * world_size):
             raise DataError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                             f"micro_batch_size x world_size = {t.micro_batch_size} x {world_size}")
+        _check_world(rank, world_size)
+        streaming = import_streaming()
         self.cfg = cfg
-        self.prompts = prompt_builder
-        self.normalizer = normalizer
-        self.samples = samples_per_source
         self.rank, self.world_size = rank, world_size
-        self.source_names = [s.name for s in cfg.data.sources]
-        self.mixture = CoTrainingMixture(self.source_names, [len(s) for s in samples_per_source],
-                                         [s.weight for s in cfg.data.sources], t.global_batch_size, seed=t.seed)
-        self.micro_batches = t.global_batch_size // (t.micro_batch_size * world_size)
+        self.rank_batch = t.global_batch_size // world_size
+        sources: list[SourceConfig] = list(cfg.data.sources)
+        counts = batch_counts([s.weight for s in sources], t.global_batch_size)
+        used = [i for i, c in enumerate(counts) if c > 0]
+        self.source_names = [sources[i].name for i in used]
+        self.counts = {sources[i].name: counts[i] for i in used}
+        # Proportions are the exact per-batch counts over the batch, so stratified batching
+        # reproduces them batch after batch.
+        streams = [streaming.Stream(local=str(dirs[i]), proportion=counts[i] / t.global_batch_size) for i in used]
+        from vla_scale.data.streaming_dataset import CoTrainingDataset
 
-    def _prepare(self, source: int, index: int) -> dict[str, Any]:
-        s = self.samples[source][index]
-        if s["task"] == "robot":
-            action = np.asarray(s["action"], dtype=np.float32)
-            if not np.all(np.isfinite(action)):
-                raise DataError(f"source '{self.source_names[source]}' sample {index}: non-finite action {action}")
-            tok = self.prompts.build_robot(s["instruction"], self.normalizer.normalize(action))
-        else:
-            tok = self.prompts.build_vl(s["question"], s["answer"])
-        return {"input_ids": tok.input_ids, "labels": tok.labels, "source": source,
-                "pixels": to_pixels(s["image"], self.cfg.model.image_size)}
+        self.dataset = CoTrainingDataset(
+            streams=streams, batch_size=self.rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
+            batching_method="stratified", num_canonical_nodes=cfg.data.num_canonical_nodes,
+            replication=None,
+        )
+        self._log_repeats()
+        self.processor = SampleProcessor(cfg, prompts, stats, self.source_names)
+        self.loader = streaming.StreamingDataLoader(
+            self.dataset, batch_size=self.rank_batch, num_workers=cfg.data.num_workers,
+            collate_fn=self.processor, drop_last=True, persistent_workers=False,
+            prefetch_factor=2 if cfg.data.num_workers > 0 else None,
+        )
+        self._it = None
+        self.epochs_started = 0
+
+    def _log_repeats(self) -> None:
+        sizes = [int(n) for n in self.dataset.samples_per_stream]
+        for name, stream, size in zip(self.source_names, self.dataset.streams, sizes):
+            per_epoch = int(stream.choose)
+            if per_epoch > size:
+                log.info("data source '%s' repeats: %d samples per epoch from %d (x%.2f)", name, per_epoch, size,
+                         per_epoch / size)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
-        picks = self.mixture.next_batch()
-        per_rank = len(picks) // self.world_size
-        mine = picks[self.rank * per_rank:(self.rank + 1) * per_rank]
-        mb = self.cfg.train.micro_batch_size
-        pad = self.prompts.tokenizer.pad_token_id
-        return [collate([self._prepare(s, i) for s, i in mine[k:k + mb]], pad) for k in range(0, len(mine), mb)]
+        """This rank's micro-batches for one optimizer step."""
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
+                self.epochs_started += 1
+            try:
+                batch = next(self._it)
+                return split_micro_batches(batch, self.cfg.train.micro_batch_size)
+            except StopIteration:
+                log.info("data: epoch finished; starting the next one (every source repeats)")
+                self._it = None
+        raise DataError("the data sources yield no complete batch: the dataset is smaller than one global batch")
 
     def state_dict(self) -> dict:
-        return {"mixture": self.mixture.state_dict()}
+        return {"streaming": self.loader.state_dict(), "sources": self.source_names, "counts": self.counts,
+                "global_batch_size": self.cfg.train.global_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        try:
-            self.mixture.load_state_dict(state["mixture"])
-        except (KeyError, ValueError) as e:
-            raise DataError(f"cannot resume the data loader: {e}") from None
+        if "streaming" not in state:
+            raise DataError("cannot resume the data loader: the checkpoint's data state has no 'streaming' entry")
+        if state.get("sources") != self.source_names or state.get("counts") != self.counts:
+            raise DataError(f"cannot resume the data loader: the checkpoint mixes {state.get('counts')} per batch, "
+                            f"this config mixes {self.counts}")
+        if state.get("global_batch_size") != self.cfg.train.global_batch_size:
+            raise DataError(f"cannot resume the data loader: global batch {state.get('global_batch_size')} in the "
+                            f"checkpoint, {self.cfg.train.global_batch_size} now (it must stay fixed)")
+        if state["streaming"] is not None:
+            self.loader.load_state_dict(state["streaming"])
+        self._it = None
+
+
+def build_data(cfg: Config, prompts: PromptBuilder, rank: int = 0,
+               world_size: int = 1) -> tuple[CoTrainingLoader, dict[str, dict[str, Any]]]:
+    """The loader for this rank and the action statistics per robot source."""
+    dirs = source_dirs(cfg, rank)
+    stats = source_stats(cfg, dirs, rank)
+    return CoTrainingLoader(cfg, prompts, stats, dirs, rank, world_size), stats

@@ -48,12 +48,31 @@ class PromptBuilder:
                               list(self.action_tokenizer.encode(normalized_action)))
 
     def build_vl(self, question: str, answer: str) -> TokenizedSample:
-        prompt = self.prompt_ids(VL_TEMPLATE.format(question=question.strip()))
-        return self._assemble(prompt, self.tokenizer.encode(" " + answer.strip(), add_special_tokens=False))
+        return self.build_vl_turns([{"question": question, "answer": answer}])
+
+    def build_vl_turns(self, turns: list[dict[str, str]]) -> TokenizedSample:
+        """Multi-turn VL: every answer (and the final EOS) is labelled, every question is not."""
+        enc = self.tokenizer.encode
+        ids = self.prompt_ids(VL_TEMPLATE.format(question=turns[0]["question"].strip()))
+        labels = [IGNORE_INDEX] * len(ids)
+        for k, turn in enumerate(turns):
+            if k:
+                q = enc(" " + turn["question"].strip(), add_special_tokens=False)
+                ids += q
+                labels += [IGNORE_INDEX] * len(q)
+            a = enc(" " + turn["answer"].strip(), add_special_tokens=False)
+            ids += a
+            labels += a
+        return self._check(TokenizedSample(ids + [self.tokenizer.eos_token_id],
+                                           labels + [self.tokenizer.eos_token_id]))
 
     def _assemble(self, prompt: list[int], answer: list[int]) -> TokenizedSample:
         ids = prompt + answer + [self.tokenizer.eos_token_id]
-        if len(ids) > self.max_length:
-            raise DataError(f"sample has {len(ids)} text tokens, more than data.max_length={self.max_length}")
         labels = [IGNORE_INDEX] * len(prompt) + answer + [self.tokenizer.eos_token_id]
-        return TokenizedSample(ids, labels)
+        return self._check(TokenizedSample(ids, labels))
+
+    def _check(self, sample: TokenizedSample) -> TokenizedSample:
+        if len(sample.input_ids) > self.max_length:
+            raise DataError(f"sample has {len(sample.input_ids)} text tokens, more than "
+                            f"data.max_length={self.max_length}")
+        return sample

@@ -112,6 +112,41 @@ def _take_apart(m: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Modul
     return m.vision_tower, m.multi_modal_projector, lm.model, lm.lm_head
 
 
+def source_image_features(vlm: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The source VLM's own projected image tokens, (B, P, H), across transformers versions.
+
+    `get_image_features` returns a tensor (PaliGemma, 4.x), a list per image (LLaVA, 4.x)
+    or a model output whose `pooler_output` holds them (5.x).
+    """
+    out = vlm.model.get_image_features(pixel_values) if hasattr(vlm, "model") else vlm.get_image_features(
+        pixel_values)
+    out = getattr(out, "pooler_output", out)
+    if isinstance(out, (list, tuple)):
+        out = torch.stack(list(out))
+    return out
+
+
+@torch.no_grad()
+def _paligemma_image_scale(vlm: nn.Module, tower: nn.Module, proj: nn.Module, hidden: int, folder: Path) -> float:
+    """Whether this transformers version scales PaliGemma's image tokens by 1/sqrt(hidden).
+
+    transformers 4.x divides them (Gemma then multiplies every input embedding by
+    sqrt(hidden)); 5.x scales text embeddings inside the embedding layer and leaves image
+    tokens alone. Measured, not assumed: one forward of the vision tower.
+    """
+    size = int(tower.config.image_size)
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = x.to(next(tower.parameters()).dtype)
+    theirs = source_image_features(vlm, x).float()
+    mine = proj(tower(x).last_hidden_state).float()
+    scale = float((theirs * mine).sum() / (mine * mine).sum())
+    for candidate in (1.0, 1.0 / math.sqrt(hidden)):
+        if abs(scale - candidate) <= 1e-3 * candidate:
+            return candidate
+    raise ModelLoadError(f"{folder}: cannot reproduce the PaliGemma image tokens of this transformers version "
+                         f"(measured scale {scale:.6g}); please report this")
+
+
 def load_source_vlm(folder: str | Path, source_type: str, attn: str) -> SourceParts:
     from transformers import AutoConfig
 
@@ -141,9 +176,9 @@ def load_source_vlm(folder: str | Path, source_type: str, attn: str) -> SourcePa
         return SourceParts(tower, [proj.linear_1, proj.linear_2], act, 1.0, llm,
                            "patch" if cfg.vision_feature_select_strategy == "default" else "full",
                            layer, False, folder)
-    # PaliGemma: last_hidden_state (post-layernorm), one linear, then / sqrt(text hidden).
-    return SourceParts(tower, [proj.linear], None, 1.0 / math.sqrt(cfg.text_config.hidden_size), llm,
-                       "full", -1, True, folder)
+    # PaliGemma: last_hidden_state (post-layernorm), one linear, and (transformers 4.x) / sqrt(hidden).
+    scale = _paligemma_image_scale(m, tower, proj, cfg.text_config.hidden_size, folder)
+    return SourceParts(tower, [proj.linear], None, scale, llm, "full", -1, True, folder)
 
 
 def load_tokenizer(folder: str | Path, llm: nn.Module | None = None):
@@ -156,11 +191,16 @@ def load_tokenizer(folder: str | Path, llm: nn.Module | None = None):
         raise ModelLoadError(f"cannot load a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
     new = [t for t in (VLA_PROMPT, VLM_PROMPT) if t not in tok.get_vocab()]
     if new:
-        tok.add_special_tokens({"additional_special_tokens": new}, replace_additional_special_tokens=False)
+        tok.add_tokens(new, special_tokens=True)  # never split, never merged with neighbours
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
-    if tok.bos_token_id is None or tok.eos_token_id is None:
-        raise ModelLoadError(f"tokenizer in {folder} needs BOS and EOS tokens")
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer in {folder} has no EOS token; actions and answers end with EOS")
+    if tok.bos_token_id is None:
+        # Qwen2.x has no BOS. The image prefix is spliced after position 0, so every sequence
+        # starts with one fixed token; EOS (<|endoftext|>) serves, as document separators do.
+        log.info("tokenizer in %s has no BOS token; using EOS %r to start sequences", folder, tok.eos_token)
+        tok.bos_token = tok.eos_token
     if llm is not None:
         resize_embeddings(llm, len(tok))
     return tok
@@ -208,12 +248,16 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
             raise ModelLoadError(f"cannot load the LLM from {cfg.llm}: {str(e).splitlines()[0]}") from None
 
     encoders: list[VisionEncoder] = []
+    n_copies = sum(ec.path is None for ec in cfg.encoders)
+    if n_copies and (source is None or source.vision_tower is None):
+        raise ModelLoadError("an encoder has path: null but there is no source VLM tower to copy")
+    # Copies are made before any encoder trims its tower (trimming works in place).
+    towers = [source.vision_tower] + [copy.deepcopy(source.vision_tower) for _ in range(n_copies - 1)] \
+        if n_copies else []
     copies_of_source = 0
     for i, ec in enumerate(cfg.encoders):
         if ec.path is None:
-            if source is None or source.vision_tower is None:
-                raise ModelLoadError(f"model.encoders.{i}.path is null but there is no source VLM tower to copy")
-            model = source.vision_tower if copies_of_source == 0 else copy.deepcopy(source.vision_tower)
+            model = towers[copies_of_source]
             copies_of_source += 1
             select = source.vision_select if ec.select == "auto" else ec.select
             encoders.append(_encoder(model, ec.name, ec.trainable, ec.feature_layer, ec.post_layernorm, select,
@@ -226,10 +270,10 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
     if source is not None and copies_of_source:
         # The source's own feature layer/post-norm decide what its projector was trained on.
         for enc, ec in zip(encoders, cfg.encoders):
-            if ec.path is None and (enc.spec.feature_layer, enc.spec.post_layernorm) != (
+            if ec.path is None and (ec.feature_layer, ec.post_layernorm) != (
                     source.vision_feature_layer, source.vision_post_layernorm):
                 log.warning("encoder '%s' reads layer %s (post_layernorm=%s) but the source VLM used %s (%s)",
-                            ec.name, enc.spec.feature_layer, enc.spec.post_layernorm,
+                            ec.name, ec.feature_layer, ec.post_layernorm,
                             source.vision_feature_layer, source.vision_post_layernorm)
     num_tokens = check_same_patch_grid(encoders, cfg.image_size)
 

@@ -23,6 +23,7 @@ _DEFAULT_STATS = {
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "dinov2_with_registers": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
@@ -46,16 +47,18 @@ class EncoderSpec:
 
 
 class VisionEncoder(nn.Module):
+    """Construction trims what the features never use (see `trim_to_features`) and records it in `spec`."""
+
     def __init__(self, model: nn.Module, spec: EncoderSpec):
         super().__init__()
-        self.model = model
-        self.spec = spec
         n_states = _num_layers(model) + 1  # embeddings + every layer
         if not -n_states <= spec.feature_layer < n_states:
             raise ModelLoadError(
                 f"encoder '{spec.name}': feature_layer {spec.feature_layer} is outside the model's "
                 f"{n_states} hidden states (-{n_states}..{n_states - 1})"
             )
+        self.spec = trim_to_features(model, spec)
+        self.model = model
         # Non-persistent: the statistics are part of the spec, not of the weights.
         self.register_buffer("mean", torch.tensor(spec.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.image_std).view(1, 3, 1, 1), persistent=False)
@@ -69,13 +72,58 @@ class VisionEncoder(nn.Module):
         return (image_size // patch) ** 2
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: uint8 (B, 3, H, W) as loaded, or floats in [0, 1]."""
         dtype = next(self.model.parameters()).dtype
-        x = ((images.to(self.mean.dtype) - self.mean) / self.std).to(dtype)
+        x = images.to(self.mean.dtype)
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        x = ((x - self.mean) / self.std).to(dtype)
         out = self.model(pixel_values=x, output_hidden_states=True)
         h = out.hidden_states[self.spec.feature_layer]
         if self.spec.post_layernorm:
             h = _post_layernorm(self.model)(h)
         return h[:, self.spec.num_prefix_tokens:]
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList | None:
+    n = _num_layers(model)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    return None
+
+
+def trim_to_features(model: nn.Module, spec: EncoderSpec) -> EncoderSpec:
+    """Remove what never contributes to the features, in place; returns the spec that describes the result.
+
+    - layers after the one whose output is read (feature_layer -2 drops the last layer, as
+      Prismatic does): a trained copy would otherwise carry optimizer state for weights that
+      never get a gradient, and a frozen one would compute them for nothing;
+    - SigLIP's attention-pooling head (it reads the last layer, which the VLA does not use);
+    - the final layer norm when `post_layernorm` is false (replaced by identity).
+    Idempotent: a trimmed encoder (feature_layer -1) is left as it is, so exports rebuilt from
+    the returned spec's `hf_config` come out identical.
+    """
+    from dataclasses import replace
+
+    n = _num_layers(model)
+    k = spec.feature_layer % (n + 1)  # index into hidden_states (0: embeddings)
+    layers = _layer_list(model)
+    if k < n and k > 0 and layers is not None:
+        del layers[k:]
+        model.config.num_hidden_layers = k
+    for owner in model.modules():
+        if getattr(owner, "use_head", False) and isinstance(getattr(owner, "head", None), nn.Module):
+            owner.use_head = False
+            del owner.head
+            model.config.vision_use_head = False
+    if not spec.post_layernorm:
+        for owner in model.modules():
+            for attr in ("post_layernorm", "layernorm"):  # SigLIP/CLIP (last_hidden_state), DINOv2
+                if isinstance(getattr(owner, attr, None), nn.LayerNorm):
+                    setattr(owner, attr, nn.Identity())
+    feature_layer = -1 if model.config.num_hidden_layers == k else spec.feature_layer
+    return replace(spec, feature_layer=feature_layer, hf_config=model.config.to_dict())
 
 
 def _num_layers(model: nn.Module) -> int:

@@ -20,18 +20,37 @@ from vla_scale.actions.factory import make_action_tokenizer
 from vla_scale.config.schema import ActionConfig
 from vla_scale.data.images import to_pixels
 from vla_scale.data.prompts import PromptBuilder
+from vla_scale.errors import ConfigError
 from vla_scale.models.export import load_export
 from vla_scale.policy.decoding import DecodeResult, constrained_greedy
 
 
+def select_stats(stats: dict, unnorm_key: str | None) -> tuple[str | None, dict]:
+    """The statistics to unnormalise with: one robot dataset's, by name (`unnorm_key`, as in OpenVLA).
+
+    Exports hold {source name: stats}; a single flat stats dict is accepted too.
+    """
+    if "q01" in stats:
+        return None, stats
+    if unnorm_key is None:
+        if len(stats) != 1:
+            raise ConfigError(f"this model was trained on several robot datasets {sorted(stats)}; "
+                              "pass unnorm_key= to choose whose action statistics to use")
+        unnorm_key = next(iter(stats))
+    if unnorm_key not in stats:
+        raise ConfigError(f"unnorm_key {unnorm_key!r} is not one of the trained datasets {sorted(stats)}")
+    return unnorm_key, stats[unnorm_key]
+
+
 class VLAPolicy:
     def __init__(self, model, tokenizer, stats: dict, actions: ActionConfig, device: torch.device | str = "cpu",
-                 max_length: int = 4096):
+                 max_length: int = 4096, unnorm_key: str | None = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.actions = actions
-        self.normalizer = ActionNormalizer.from_stats(stats)
+        self.unnorm_key, chosen = select_stats(stats, unnorm_key)
+        self.normalizer = ActionNormalizer.from_stats(chosen)
         self.action_tokenizer = make_action_tokenizer(actions, tokenizer)
         self.grammar = self.action_tokenizer.grammar(tokenizer.eos_token_id, chunk=actions.chunk)
         self.prompts = PromptBuilder(tokenizer, self.action_tokenizer, max_length)
@@ -39,14 +58,14 @@ class VLAPolicy:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "VLAPolicy":
+                        dtype: torch.dtype | None = None, unnorm_key: str | None = None) -> "VLAPolicy":
         """Load an export folder (`vla-scale export`); GPU and bf16 when available unless told otherwise."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, tokenizer, stats, config = load_export(Path(folder))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model.to(dtype)
-        return cls(model, tokenizer, stats, ActionConfig(**config["actions"]), device)
+        return cls(model, tokenizer, stats, ActionConfig(**config["actions"]), device, unnorm_key=unnorm_key)
 
     @torch.no_grad()
     def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:

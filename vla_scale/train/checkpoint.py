@@ -114,6 +114,24 @@ def fsync_tree(path: str | os.PathLike[str]) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def fsync_files(paths: "list[str | os.PathLike[str]]") -> None:
+    """fsync these files and their directories (a rank's own files of a multi-rank save).
+
+    Unlike `fsync_tree`, this never walks into files another rank may be
+    writing (or renaming) at the same moment.
+    """
+    dirs = set()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirs.add(Path(p).parent)
+    for d in sorted(dirs):
+        _fsync_dir(d)
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace `path` with `data` so that a reader sees the old or the new content, never a mix.
 

@@ -3,9 +3,17 @@
 Rebuilds the model from the checkpoint's saved config (the frozen encoders
 from their recorded sources, verified by content hash), loads the trained
 weights, and writes an export folder (`vla_scale.models.export`).
+
+Trained weights come from `model.safetensors` (single-process strategy) or,
+for a DeepSpeed ZeRO-3 checkpoint, from DeepSpeed's own consolidation
+(`zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`): the fp32 master
+weights of every rank's partition, reassembled on the CPU of one process, no
+process group needed. The export is then written in fp32 or bf16.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -16,6 +24,8 @@ from vla_scale.errors import CheckpointError
 from vla_scale.models.export import save_export
 from vla_scale.models.loading import build_vla
 from vla_scale.train.checkpoint import CheckpointManager
+from vla_scale.train.deepspeed_strategy import deepspeed_tag, is_deepspeed_checkpoint
+from vla_scale.train.distributed import prepare_deepspeed_env
 from vla_scale.train.trainer import load_checkpoint_config, verify_frozen
 
 
@@ -32,6 +42,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{p}: no complete checkpoint found (expected a checkpoint folder or a run folder)")
 
 
+def _load_zero_checkpoint(core: torch.nn.Module, ckpt_dir: Path) -> tuple[list[str], list[str]]:
+    """Consolidate a ZeRO-3 checkpoint with DeepSpeed's zero_to_fp32 and load it into `core`."""
+    prepare_deepspeed_env()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = deepspeed_tag(ckpt_dir)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except Exception as e:  # DeepSpeed raises assorted types for unreadable shards
+        raise CheckpointError(f"cannot consolidate the DeepSpeed checkpoint {ckpt_dir / tag}: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    expected = core.state_dict()
+    state = {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}
+    missing, unexpected = core.load_state_dict(state, strict=False)
+    return list(missing), list(unexpected)
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
     from omegaconf import OmegaConf
     from safetensors.torch import load_model
@@ -39,10 +67,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "fp32", fo
     ckpt_dir = resolve_checkpoint(ckpt)
     cfg = load_checkpoint_config(ckpt_dir)
     model, _ = build_vla(cfg.model)
-    try:
-        missing, unexpected = load_model(model.core, str(ckpt_dir / "model.safetensors"), strict=False)
-    except Exception as e:
-        raise CheckpointError(f"{ckpt_dir / 'model.safetensors'}: cannot read: {str(e).splitlines()[0]}") from None
+    if is_deepspeed_checkpoint(ckpt_dir):
+        missing, unexpected = _load_zero_checkpoint(model.core, ckpt_dir)
+    else:
+        try:
+            missing, unexpected = load_model(model.core, str(ckpt_dir / "model.safetensors"), strict=False)
+        except Exception as e:
+            raise CheckpointError(f"{ckpt_dir / 'model.safetensors'}: cannot read: "
+                                  f"{str(e).splitlines()[0]}") from None
     if missing or unexpected:
         raise CheckpointError(f"{ckpt_dir}: weights do not match the model ({sorted(missing)[:3]}, "
                               f"{sorted(unexpected)[:3]})")

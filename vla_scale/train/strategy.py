@@ -1,11 +1,16 @@
 """Training strategies: how one optimizer step is executed, behind one seam.
 
 The trainer loop (`vla_scale.train.trainer`) is the same for every strategy;
-a strategy owns the optimizer, the LR scheduler, the device placement and the
-checkpoint files of the trainable part. `SingleProcessStrategy` is the
-debugging/CPU path; the DeepSpeed ZeRO-3 strategy implements the same
-interface over `model.core` only. No strategy ever gives the frozen encoders
-to an optimizer.
+a strategy owns the optimizer, the LR scheduler, the device placement, the
+process group and the checkpoint files of the trainable part.
+`SingleProcessStrategy` is the debugging/CPU path and the numerical
+reference; `DeepSpeedStrategy` (`vla_scale.train.deepspeed_strategy`)
+implements the same interface over `model.core` only, with ZeRO-3. No
+strategy ever gives the frozen encoders to an optimizer.
+
+The collectives on the seam (`barrier`, `broadcast_object`,
+`all_reduce_sum`) are what the trainer and the checkpoint manager need to be
+multi-rank correct; in a world of one they are no-ops.
 """
 from __future__ import annotations
 
@@ -16,11 +21,12 @@ from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vla_scale.config.schema import Config
-from vla_scale.errors import CheckpointError, TrainingError
+from vla_scale.errors import CheckpointError, ConfigError, TrainingError
 from vla_scale.models.vla import VisionLanguageActionModel
 from vla_scale.train.schedule import build_scheduler
 
@@ -29,13 +35,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepResult:
-    loss: float  # token-weighted mean loss over the step's answer tokens (this rank)
-    grad_norm: float
+    loss: float  # token-weighted mean loss over the step's answer tokens, all ranks together
+    grad_norm: float  # global gradient norm before clipping
     lr: float
     skipped: bool
-    samples: int
-    tokens: int  # all input tokens processed, image tokens included (for throughput)
-    # Per-sample sums of every micro-batch, concatenated (for per-source metrics).
+    samples: int  # samples of the step, all ranks together
+    tokens: int  # input tokens of the step, image tokens included, all ranks together (for throughput)
+    # Per-sample sums of THIS rank's micro-batches, concatenated (for per-source metrics,
+    # which the trainer reduces over ranks with `Strategy.all_reduce_sum`).
     sample_loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     sample_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     sample_correct: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
@@ -52,8 +59,10 @@ def trainable_parameters(model: VisionLanguageActionModel) -> list[torch.nn.Para
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     # No weight decay on biases and norms (the usual rule; the paper's recipe uses 0 anyway).
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    # A ZeRO-3 parameter's own tensor is an empty placeholder: its shape is in `ds_shape`.
+    ndim = {id(p): len(getattr(p, "ds_shape", p.shape)) for p in params}
+    decay = [p for p in params if ndim[id(p)] >= 2]
+    no_decay = [p for p in params if ndim[id(p)] < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                              foreach=True)
@@ -93,8 +102,20 @@ class Strategy(ABC):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (gathered) state dict of `model.core`, on CPU, for exports."""
 
+    # -- collectives (no-ops in a world of one) ------------------------------
     def barrier(self) -> None:
         pass
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """`obj` as rank `src` has it, on every rank."""
+        return obj
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns `tensor`."""
+        return tensor
+
+    def close(self) -> None:
+        """Release the process group and engine resources (end of the process)."""
 
     @property
     def is_main(self) -> bool:
@@ -195,4 +216,8 @@ class SingleProcessStrategy(Strategy):
 def make_strategy(cfg: Config) -> Strategy:
     if cfg.train.strategy == "single":
         return SingleProcessStrategy(cfg)
-    raise TrainingError(f"train.strategy={cfg.train.strategy!r} is not available yet in this version; use 'single'")
+    if cfg.train.strategy == "deepspeed":
+        from vla_scale.train.deepspeed_strategy import DeepSpeedStrategy  # imports DeepSpeed: only when asked
+
+        return DeepSpeedStrategy(cfg)
+    raise ConfigError(f"train.strategy={cfg.train.strategy!r} is not one of ['single', 'deepspeed']")

@@ -9,6 +9,15 @@ files (trainable weights, optimizer, scheduler), the data-loader state, the
 RNG states per rank, the resolved config, the action statistics, the
 tokenizer and run metadata. The frozen encoders are not saved: their source
 and a content hash are recorded, and resume/export verify the hash.
+
+Several ranks (DeepSpeed ZeRO-3): every rank runs this loop; the strategy
+gives the collectives. Rank 0 writes the shared checkpoint files, the config
+and the metrics log; every rank writes its own RNG state and its part of the
+strategy's files. Which checkpoint to resume from is decided by rank 0 and
+broadcast, so all ranks load the same one. The data-loader state does not
+depend on the world size (every rank draws the same global batch and takes
+its slice), so a run resumes on a different number of ranks with the same
+data order.
 """
 from __future__ import annotations
 
@@ -33,18 +42,27 @@ from vla_scale.models.loading import build_vla
 from vla_scale.models.vla import VisionLanguageActionModel
 from vla_scale.train.checkpoint import (
     CheckpointManager,
+    fsync_files,
     load_rng_state,
+    read_metadata,
     restore_rng_state,
+    rng_state_file,
     save_rng_state,
     write_json_atomic,
 )
+from vla_scale.train.distributed import HangWatchdog
 from vla_scale.train.metrics import MetricsLogger, PerSourceAccumulator, ThroughputMeter
 from vla_scale.train.strategy import Strategy, make_strategy
 
 log = logging.getLogger(__name__)
 
-# Config sections that must not change across a resume (they define the model and its outputs).
+# Config sections that must not change across a resume (they define the model and its outputs)...
 _RESUME_LOCKED = ("model", "actions")
+# ...except keys that change how, or from where, the same parameters are computed: hardware
+# switches, planner-only architecture hints, and weight folders that moved (the frozen encoders
+# are still verified by content hash; trained weights come from the checkpoint).
+_RESUME_FREE = {"attn_implementation", "gradient_checkpointing", "fused_kernel", "precision", "arch", "llm_arch",
+                "source", "llm", "tokenizer", "path"}
 
 
 def seed_everything(seed: int) -> None:
@@ -79,7 +97,12 @@ def check_resume_config(saved: dict[str, Any], cfg: Config, where: Path) -> None
     diffs = []
 
     def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
+        if prefix.rsplit(".", 1)[-1] in _RESUME_FREE:
+            return
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{prefix}.{i}")
+        elif isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
                 walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
         elif a != b:
@@ -119,33 +142,61 @@ class Trainer:
 
     def _write_checkpoint(self, ckpt: CheckpointManager, step: int, counters: dict[str, Any]) -> Path:
         def write(tmp: Path) -> None:
-            self.strategy.save(tmp)
-            save_rng_state(tmp, self.strategy.rank)
+            self.strategy.save(tmp)  # collective: every rank writes (and flushes) its part
+            rng_file = save_rng_state(tmp, self.strategy.rank)
             if self.strategy.is_main:
                 write_json_atomic(tmp / "data_state.json", self.loader.state_dict())
                 save_config(self.cfg, tmp / "config.yaml")
                 write_json_atomic(tmp / "action_stats.json", self.stats)
                 write_json_atomic(tmp / "frozen_encoders.json", self.frozen_record)
                 self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            else:
+                # Rank 0 fsyncs the tree before COMPLETE, but on a network filesystem its fsync
+                # cannot flush another node's client cache: each rank flushes what it wrote.
+                fsync_files([rng_file])
 
         meta = {"step": step, **counters, "world_size": self.strategy.world_size,
-                "config": config_to_dict(self.cfg)}
+                "strategy": self.cfg.train.strategy, "config": config_to_dict(self.cfg)}
         return ckpt.save(step, write, meta)
 
+    def _resolve_resume(self, ckpt: CheckpointManager, spec: str) -> Path | None:
+        """Rank 0 picks the checkpoint (warning about any fallback once); every rank gets its answer."""
+        answer: tuple[str | None, str | None] = (None, None)
+        if self.strategy.is_main:
+            try:
+                path = ckpt.resolve(spec)
+                if path is None and spec not in ("auto", "none", ""):
+                    raise CheckpointError(f"--resume {spec}: no checkpoint found")
+                answer = (str(path) if path is not None else None, None)
+            except CheckpointError as e:
+                answer = (None, str(e))
+        path, error = self.strategy.broadcast_object(answer)
+        if error is not None:
+            raise CheckpointError(error)
+        return Path(path) if path is not None else None
+
     def _resume(self, ckpt: CheckpointManager, spec: str) -> tuple[int, dict[str, Any]]:
-        path = ckpt.resolve(spec)
+        path = self._resolve_resume(ckpt, spec)
         if path is None:
-            if spec not in ("auto", "none", ""):
-                raise CheckpointError(f"--resume {spec}: no checkpoint found")
             return 0, {"samples": 0, "tokens": 0, "wall_time_s": 0.0}
-        meta = json.loads((path / "metadata.json").read_text())
+        meta = read_metadata(path)
         check_resume_config(meta.get("config", {}), self.cfg, path)
+        saved_strategy = meta.get("strategy", "single")
+        if saved_strategy != self.cfg.train.strategy:
+            raise CheckpointError(f"{path} was written by train.strategy={saved_strategy}; resume it with that "
+                                  f"strategy (this run uses {self.cfg.train.strategy}), or export it and start a "
+                                  "new run from the export")
         frozen = path / "frozen_encoders.json"
         if frozen.is_file():
             verify_frozen(self.model, self.cfg, json.loads(frozen.read_text()), path)
         self.strategy.load(path)
         self.loader.load_state_dict(json.loads((path / "data_state.json").read_text()))
-        restore_rng_state(load_rng_state(path, self.strategy.rank))
+        rank = self.strategy.rank
+        if not rng_state_file(path, rank).is_file() and rank >= int(meta.get("world_size", 1)):
+            # The world grew: new ranks have no RNG stream to continue. Fresh runs seed every rank
+            # alike, so they take rank 0's state, as they would have at a fresh start.
+            rank = 0
+        restore_rng_state(load_rng_state(path, rank))
         log.info("resumed from %s at step %d", path, meta["step"])
         return int(meta["step"]), {k: meta.get(k, 0) for k in ("samples", "tokens", "wall_time_s")}
 
@@ -157,7 +208,8 @@ class Trainer:
         if self.strategy.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last_k=t.keep_last_k,
-                                 rank=self.strategy.rank, world_size=self.strategy.world_size)
+                                 rank=self.strategy.rank, world_size=self.strategy.world_size,
+                                 barrier=self.strategy.barrier, broadcast=self.strategy.broadcast_object)
         start, counters = self._resume(ckpt, resume)
         metrics = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, rank=self.strategy.rank)
         metrics.truncate_after(start)
@@ -169,11 +221,15 @@ class Trainer:
 
             bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
         losses: dict[int, float] = {}
-        last_ckpt = ckpt.latest()
+        last_ckpt = ckpt.latest() if self.strategy.is_main else None
+        last_ckpt = self.strategy.broadcast_object(str(last_ckpt) if last_ckpt else None)
+        last_ckpt = Path(last_ckpt) if last_ckpt else None
+        watchdog = HangWatchdog(t.hang_timeout_s)
         wall0 = time.time() - float(counters.get("wall_time_s", 0.0))
         meter.start()
         try:
             for step in range(start + 1, t.steps + 1):
+                watchdog.arm()  # a step (with its checkpoint) that hangs becomes a traceback and an exit
                 data_state = self.loader.state_dict()
                 try:
                     result = self.strategy.train_step(self.loader.next_step())
@@ -185,14 +241,15 @@ class Trainer:
                         counters["wall_time_s"] = time.time() - wall0
                         self._write_checkpoint(ckpt, step - 1, counters)
                     raise
-                counters["samples"] = int(counters.get("samples", 0)) + result.samples * self.strategy.world_size
-                counters["tokens"] = int(counters.get("tokens", 0)) + result.tokens * self.strategy.world_size
-                meter.step(result.samples * self.strategy.world_size, result.tokens * self.strategy.world_size)
+                counters["samples"] = int(counters.get("samples", 0)) + result.samples  # all ranks
+                counters["tokens"] = int(counters.get("tokens", 0)) + result.tokens
+                meter.step(result.samples, result.tokens)
                 losses[step] = result.loss
                 per_source.add(result.sample_loss_sum, result.sample_tokens, result.sample_correct, result.source)
                 if step % t.log_every == 0 or step == t.steps:
                     row = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
-                           "skipped": float(result.skipped), **per_source.compute(),
+                           "skipped": float(result.skipped),
+                           **per_source.compute(reduce=self.strategy.all_reduce_sum),
                            **{f"perf/{k}": v for k, v in meter.summary().items()}}
                     per_source.reset()
                     metrics.log(step, row)
@@ -207,6 +264,7 @@ class Trainer:
                 if step == stop_after:
                     break
         finally:
+            watchdog.cancel()
             if bar is not None:
                 bar.close()
             metrics.close()

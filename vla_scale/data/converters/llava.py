@@ -1,0 +1,203 @@
+"""LLaVA-style conversations + an image folder -> vision-language shards.
+
+Input: a JSON array, or JSON Lines, of records
+  {"id": ..., "image": "rel/path.jpg",
+   "conversations": [{"from": "human", "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}
+Each human turn followed by a gpt turn becomes one {"question", "answer"} turn
+("user"/"assistant" are accepted too; "system" turns are dropped); the
+"<image>" marker is removed and whitespace stripped. Answers holding points
+or boxes (RoboPoint "[(0.56, 0.69), ...]", RefCOCO "[0.1, 0.2, 0.3, 0.4]") are
+kept as text, unchanged. Image paths are relative to --images (default: the
+JSON file's folder); absolute paths are used as they are.
+
+A JSON array is read incrementally (one record at a time with the standard
+library's `JSONDecoder.raw_decode` over a sliding buffer), so memory holds one
+record and one image, never the whole file. --skip-bad granularity here is
+the SAMPLE (record): a record without an image, with a missing or undecodable
+image file, or with unpaired turns is skipped and counted.
+This module never modifies the source files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from vla_scale.data.converters.common import BadSampleError, ProgressCallback, dataset_name_for, decode_image
+from vla_scale.data.schema import VL_TASKS, vl_sample
+from vla_scale.data.writer import DEFAULT_SIZE_LIMIT, ShardWriter, check_output
+from vla_scale.errors import DataError
+
+_READ_CHARS = 1 << 20
+_QUESTION_ROLES = ("human", "user")
+_ANSWER_ROLES = ("gpt", "assistant", "model")
+IMAGE_MARKER = "<image>"
+
+
+def iter_json_records(path: str | Path) -> Iterator[Any]:
+    """Records of a JSON array or a JSON Lines file, one at a time, with bounded memory."""
+    path = Path(path)
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"cannot open {path}: {e}") from None
+    with f:
+        buf = f.read(_READ_CHARS)
+        start = len(buf) - len(buf.lstrip())
+        if start == len(buf):
+            return
+        if buf[start] == "[":
+            yield from _iter_array(f, buf, start + 1, path)
+        elif buf[start] == "{":
+            f.seek(0)
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}, line {n}: not valid JSON ({e}); JSON Lines input needs one record "
+                                        f"per line") from None
+        else:
+            raise DataError(f"{path}: expected a JSON array or JSON Lines of records, found {buf[start]!r} first")
+
+
+def _iter_array(f, buf: str, pos: int, path: Path) -> Iterator[Any]:
+    decoder = json.JSONDecoder()
+    eof = False
+    consumed = 0  # characters dropped from the front of buf, for error positions
+    expect_value = True
+
+    def more() -> None:
+        nonlocal buf, pos, eof, consumed
+        chunk = f.read(max(_READ_CHARS, len(buf)))  # grow reads so a huge record is not re-parsed quadratically
+        eof = not chunk
+        consumed += pos
+        buf, pos = buf[pos:] + chunk, 0
+
+    while True:
+        while pos < len(buf) and buf[pos] in " \t\r\n":
+            pos += 1
+        if pos >= len(buf):
+            if eof:
+                raise DataError(f"{path}: the JSON array is not closed (file ends at character {consumed + pos})")
+            more()
+            continue
+        c = buf[pos]
+        if c == "]":
+            return
+        if not expect_value:
+            if c != ",":
+                raise DataError(f"{path}: expected ',' or ']' at character {consumed + pos}, found {c!r}")
+            pos += 1
+            expect_value = True
+            continue
+        try:
+            obj, end = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError as e:
+            if eof:
+                raise DataError(f"{path}: invalid JSON at character {consumed + e.pos}: {e.msg}") from None
+            more()
+            continue
+        if end >= len(buf) and not eof and not isinstance(obj, (dict, list, str)):
+            more()  # a bare number or literal at the end of the buffer may continue in the next read
+            continue
+        pos = end
+        expect_value = False
+        yield obj
+
+
+def conversation_turns(conversations: Any, where: str) -> list[dict[str, str]]:
+    """LLaVA conversations -> [{"question", "answer"}], the <image> marker removed, text otherwise unchanged."""
+    if not isinstance(conversations, list) or not conversations:
+        raise BadSampleError("bad conversation", f"{where}: 'conversations' must be a non-empty list")
+    turns: list[dict[str, str]] = []
+    question: str | None = None
+    for k, turn in enumerate(conversations):
+        role = str((turn or {}).get("from", "")).lower() if isinstance(turn, dict) else ""
+        value = turn.get("value") if isinstance(turn, dict) else None
+        if role == "system":
+            continue
+        if not isinstance(value, str):
+            raise BadSampleError("bad conversation", f"{where}, turn {k}: 'value' must be a string")
+        text = value.replace(IMAGE_MARKER, "").strip()
+        if role in _QUESTION_ROLES:
+            if question is not None:
+                raise BadSampleError("bad conversation", f"{where}, turn {k}: two questions in a row")
+            if not text:
+                raise BadSampleError("bad conversation", f"{where}, turn {k}: empty question")
+            question = text
+        elif role in _ANSWER_ROLES:
+            if question is None:
+                raise BadSampleError("bad conversation", f"{where}, turn {k}: an answer without a question")
+            if not text:
+                raise BadSampleError("bad conversation", f"{where}, turn {k}: empty answer")
+            turns.append({"question": question, "answer": text})
+            question = None
+        else:
+            raise BadSampleError("bad conversation", f"{where}, turn {k}: unknown speaker {role!r}; expected "
+                                                     f"human/gpt")
+    if question is not None:
+        raise BadSampleError("bad conversation", f"{where}: the last question has no answer")
+    if not turns:
+        raise BadSampleError("bad conversation", f"{where}: no question/answer pair")
+    return turns
+
+
+def _image_path(record: dict, images: Path, where: str) -> Path:
+    image = record.get("image")
+    if isinstance(image, list):
+        if len(image) != 1:
+            raise BadSampleError("missing image", f"{where}: {len(image)} images; one image per sample is supported")
+        image = image[0]
+    if not isinstance(image, str) or not image.strip():
+        raise BadSampleError("missing image", f"{where}: the record has no image")
+    path = Path(image)
+    path = path if path.is_absolute() else images / path
+    if not path.is_file():
+        raise BadSampleError("missing image", f"{where}: image file {path} does not exist")
+    return path
+
+
+def convert_llava(src: str | Path, out: str | Path, *, task: str, images: str | Path | None = None,
+                  dataset_name: str | None = None, skip_bad: bool = False, overwrite: bool = False,
+                  size_limit: int | str | None = DEFAULT_SIZE_LIMIT, compression: str | None = None,
+                  progress: bool = True, callback: ProgressCallback | None = None) -> dict[str, Any]:
+    """Convert a LLaVA-style JSON/JSONL file plus its image folder to vision-language shards; returns the summary.
+
+    task: "vqa", "spatial" or "affordance" (the co-training source this data feeds).
+    """
+    from tqdm.auto import tqdm
+
+    src = Path(src)
+    if task not in VL_TASKS:
+        raise DataError(f"--task must be one of {list(VL_TASKS)}, got {task!r}")
+    if not src.is_file():
+        raise DataError(f"LLaVA JSON file {src} does not exist")
+    image_dir = Path(images) if images is not None else src.parent
+    if not image_dir.is_dir():
+        raise DataError(f"image folder {image_dir} does not exist (pass --images DIR)")
+    check_output(out, overwrite)
+    name = dataset_name_for(src, dataset_name)
+    meta = {"kind": "llava", "source": str(src.resolve()), "images": str(image_dir.resolve()), "dataset": name,
+            "task": task}
+    with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta) as writer, \
+            tqdm(unit="sample", desc=f"convert {name}", disable=not progress) as bar:
+        for i, record in enumerate(iter_json_records(src)):
+            rid = record.get("id") if isinstance(record, dict) else None
+            where = f"{src}: record {i}" + (f" (id {rid})" if rid is not None else "")
+            try:
+                if not isinstance(record, dict):
+                    raise BadSampleError("bad record", f"{where}: expected an object, got {type(record).__name__}")
+                turns = conversation_turns(record.get("conversations"), where)
+                path = _image_path(record, image_dir, where)
+                image = decode_image(path.read_bytes(), f"{where} ({path})")
+            except BadSampleError as e:
+                if not skip_bad:
+                    raise
+                writer.skip(e.reason, str(e), samples=1)
+                continue
+            writer.write(vl_sample(image=image, turns=turns, task=task, dataset=name, where=where), where=where)
+            bar.update(1)
+            if callback is not None:
+                callback(writer.summary)
+    return writer.summary

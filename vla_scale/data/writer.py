@@ -1,0 +1,191 @@
+"""Atomic MDS shard writing with the shard schema's columns.
+
+`ShardWriter` wraps mosaicml-streaming's `MDSWriter`: samples are written
+into a sibling folder `OUT.tmp-<random>` and that folder is renamed to OUT
+only after the index is complete, so a crash, an exception or Ctrl-C never
+leaves an OUT that looks complete. An existing non-empty OUT is refused
+unless `overwrite=True`, in which case the old folder is swapped out only
+once the new one is finished. It also keeps the conversion summary
+(samples, episodes, skipped samples/episodes with reasons, bytes).
+
+It never reads a source dataset and never decides what is a bad sample:
+converters validate, and tell the writer what they skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from vla_scale.data.schema import COLUMNS
+from vla_scale.data.streaming_compat import import_streaming
+from vla_scale.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE_LIMIT = "64mb"
+SUMMARY_FILE = "conversion.json"
+_MAX_SKIP_EXAMPLES = 20  # enough to diagnose a pattern, bounded for datasets with millions of bad rows
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """OUT as a Path, after refusing a non-empty OUT (unless overwrite) or a file at OUT."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder; choose another output path")
+    if out.is_dir() and not _is_empty_dir(out) and not overwrite:
+        raise DataError(f"output folder {out} exists and is not empty; pass --overwrite (overwrite=True) "
+                        f"to replace it, or choose another output path")
+    return out
+
+
+class ShardWriter:
+    """Writes schema rows to MDS shards in a temporary folder; `close()` renames it into place.
+
+    Use as a context manager: leaving the block normally commits, leaving it by
+    any exception (KeyboardInterrupt included) removes the temporary folder and
+    re-raises. `summary` is the dict converters return.
+    """
+
+    def __init__(self, out: str | Path, *, overwrite: bool = False, size_limit: int | str | None = DEFAULT_SIZE_LIMIT,
+                 compression: str | None = None, metadata: dict[str, Any] | None = None) -> None:
+        self.out = check_output(out, overwrite).absolute()
+        self.overwrite = overwrite
+        self.metadata = dict(metadata or {})
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        stale = sorted(p.name for p in self.out.parent.glob(f"{self.out.name}.tmp-*"))
+        if stale:  # left by a killed conversion (SIGKILL skips our cleanup); never removed here: one may be running
+            log.warning("found %s beside %s: left by an interrupted conversion; delete them once no conversion "
+                        "into %s is running", ", ".join(stale), self.out, self.out.name)
+        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{secrets.token_hex(4)}")
+        streaming = import_streaming()
+        try:
+            # max_workers=1: the pool only "uploads" local files, threads buy nothing here.
+            self._mds = streaming.MDSWriter(out=str(self.tmp), columns=COLUMNS, compression=compression,
+                                            size_limit=size_limit, max_workers=1)
+        except ValueError as e:  # invalid compression name or size limit
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise DataError(f"cannot write shards to {self.out}: {e}") from None
+        self._started = time.monotonic()
+        self._closed = False
+        self.samples = 0
+        self.episodes = 0
+        self.skipped_samples = 0
+        self.skipped_episodes = 0
+        self.skip_reasons: Counter[str] = Counter()
+        self.skip_examples: list[str] = []
+        self._last_episode: tuple[str, int] | None = None
+        self.bytes = 0
+        self.shards = 0
+        self._final: dict[str, Any] | None = None
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, sample: dict[str, Any], where: str = "sample") -> None:
+        """Write one row built by `schema.robot_sample` / `schema.vl_sample`."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        if set(sample) != set(COLUMNS):
+            missing, extra = sorted(set(COLUMNS) - set(sample)), sorted(set(sample) - set(COLUMNS))
+            raise DataError(f"{where}: sample columns do not match the shard schema (missing {missing}, extra {extra})")
+        try:
+            self._mds.write(sample)
+        except (ValueError, TypeError, KeyError) as e:  # an encoding rejected a value: a bug in the row, not the disk
+            raise DataError(f"{where}: cannot encode the sample: {e}") from None
+        self.samples += 1
+        if sample["episode"] >= 0:
+            key = (sample["dataset"], int(sample["episode"]))
+            if key != self._last_episode:  # converters write episodes contiguously; no set of all ids is kept
+                self.episodes += 1
+                self._last_episode = key
+
+    def skip(self, reason: str, message: str, *, samples: int = 0, episodes: int = 0) -> None:
+        """Record a skipped episode or sample (--skip-bad): `reason` is a short kind, `message` the full error."""
+        self.skipped_samples += samples
+        self.skipped_episodes += episodes
+        self.skip_reasons[reason] += 1
+        if len(self.skip_examples) < _MAX_SKIP_EXAMPLES:
+            self.skip_examples.append(message)
+        log.warning("skipped: %s", message)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Counts so far; after `close()`, the final summary (also saved as OUT/conversion.json)."""
+        if self._final is not None:
+            return dict(self._final)
+        return {
+            "out": str(self.out),
+            "samples": self.samples,
+            "episodes": self.episodes,
+            "skipped": {"samples": self.skipped_samples, "episodes": self.skipped_episodes,
+                        "reasons": dict(self.skip_reasons), "examples": list(self.skip_examples)},
+            "shards": self.shards,
+            "bytes": self.bytes,
+            "seconds": round(time.monotonic() - self._started, 3),
+            **self.metadata,
+        }
+
+    # -- finishing -------------------------------------------------------------------------
+    def close(self) -> dict[str, Any]:
+        """Finish the index and move the folder into place. Returns the summary."""
+        if self._closed:
+            return self.summary
+        try:
+            if self.samples == 0:
+                raise DataError(f"nothing to write to {self.out}: every sample was skipped or the source is empty "
+                                f"(skipped: {dict(self.skip_reasons) or 'none'})")
+            self._mds.finish()
+            files = [p for p in self.tmp.iterdir() if p.is_file()]
+            self.shards = sum(1 for p in files if p.name.startswith("shard."))
+            self.bytes = sum(p.stat().st_size for p in files)
+            summary = self.summary
+            (self.tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            self._move_into_place()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        self._final = summary
+        return dict(summary)
+
+    def _move_into_place(self) -> None:
+        check_output(self.out, self.overwrite)  # it may have appeared while we were converting
+        old = None
+        if self.out.is_dir():
+            if _is_empty_dir(self.out):
+                self.out.rmdir()
+            else:  # overwrite: swap, so there is never a half-written OUT
+                old = self.out.with_name(f"{self.out.name}.old-{secrets.token_hex(4)}")
+                os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Discard everything written so far; OUT is left as it was."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._mds.cancel_future_jobs()
+        except Exception:  # the pool may already be shut down; the folder removal below is what matters
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

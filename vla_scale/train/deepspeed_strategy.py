@@ -1,0 +1,467 @@
+"""DeepSpeed ZeRO-3 training strategy: `model.core` sharded over the ranks, the frozen encoders beside it.
+
+What lives where, per rank:
+- `model.core` (trainable encoders, projector, LLM): ZeRO-3 parameters.
+  Each rank stores 1/N of every parameter (plus DeepSpeed's padding), of
+  its gradient and of the fp32 master weights and Adam moments; a layer's
+  parameters are all-gathered just before its forward/backward and released
+  after (parameters under `stage3_param_persistence_threshold` stay
+  gathered).
+- `model.frozen` (the frozen encoders): plain replicated modules, bf16 on
+  GPU, `eval()`, no gradients, run under `no_grad` BEFORE the engine's
+  forward; their features enter `core.forward` as inputs. DeepSpeed never
+  sees them: no ZeRO attributes, no optimizer state, no all-gathers.
+
+How the core becomes ZeRO-3 (the loading approach). `build_vla` assembles
+the VLA on the host on every rank, with pretrained weights and all the
+surgery (taking the source VLM apart, the siamese [W/2 | W/2] projector
+split, embedding resize), so that code has exactly one home. Then
+`deepspeed.zero.Init(module=model.core)` converts the core in place, one
+parameter at a time: move it to the device, broadcast rank 0's values,
+keep this rank's partition, free the full tensor. This is DeepSpeed's
+documented way to "partition the model as if it was constructed in the
+context"; the result is identical to constructing under `zero.Init` (and
+rank 0 is the single source of truth for the weights, as with
+`GatheredParameters(modifier_rank=0)` loading). Cost: during the build each
+rank holds one full host copy of the model (4 bytes/parameter in fp32, 2 in
+bf16): ~28 GB per rank for a 7B core, ~230 GB for 8 ranks on one node,
+which fits the 1-2 TB hosts of 8-GPU nodes; device memory never holds more
+than one full parameter. Beyond that (tens of billions of parameters) the
+core should be built under `zero.Init` directly, ranks > 0 without weights
+(their values are overwritten by the broadcast anyway).
+
+One optimizer step: for each micro-batch, frozen features -> engine forward
+-> engine.backward -> engine.step (DeepSpeed accumulates gradients and steps
+the optimizer and the client LR scheduler at the accumulation boundary).
+The optimizer is a `torch.optim.AdamW` (no FusedAdam JIT build on CPU), the
+LR scheduler the single strategy's (`vla_scale.train.schedule`), clipping is
+DeepSpeed's (`gradient_clipping` = train.grad_clip; same formula as
+`clip_grad_norm_`), so both strategies train the same function.
+
+Non-finite loss (train.on_nonfinite). Before the last micro-batch's
+backward, one all-reduce sums the step's loss/token/sample counts over all
+ranks; a NaN/inf on ANY rank makes the global loss non-finite, so every
+rank takes the same decision:
+- "stop": raise TrainingError before the last backward; no weights change
+  (DeepSpeed only applies updates at the boundary `step()`, never reached).
+- "skip": the last backward is run on `loss * nan`, which makes the global
+  gradient norm NaN; ZeRO-3's own overflow path (the one fp16 loss scaling
+  uses) then clears the gradients and skips the update on every rank while
+  DeepSpeed's counters stay consistent. DeepSpeed does not step the LR
+  scheduler on a skipped step; we do, so the LR stays a function of the
+  step number, as in the single strategy. A step DeepSpeed skips for a
+  non-finite gradient with a finite loss is handled the same way.
+
+Checkpoints: `engine.save_checkpoint(step_dir, tag="global_step<N>")`, i.e.
+DeepSpeed's own layout inside our step directory (`latest`,
+`global_step<N>/`, `zero_to_fp32.py`), so `zero_to_fp32.py` and
+`ds_to_universal.py` work on a step directory unchanged. A checkpoint
+written by a different number of ranks is converted to a universal
+checkpoint by rank 0 (`python -m deepspeed.checkpoint.ds_to_universal`,
+into a temporary folder of the run that is deleted after loading) and
+loaded with DeepSpeed's universal loader.
+
+This module must never give a frozen-encoder parameter to DeepSpeed, never
+build a DeepSpeed optimizer from the JSON (ours is the client optimizer),
+and never write outside the checkpoint directory it is handed, except the
+temporary universal-conversion folder of its own run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from vla_scale.config.schema import Config
+from vla_scale.errors import CheckpointError, ConfigError, TrainingError
+from vla_scale.models.vla import VisionLanguageActionModel
+from vla_scale.train import distributed
+from vla_scale.train.checkpoint import TMP_MARK, fsync_files, read_metadata
+from vla_scale.train.schedule import build_scheduler
+from vla_scale.train.strategy import StepResult, Strategy, make_optimizer, trainable_parameters
+
+log = logging.getLogger(__name__)
+
+# Keys of a user's DeepSpeed JSON that our typed config owns: the loader cuts
+# batches from train.*, and the optimizer/scheduler are ours (client objects).
+_OWNED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x ranks)",
+    "optimizer": "train.lr, train.betas, train.eps, train.weight_decay",
+    "scheduler": "train.schedule, train.warmup_steps, train.min_lr_ratio",
+}
+UNIVERSAL_DIR = "universal_tmp"  # inside the run directory; exists only while a conversion is loaded
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """"bf16" or "fp32": model.precision, with "auto" = bf16 on GPU, fp32 on CPU."""
+    p = cfg.model.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: generated from the typed config, then the user's file over it."""
+    t, d = cfg.train, cfg.deepspeed
+    if d.stage != 3:
+        raise ConfigError(f"deepspeed.stage={d.stage}: this strategy is ZeRO-3 only (the frozen encoders are kept "
+                          "out of a ZeRO-3 engine); use train.strategy=single for one device")
+    if t.global_batch_size % (t.micro_batch_size * world_size):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size x ranks = {t.micro_batch_size} x {world_size}")
+    gas = t.global_batch_size // (t.micro_batch_size * world_size)
+    generated: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": float(t.grad_clip),
+        "bf16": {"enabled": resolve_precision(cfg, device) == "bf16"},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": d.overlap_comm,
+            "contiguous_gradients": d.contiguous_gradients,
+            "reduce_bucket_size": d.reduce_bucket_size,
+            "stage3_prefetch_bucket_size": d.stage3_prefetch_bucket_size,
+            "stage3_param_persistence_threshold": d.stage3_param_persistence_threshold,
+            "stage3_max_live_parameters": d.stage3_max_live_parameters,
+            "stage3_max_reuse_distance": d.stage3_max_reuse_distance,
+            "stage3_gather_16bit_weights_on_model_save": d.stage3_gather_16bit_weights_on_model_save,
+            # DeepSpeed's memory-efficient linear replaces torch.nn.functional.linear for the whole
+            # process (the frozen encoders and evaluation included) and is not needed for ZeRO-3
+            # correctness: autograd keeps the parameter, which ZeRO re-gathers before backward.
+            "memory_efficient_linear": False,
+        },
+        "steps_per_print": 2**31 - 1,  # we log; DeepSpeed's progress lines would interleave with ours
+        "wall_clock_breakdown": False,
+    }
+    if not d.config_file:
+        return generated
+    path = Path(d.config_file)
+    try:
+        user = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"deepspeed.config_file: cannot read {path}: {e}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"deepspeed.config_file: {path} must hold a JSON object")
+    for key, ours in _OWNED_KEYS.items():
+        if key in user and user[key] not in ("auto", generated.get(key)):
+            raise ConfigError(f"deepspeed.config_file {path}: '{key}' is set by {ours} in the vla-scale config; "
+                              f"remove it from the JSON (or use \"auto\")")
+    user = {k: v for k, v in user.items() if user[k] != "auto"}
+    merged = _deep_merge(generated, user)
+    if merged.get("zero_optimization", {}).get("stage") != 3:
+        raise ConfigError(f"deepspeed.config_file {path}: zero_optimization.stage must stay 3")
+    return merged
+
+
+class _EngineView(torch.nn.Module):
+    """`VLACore` as DeepSpeed needs to see it: the same children, a tuple out.
+
+    ZeRO-3 attaches its pre-backward hooks to the tensors a module returns,
+    and finds them only in tuples, lists and dicts; `VLACore` returns a
+    dataclass. This view holds the core's own children under the same names
+    (so parameter names, hence checkpoint keys, are the core's) and returns
+    `VLAOutput`'s fields as a tuple. `core` itself has no parameters of its
+    own, so nothing is lost by DeepSpeed not seeing it.
+    """
+
+    def __init__(self, core: torch.nn.Module):
+        super().__init__()
+        for name, child in core.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_core", core)  # not a child: its children are ours already
+
+    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        out = self._core(*args)
+        return out.loss, out.sample_loss_sum, out.sample_tokens, out.sample_correct
+
+
+@contextlib.contextmanager
+def _universal_loading(engine: Any) -> Iterator[None]:
+    # The engine reads checkpoint.load_universal from its config at load time; the flag is
+    # only needed for this one load, and re-initialising the engine to set it would rebuild
+    # the optimizer's partitions for nothing.
+    cfg = engine._config
+    before = cfg.load_universal_checkpoint
+    cfg.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        cfg.load_universal_checkpoint = before
+
+
+def _quiet_deepspeed() -> None:
+    from deepspeed.utils import logger as ds_logger
+
+    if not logging.getLogger("vla_scale").isEnabledFor(logging.INFO):
+        ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # every collective warns on torch 2.13
+
+
+class DeepSpeedStrategy(Strategy):
+    """ZeRO-3 over `model.core`; the frozen encoders replicated outside the engine (see module docstring)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.env = distributed.init_distributed()
+        self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
+        self.precision = resolve_precision(cfg, self.device)
+        self.ds_config = build_deepspeed_config(cfg, self.world_size, self.device)
+        self.nonfinite_steps = 0
+        self.engine: Any = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, model: VisionLanguageActionModel) -> None:
+        import deepspeed
+
+        _quiet_deepspeed()
+        # DeepSpeed's comm layer over our process group (it reads the world size from it, e.g. to
+        # check the batch arithmetic in zero.Init below); no new group is created.
+        deepspeed.init_distributed(dist_backend=self.env.backend, auto_mpi_discovery=False,
+                                   dist_init_required=False)
+        self.model = model
+        # Frozen encoders: replicated, 2 bytes/parameter on GPU, never wrapped (see ARCHITECTURE.md).
+        model.frozen.to(self.device, dtype=torch.bfloat16 if self.device.type == "cuda" else None)
+        core = model.core
+        params = trainable_parameters(model)
+        if self.precision == "bf16":
+            core.to(torch.bfloat16)  # the low-precision copy ZeRO shards; fp32 masters live in the optimizer
+        deepspeed.zero.Init(module=core, config_dict_or_path=self.ds_config)
+        for module in core.modules():  # zero.Init moves parameters only
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(self.device)
+        frozen_ids = {id(p) for p in model.frozen.parameters()}
+        assert not any(hasattr(p, "ds_id") for p in model.frozen.parameters()), "a frozen encoder became ZeRO-3"
+        assert not frozen_ids & {id(p) for p in params}
+        optimizer = make_optimizer(params, self.cfg)
+        self._group_weight_decay = [g["weight_decay"] for g in optimizer.param_groups]
+        t = self.cfg.train
+        self.scheduler = build_scheduler(optimizer, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                                         schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
+        self.engine, _, _, _ = deepspeed.initialize(model=_EngineView(core), model_parameters=params,
+                                                    optimizer=optimizer,
+                                                    lr_scheduler=self.scheduler, config=self.ds_config,
+                                                    dist_init_required=False)
+
+    # ------------------------------------------------------------------ one step
+
+    def _to_device(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        engine = self.engine
+        n = len(micro_batches)
+        if n != engine.gradient_accumulation_steps():
+            raise TrainingError(f"the loader gave {n} micro-batches for a step; DeepSpeed accumulates "
+                                f"{engine.gradient_accumulation_steps()} (train.* batch sizes and the world size "
+                                "disagree)")
+        engine.train()
+        sums, toks, corr, srcs = [], [], [], []
+        samples = tokens = 0
+        lr = self.scheduler.get_last_lr()[0]
+        totals = None
+        for i, mb in enumerate(micro_batches):
+            mb = self._to_device(mb)
+            feats = self.model.frozen(mb["pixel_values"])
+            loss, loss_sum, n_tok, n_correct = engine(mb["pixel_values"], mb["input_ids"], mb["attention_mask"],
+                                                      mb["labels"], feats)
+            sums.append(loss_sum)
+            toks.append(n_tok)
+            corr.append(n_correct)
+            srcs.append(mb["source"])
+            samples += mb["input_ids"].shape[0]
+            tokens += int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
+            if i == n - 1:
+                # One collective per step: the global loss (for the log and the non-finite decision,
+                # which every rank must take the same way) and the global sample/token counts.
+                totals = torch.stack([torch.cat(sums).sum().double(), torch.cat(toks).sum().double(),
+                                      torch.tensor(float(samples), dtype=torch.float64, device=loss.device),
+                                      torch.tensor(float(tokens), dtype=torch.float64, device=loss.device)])
+                totals = distributed.all_reduce_sum(totals).tolist()
+                if not math.isfinite(totals[0]):
+                    if self.cfg.train.on_nonfinite == "stop":
+                        self.nonfinite_steps += 1
+                        raise TrainingError(f"non-finite loss ({totals[0]}) on at least one rank; stopping "
+                                            "(train.on_nonfinite=stop)")
+                    loss = loss * float("nan")  # route the step through ZeRO's overflow skip (module docstring)
+            engine.backward(loss)
+            engine.step()
+        assert totals is not None
+        global_loss = totals[0] / max(totals[1], 1.0)
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+        skipped = not engine.was_step_applied()
+        if skipped:
+            self.nonfinite_steps += 1
+            if self.cfg.train.on_nonfinite == "stop":
+                raise TrainingError(f"non-finite gradient norm ({grad_norm}); stopping (train.on_nonfinite=stop)")
+            if self.is_main:
+                warnings.warn(f"non-finite loss ({global_loss}) or gradient norm ({grad_norm}): step skipped "
+                              f"({self.nonfinite_steps} so far)", RuntimeWarning, stacklevel=2)
+            with warnings.catch_warnings():  # DeepSpeed skipped the optimizer; the LR still follows the step
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
+        return StepResult(global_loss, grad_norm, lr, skipped, int(totals[2]), int(totals[3]),
+                          torch.cat(sums).detach(), torch.cat(toks).detach(), torch.cat(corr).detach(),
+                          torch.cat(srcs))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, ckpt_dir: Path) -> None:
+        tag = f"global_step{self.engine.global_steps}"
+        # save_latest writes DeepSpeed's `latest` (naming the tag) into the step directory, which
+        # is what zero_to_fp32.py reads when given the directory alone.
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"nonfinite_steps": self.nonfinite_steps},
+                                    save_latest=True)
+        if not self.is_main:  # rank 0 fsyncs the whole tree before sealing it; others flush their own shards
+            fsync_files(sorted((ckpt_dir / tag).glob(f"*_rank_{self.engine.global_rank}_*")))
+
+    def load(self, ckpt_dir: Path) -> None:
+        ckpt_dir = Path(ckpt_dir)
+        tag = deepspeed_tag(ckpt_dir)
+        saved_ws = int(read_metadata(ckpt_dir).get("world_size", self.world_size))
+        if saved_ws == self.world_size:
+            client = self._load(ckpt_dir, tag, universal=False)
+        else:
+            if self.is_main:
+                log.warning("%s was written by %d ranks, this run has %d: converting it to a DeepSpeed "
+                            "universal checkpoint", ckpt_dir, saved_ws, self.world_size)
+            folder = self._convert_to_universal(ckpt_dir, tag)
+            try:
+                client = self._load(folder, tag, universal=True)
+                self._repair_after_universal_load()
+            finally:
+                self.barrier()  # everyone has read the converted files
+                if self.is_main:
+                    shutil.rmtree(folder.parent, ignore_errors=True)  # the whole temporary root
+        self.nonfinite_steps = int((client or {}).get("nonfinite_steps", 0))
+
+    def _repair_after_universal_load(self) -> None:
+        """Undo two shortcuts of DeepSpeed's ZeRO-3 universal loader (0.19) that change the next updates.
+
+        1. It gives every optimizer sub-group the SAME `step` tensor; AdamW
+           increments it in place once per sub-group step, so with our two
+           groups (decay / no decay) the bias correction would run ahead by
+           one per step. Each state gets its own copy.
+        2. It copies group 0's hyperparameters into every group, which would
+           put weight decay on the no-decay group (biases, norms). Ours are
+           restored (the LR is the scheduler's and equal across groups).
+        """
+        base = self.engine.optimizer.optimizer
+        for state in base.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        for group, wd in zip(base.param_groups, self._group_weight_decay):
+            group["weight_decay"] = wd
+
+    def _load(self, load_dir: Path, tag: str, universal: bool) -> dict[str, Any]:
+        ctx = _universal_loading(self.engine) if universal else contextlib.nullcontext()
+        try:
+            with ctx:
+                path, client = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                           load_lr_scheduler_states=True)
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError) as e:
+            raise CheckpointError(f"cannot load the DeepSpeed checkpoint {load_dir / tag}: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint '{tag}' in {load_dir}")
+        return client or {}
+
+    def _convert_to_universal(self, ckpt_dir: Path, tag: str) -> Path:
+        """Rank 0 runs DeepSpeed's ds_to_universal into a temporary folder of this run; every rank gets its path."""
+        result: dict[str, str] = {}
+        if self.is_main:
+            root = Path(self.cfg.run.output_dir) / UNIVERSAL_DIR
+            shutil.rmtree(root, ignore_errors=True)  # a conversion left by a crashed attempt
+            folder = root / f"{ckpt_dir.name}{TMP_MARK}{secrets.token_hex(4)}"
+            folder.mkdir(parents=True)
+            workers = max(1, min(4, (os.cpu_count() or 1) // max(1, self.env.local_world_size)))
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(ckpt_dir / tag), "--output_folder", str(folder / tag), "--num_extract_workers",
+                   str(workers), "--num_merge_workers", str(max(1, workers // 2))]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                result = {"error": f"ds_to_universal failed on {ckpt_dir / tag} (exit {proc.returncode}): "
+                                   + " | ".join(tail)}
+            else:
+                result = {"folder": str(folder)}
+        result = self.broadcast_object(result)  # also the barrier: nobody loads before the conversion is done
+        if "error" in result:
+            raise CheckpointError(result["error"])
+        return Path(result["folder"])
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """`model.core`'s state dict on CPU, gathered one parameter at a time (collective: call on every rank).
+
+        The values are the module's (compute-precision) weights; the fp32
+        masters of a bf16 run are in the checkpoint (zero_to_fp32).
+        """
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        done: dict[int, torch.Tensor] = {}
+        for name, t in self.model.core.state_dict(keep_vars=True).items():
+            if id(t) not in done:
+                if hasattr(t, "ds_id"):
+                    with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                        done[id(t)] = t.detach().to("cpu", copy=True)
+                else:
+                    done[id(t)] = t.detach().to("cpu", copy=True)
+            out[name] = done[id(t)]
+        return out
+
+    # ------------------------------------------------------------------ collectives
+
+    def barrier(self) -> None:
+        distributed.barrier()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return distributed.broadcast_object(obj, src)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce_sum(tensor)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
+
+def deepspeed_tag(ckpt_dir: Path) -> str:
+    """The DeepSpeed tag (e.g. "global_step40") of a step directory written by this strategy."""
+    latest = Path(ckpt_dir) / "latest"
+    try:
+        tag = latest.read_text().strip()
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir} holds no DeepSpeed checkpoint ({latest} is missing); was it written "
+                              "by train.strategy=single?") from None
+    if not (Path(ckpt_dir) / tag).is_dir():
+        raise CheckpointError(f"{latest} names '{tag}', which is not a folder of {ckpt_dir}")
+    return tag
+
+
+def is_deepspeed_checkpoint(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / "latest").is_file()
