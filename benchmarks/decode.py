@@ -57,7 +57,8 @@ def build_policy(workdir: Path, style: str, llm_hidden: int, llm_layers: int, de
     vla, tok = build_vla(cfg.model)
     stats = {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}
     save_export(vla, tok, stats, config_to_dict(cfg)["actions"], workdir / f"export-{style}")
-    return VLAPolicy.from_pretrained(workdir / f"export-{style}", device=device, dtype=torch.float32)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return VLAPolicy.from_pretrained(workdir / f"export-{style}", device=device, dtype=dtype)
 
 
 def run(style: str, llm_hidden: int, llm_layers: int, repeats: int, device: str) -> dict:
@@ -100,8 +101,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
+    sizes = [(64, 2), (256, 4)] + ([(2048, 20)] if args.device == "cuda" else [])  # ~1B LLM on GPU
     for style in ("fixed", "vla-plus"):
-        for hidden, layers in ((64, 2), (256, 4)):
+        for hidden, layers in sizes:
             rows.append(run(style, hidden, layers, args.repeats, args.device))
     print(f"{'style':9} {'params':>9} {'tokens':>6} {'passes':>6} {'constrained ms':>15} {'generate ms':>12} {'speedup':>8}")
     for r in rows:

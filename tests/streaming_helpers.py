@@ -2,6 +2,7 @@
 
 Each test gets its own temp dir for streaming's lock files and a unique
 `local` per dataset (MACHINE.md: lock files pile up; `Reused local directory`).
+Shared memory segments (/dev/shm/NNNNNN_*) are unlinked by streaming at process exit.
 """
 from __future__ import annotations
 
@@ -32,5 +33,7 @@ def read_plain(tmp_path, monkeypatch):
             gc.collect()
 
     yield read
+    # Not streaming.base.util.clean_stale_shared_memory(): it unlinks every streaming segment from
+    # prefix 0 up, including those of live datasets in other processes (a concurrent test run, a
+    # training job). streaming unlinks our own segments when this process exits (test_shards checks).
     gc.collect()
-    streaming.base.util.clean_stale_shared_memory()

@@ -78,6 +78,16 @@ def test_same_seed_same_batches_and_resume_continues_at_the_next_sample(tiny_con
     assert len(flat) > 24 * 2  # crossed into repeats: order stays deterministic
 
 
+def test_loading_a_state_into_a_used_loader_does_not_double_count(tiny_config, tiny_llava):
+    loader, _ = _loader(tiny_config(), tiny_llava)
+    loader.next_step()
+    saved = json.loads(json.dumps(loader.state_dict()))
+    for _ in range(3):
+        loader.next_step()
+    loader.load_state_dict(saved)
+    assert loader.state_dict()["streaming"] == saved["streaming"]
+
+
 def test_resume_with_a_different_mix_is_refused(tiny_config, tiny_llava):
     loader, _ = _loader(tiny_config(), tiny_llava)
     loader.next_step()

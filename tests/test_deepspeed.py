@@ -81,7 +81,10 @@ def ds_env(torch_extensions_dir) -> dict[str, str]:
 
 
 def _tail(text: str, n: int = 40) -> str:
-    return "\n".join((text or "").strip().splitlines()[-n:])
+    """The end of a run's stderr; the workers' own lines ("[rankN]: ...") first, torchrun's summary is noise."""
+    lines = (text or "").strip().splitlines()
+    ranks = [line for line in lines if line.startswith("[rank") or line.startswith("[test fault]")]
+    return "\n".join((ranks or lines)[-n:])
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -480,7 +483,8 @@ def test_a_users_deepspeed_json_wins_except_where_the_loop_owns_the_value(tmp_pa
     assert ds["communication_data_type"] == "fp32" and ds["train_batch_size"] == 8
     for bad, named in (({"train_batch_size": 64}, "train.global_batch_size"),
                        ({"optimizer": {"type": "Adam"}}, "train.lr"),
-                       ({"zero_optimization": {"stage": 2}}, "stage")):
+                       ({"zero_optimization": {"stage": 2}}, "stage"),
+                       ({"fp16": {"enabled": True}}, "model.precision=bf16")):
         user.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=named):
             build_deepspeed_config(_cfg(tmp_path, f"deepspeed.config_file={user}"), 1, torch.device("cpu"))

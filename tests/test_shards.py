@@ -149,3 +149,31 @@ def test_bad_rows_and_bad_options_are_data_errors(tmp_path):
                      step=0)
     assert jpeg_bytes(np.zeros((4, 4, 3), np.uint8))[:2] == b"\xff\xd8"
     assert np.isnan(ABSENT).all() and ABSENT.shape == (1,)
+
+
+
+def test_reading_back_leaves_no_shared_memory(tmp_path):
+    """A process that read shards leaves no /dev/shm segments behind once it exits normally.
+
+    streaming releases its segments at interpreter exit (atexit), not when a dataset is deleted,
+    so the read_plain fixture's segments live until the pytest process ends; a killed process
+    leaks them (MACHINE.md).
+    """
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm on this platform")
+    with ShardWriter(tmp_path / "out") as w:
+        w.write(_samples(np.random.default_rng(5))[0])
+    code = ("import sys, tempfile; tempfile.tempdir = sys.argv[2]\n"
+            "from vla_scale.data.streaming_compat import import_streaming\n"
+            "ds = import_streaming().StreamingDataset(local=sys.argv[1], shuffle=False, batch_size=1)\n"
+            "assert ds[0]['instruction'] == 'pick up the red block'\n"
+            "print(f'{ds._shm_prefix_int:06d}_')\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    prefix = done.stdout.strip().splitlines()[-1]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]

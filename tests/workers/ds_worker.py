@@ -19,8 +19,8 @@ so a restarted attempt runs clean):
 - VLA_SCALE_TEST_CRASH_AT_STEP=k: os._exit(1) at the start of step k;
 - VLA_SCALE_TEST_KILL_IN_SAVE_AT_STEP=k: os._exit(1) inside the save of step k,
   after this rank's DeepSpeed files are written and before the save is sealed;
-- VLA_SCALE_TEST_NAN_AT_STEP=k: this rank's images of step k are NaN (a
-  non-finite loss on one rank only).
+- VLA_SCALE_TEST_NAN_AT_STEP=k: this rank's frozen-encoder features of step k
+  are NaN (a non-finite loss on one rank only).
 """
 from __future__ import annotations
 
@@ -65,7 +65,13 @@ def _install_faults() -> None:
             sys.stderr.flush()
             os._exit(1)
         if _fault_due("VLA_SCALE_TEST_NAN_AT_STEP", step):
-            micro_batches[0]["pixel_values"] = torch.full_like(micro_batches[0]["pixel_values"], float("nan"))
+            frozen = self.model.frozen
+            clean = frozen.forward
+            frozen.forward = lambda images: {k: torch.full_like(v, float("nan")) for k, v in clean(images).items()}
+            try:
+                return train_step(self, micro_batches)
+            finally:
+                del frozen.forward
         return train_step(self, micro_batches)
 
     def faulty_save(self, ckpt_dir):

@@ -288,6 +288,9 @@ class CoTrainingLoader:
                             f"checkpoint, {self.cfg.train.global_batch_size} now (it must stay fixed)")
         if state["streaming"] is not None:
             self.loader.load_state_dict(state["streaming"])
+        # streaming adds the samples yielded since its iterator started to the restored position;
+        # a loader that had already been iterated would count those twice.
+        self.loader.num_samples_yielded = 0
         self._it = None
 
 

@@ -85,10 +85,13 @@ def tiny_dinov2_config(image_size: int = 32, patch_size: int = 8, hidden: int = 
 def tiny_llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, **special_ids):
     from transformers import LlamaConfig
 
+    # Head dim 64 from 256 wide up (what fused attention kernels expect), GQA 4:1 as in Llama-3;
+    # the smallest test models keep 4 heads.
+    heads = max(4, hidden // 64)
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        **special_ids,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2 if hidden < 1024 else hidden * 3,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(2, heads // 4),
+        max_position_embeddings=2048, tie_word_embeddings=False, **special_ids,
     )
 
 

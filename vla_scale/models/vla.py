@@ -29,6 +29,11 @@ from vla_scale.models.vision import VisionEncoder
 IGNORE_INDEX = -100
 
 
+def param_numel(p: torch.nn.Parameter) -> int:
+    """A parameter's full size, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 @dataclass
 class VLAOutput:
     """Per-batch loss plus per-sample sums, so metrics can be split by data source."""
@@ -145,7 +150,7 @@ class VisionLanguageActionModel(nn.Module):
         return self.core.image_tokens(images, self.frozen(images))
 
     def frozen_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.frozen.parameters())
+        return sum(param_numel(p) for p in self.frozen.parameters())
 
     def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.core.parameters() if p.requires_grad)
+        return sum(param_numel(p) for p in self.core.parameters() if p.requires_grad)

@@ -43,6 +43,8 @@ def constrained_greedy(core, prefix_embeds: torch.Tensor, grammar, max_tokens: i
     forwards = choices = 0
     hidden = None
     inputs = prefix_embeds
+    # One (1, K) row of allowed ids per grammar state, built once on the device (padded with -1).
+    rows = grammar.allowed_table().to(prefix_embeds.device)
     while not grammar.is_done(state):
         forced = grammar.forced(state)
         if forced is not None:
@@ -59,9 +61,9 @@ def constrained_greedy(core, prefix_embeds: torch.Tensor, grammar, max_tokens: i
             hidden = decoder(inputs_embeds=inputs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
             forwards += 1
             pending = []
-        allowed = torch.tensor([grammar.allowed(state)], device=hidden.device)
-        token = int(constrained_argmax(hidden.to(head.weight.dtype), head.weight, allowed,
-                                       bias=getattr(head, "bias", None))[0])
+        # The grammar's ids are valid by construction: skip the per-call input validation.
+        token = int(constrained_argmax(hidden.to(head.weight.dtype), head.weight, rows[state:state + 1],
+                                       bias=getattr(head, "bias", None), validate=False)[0])
         choices += 1
         out.append(token)
         pending.append(token)

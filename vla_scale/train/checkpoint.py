@@ -39,9 +39,13 @@ name to the others through `broadcast`; `barrier` separates the phases; only
 rank 0 writes metadata, `COMPLETE` and `latest`, and renames. The root must
 be on a filesystem all ranks share. Rank 0's fsync may not flush another
 node's client cache: ranks > 0 should `fsync_tree` their own files at the
-end of `write_fn`. DeepSpeed's `engine.save_checkpoint` writes its own
-`latest` file into the folder it is given: call it as
-`engine.save_checkpoint(str(tmp_dir), tag=..., save_latest=False)`.
+end of `write_fn` (`fsync_files`; never `fsync_tree`, which would walk
+into files other ranks are still writing or renaming). DeepSpeed's
+`engine.save_checkpoint(tmp_dir, tag=...)` writes its shards under
+`tmp_dir/<tag>/` and its own `latest` file (naming the tag) into `tmp_dir`:
+that `latest` is what DeepSpeed's `zero_to_fp32.py` reads, and it lives
+inside the step directory, so it never collides with this manager's
+`latest` one level up.
 
 This module must never modify a committed checkpoint in place, never delete
 anything but its own temp entries and checkpoints pruned by `keep_last_k`,

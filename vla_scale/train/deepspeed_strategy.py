@@ -171,6 +171,10 @@ def build_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -
     merged = _deep_merge(generated, user)
     if merged.get("zero_optimization", {}).get("stage") != 3:
         raise ConfigError(f"deepspeed.config_file {path}: zero_optimization.stage must stay 3")
+    if merged.get("fp16", {}).get("enabled"):
+        # fp16 loss scaling skips steps on overflow as a matter of course; our non-finite policy
+        # (train.on_nonfinite) would count or stop on them. bf16 needs no loss scaling.
+        raise ConfigError(f"deepspeed.config_file {path}: fp16 is not supported; use model.precision=bf16")
     return merged
 
 
@@ -225,8 +229,9 @@ class DeepSpeedStrategy(Strategy):
         self.cfg = cfg
         self.env = distributed.init_distributed()
         self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
-        self.precision = resolve_precision(cfg, self.device)
         self.ds_config = build_deepspeed_config(cfg, self.world_size, self.device)
+        # From the final config: a user's JSON may switch bf16 on or off.
+        self.precision = "bf16" if self.ds_config.get("bf16", {}).get("enabled") else "fp32"
         self.nonfinite_steps = 0
         self.engine: Any = None
 
@@ -246,7 +251,10 @@ class DeepSpeedStrategy(Strategy):
         core = model.core
         params = trainable_parameters(model)
         if self.precision == "bf16":
-            core.to(torch.bfloat16)  # the low-precision copy ZeRO shards; fp32 masters live in the optimizer
+            # The low-precision copy ZeRO shards (fp32 masters live in the optimizer). Parameters
+            # only: buffers such as RoPE's inv_freq keep their fp32 precision.
+            for p in core.parameters():
+                p.data = p.data.to(torch.bfloat16)
         deepspeed.zero.Init(module=core, config_dict_or_path=self.ds_config)
         for module in core.modules():  # zero.Init moves parameters only
             for name, buf in module._buffers.items():
@@ -278,11 +286,14 @@ class DeepSpeedStrategy(Strategy):
                                 f"{engine.gradient_accumulation_steps()} (train.* batch sizes and the world size "
                                 "disagree)")
         engine.train()
+        self.model.core.train()  # the view's children are the core's; this also sets the core's own flag
         sums, toks, corr, srcs = [], [], [], []
         samples = tokens = 0
         lr = self.scheduler.get_last_lr()[0]
         totals = None
         for i, mb in enumerate(micro_batches):
+            samples += mb["input_ids"].shape[0]  # counted on the host copy: no device sync
+            tokens += int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
             mb = self._to_device(mb)
             feats = self.model.frozen(mb["pixel_values"])
             loss, loss_sum, n_tok, n_correct = engine(mb["pixel_values"], mb["input_ids"], mb["attention_mask"],
@@ -291,8 +302,6 @@ class DeepSpeedStrategy(Strategy):
             toks.append(n_tok)
             corr.append(n_correct)
             srcs.append(mb["source"])
-            samples += mb["input_ids"].shape[0]
-            tokens += int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
             if i == n - 1:
                 # One collective per step: the global loss (for the log and the non-finite decision,
                 # which every rank must take the same way) and the global sample/token counts.
@@ -321,7 +330,7 @@ class DeepSpeedStrategy(Strategy):
                 warnings.warn(f"non-finite loss ({global_loss}) or gradient norm ({grad_norm}): step skipped "
                               f"({self.nonfinite_steps} so far)", RuntimeWarning, stacklevel=2)
             with warnings.catch_warnings():  # DeepSpeed skipped the optimizer; the LR still follows the step
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 self.scheduler.step()
         return StepResult(global_loss, grad_norm, lr, skipped, int(totals[2]), int(totals[3]),
                           torch.cat(sums).detach(), torch.cat(toks).detach(), torch.cat(corr).detach(),

@@ -178,7 +178,7 @@ class SingleProcessStrategy(Strategy):
             warnings.warn(f"non-finite loss ({loss}) or gradient norm ({grad_norm}): step skipped "
                           f"({self.nonfinite_steps} so far)", RuntimeWarning, stacklevel=2)
             with warnings.catch_warnings():  # the LR stays a function of the step number
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 self.scheduler.step()
         else:
             self.optimizer.step()

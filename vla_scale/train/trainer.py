@@ -140,12 +140,15 @@ class Trainer:
         self.frozen_record = frozen_encoder_record(self.model, cfg)
         self.strategy.setup(self.model)
 
-    def _write_checkpoint(self, ckpt: CheckpointManager, step: int, counters: dict[str, Any]) -> Path:
+    def _write_checkpoint(self, ckpt: CheckpointManager, step: int, counters: dict[str, Any],
+                          data_state: dict[str, Any] | None = None) -> Path:
+        """Save step `step` (collective). `data_state`: the loader position to record, if not the current one."""
         def write(tmp: Path) -> None:
             self.strategy.save(tmp)  # collective: every rank writes (and flushes) its part
             rng_file = save_rng_state(tmp, self.strategy.rank)
             if self.strategy.is_main:
-                write_json_atomic(tmp / "data_state.json", self.loader.state_dict())
+                write_json_atomic(tmp / "data_state.json",
+                                  data_state if data_state is not None else self.loader.state_dict())
                 save_config(self.cfg, tmp / "config.yaml")
                 write_json_atomic(tmp / "action_stats.json", self.stats)
                 write_json_atomic(tmp / "frozen_encoders.json", self.frozen_record)
@@ -235,11 +238,11 @@ class Trainer:
                     result = self.strategy.train_step(self.loader.next_step())
                 except TrainingError:
                     # on_nonfinite=stop: the weights were not updated; save the state before this
-                    # step (data position included) so the run can be inspected or resumed, then fail.
-                    self.loader.load_state_dict(data_state)
+                    # step (with the data position captured before it, so a resume retries this
+                    # step) so the run can be inspected or resumed, then fail.
                     if step - 1 > start:
                         counters["wall_time_s"] = time.time() - wall0
-                        self._write_checkpoint(ckpt, step - 1, counters)
+                        self._write_checkpoint(ckpt, step - 1, counters, data_state=data_state)
                     raise
                 counters["samples"] = int(counters.get("samples", 0)) + result.samples  # all ranks
                 counters["tokens"] = int(counters.get("tokens", 0)) + result.tokens

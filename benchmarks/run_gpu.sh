@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# What produced the GPU numbers in BENCHMARKS.md, on one GPU, as one batch.
+#   bash benchmarks/run_gpu.sh OUT_DIR
+# Expects the project's missing dependencies as wheels in .whl/ (see BENCHMARKS.md)
+# and installs vla-scale itself into /tmp/site, then runs from outside the checkout
+# so that the installed package (with vla_scale.kernels) is the one imported.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:?usage: run_gpu.sh OUT_DIR}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$REPO"/.whl/*.whl
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site "$REPO"
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+cd /tmp
+nvidia-smi -L | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+# 1. The framework on this machine's torch/transformers/streaming (training's bit-exact resume
+#    tests are CPU-fp32 properties and are not run here; step 3 trains on the GPU).
+timeout 240 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_models.py" "$REPO/tests/test_policy.py" \
+  "$REPO/tests/test_data_pipeline.py" "$REPO/tests/test_config.py" -k "not two_ranks" 2>&1 | tail -15 | tee "$OUT/tests.txt"
+# 2. Action decoding latency: constrained (Triton argmax, KV cache, jump-forward) vs generate, up to ~1B.
+timeout 150 python3 "$REPO/benchmarks/decode.py" --device cuda --repeats 10 --out "$OUT/decode_cuda.json" 2>&1 | tail -12 | tee "$OUT/decode.txt"
+# 3. Training step, ~1B-parameter LLM, bf16: bare loop vs single vs ZeRO-3 (NCCL, 1 rank), tokens/s, MFU.
+timeout 300 python3 "$REPO/benchmarks/train_step.py" --llm-hidden 2048 --llm-layers 20 --global-batch 32 \
+  --micro-batch 16 --image-size 224 --ranks 1 --steps 10 --warmup 3 --repeats 1 --peak-tflops 989 \
+  --out "$OUT/train_step_cuda.json" 2>&1 | tail -25 | tee "$OUT/train_step.txt"
