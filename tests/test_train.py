@@ -98,8 +98,11 @@ def test_nonfinite_loss_is_skipped_or_stops(tiny_config, tmp_path):
 
 def test_activation_checkpointing_gives_the_same_losses(tiny_config, tmp_path):
     plain = Trainer(tiny_config("train.steps=3", f"run.output_dir={tmp_path / 'a'}")).fit(resume="none")
-    ckpt = Trainer(tiny_config("train.steps=3", "model.gradient_checkpointing=true",
-                               f"run.output_dir={tmp_path / 'b'}")).fit(resume="none")
+    trainer = Trainer(tiny_config("train.steps=3", "model.gradient_checkpointing=true",
+                                  f"run.output_dir={tmp_path / 'b'}"))
+    ckpt = trainer.fit(resume="none")
+    assert trainer.model.core.llm.is_gradient_checkpointing
+    assert all(e.model.is_gradient_checkpointing for e in trainer.model.core.encoders.values())
     for step in (1, 2, 3):
         assert ckpt.losses[step] == pytest.approx(plain.losses[step], abs=1e-5)
 

@@ -299,7 +299,13 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
     tok_folder = cfg.tokenizer or (cfg.source if source is not None else cfg.llm)
     tokenizer = load_tokenizer(tok_folder, llm)
     if cfg.gradient_checkpointing:
+        # The LLM and every trained encoder: a trained DINOv2 ViT-L holds about as many activations
+        # as the checkpointed Llama-2-7B at 32 x 512 tokens (vla-scale plan). Frozen encoders run
+        # under no_grad and keep none.
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for e in encoders:
+            if e.spec.trainable and getattr(e.model, "supports_gradient_checkpointing", False):
+                e.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     llm.config.use_cache = False
 
     for e in encoders:

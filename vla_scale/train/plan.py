@@ -471,10 +471,12 @@ class MemoryPlan:
 
     @property
     def activation_bytes(self) -> float:
-        """Activations as this config runs: LLM checkpointed per `model.gradient_checkpointing`;
-        the trainable encoders are never checkpointed by the current model code."""
-        llm = self.llm_act_ckpt_bytes if self.gradient_checkpointing else self.llm_act_bytes
-        return llm + sum(self.encoder_act_bytes.values()) + self.projector_act_bytes + self.logits_bytes
+        """Activations as this config runs: the LLM and the trainable encoders are checkpointed
+        per `model.gradient_checkpointing` (frozen encoders keep none: they run under no_grad)."""
+        ckpt = self.gradient_checkpointing
+        llm = self.llm_act_ckpt_bytes if ckpt else self.llm_act_bytes
+        enc = sum((self.encoder_act_ckpt_bytes if ckpt else self.encoder_act_bytes).values())
+        return llm + enc + self.projector_act_bytes + self.logits_bytes
 
     @property
     def fixed_bytes(self) -> float:
@@ -567,9 +569,10 @@ class MemoryPlan:
                   f"  {'activations: LLM, checkpointing':<44}{g(self.llm_act_ckpt_bytes)}"
                   f"{'   <- used' if self.gradient_checkpointing else ''}"]
         for n in self.encoder_act_bytes:
-            lines.append(f"  {'activations: ' + n + ', no checkpointing':<44}{g(self.encoder_act_bytes[n])}   <- used")
+            lines.append(f"  {'activations: ' + n + ', no checkpointing':<44}{g(self.encoder_act_bytes[n])}"
+                         f"{'' if self.gradient_checkpointing else '   <- used'}")
             lines.append(f"  {'activations: ' + n + ', checkpointing':<44}{g(self.encoder_act_ckpt_bytes[n])}"
-                         f"   (encoders are not checkpointed yet)")
+                         f"{'   <- used' if self.gradient_checkpointing else ''}")
         lines += [f"  {'activations: projector':<44}{g(self.projector_act_bytes)}",
                   f"  {'activations: logits at answer tokens':<44}{g(self.logits_bytes)}",
                   f"  {'peak, forward/backward':<44}{g(self.forward_backward_peak_bytes)}",
