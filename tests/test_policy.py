@@ -114,3 +114,14 @@ def test_export_never_overwrites_without_force(tiny_llava, tmp_path):
     with pytest.raises(CheckpointError, match="already exists"):
         _export(tiny_llava, tmp_path / "export")
     assert (tmp_path / "export" / "model.safetensors").read_bytes() == before
+
+
+def test_bin_tokenizer_policy_predicts_well_formed_actions(tiny_llava, tmp_path):
+    """The OpenVLA-style baseline decodes through the same policy (256 allowed ids per position)."""
+    _export(tiny_llava, tmp_path / "export", "actions.tokenizer=bins")
+    policy = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu")
+    image = np.random.default_rng(3).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    action = policy.predict_action(image, "pick up the red block")
+    assert action.shape == (7,) and np.all(np.isfinite(action))
+    assert len(policy.last_decode.ids) == 8  # 7 bins + EOS
+    assert policy.last_decode.forward_passes == 7  # EOS is forced

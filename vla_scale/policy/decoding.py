@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vla_scale.kernels import constrained_argmax
+from vla_scale.kernels import MAX_ALLOWED, constrained_argmax
 
 
 @dataclass
@@ -45,6 +45,9 @@ def constrained_greedy(core, prefix_embeds: torch.Tensor, grammar, max_tokens: i
     inputs = prefix_embeds
     # One (1, K) row of allowed ids per grammar state, built once on the device (padded with -1).
     rows = grammar.allowed_table().to(prefix_embeds.device)
+    # The Triton kernel takes up to MAX_ALLOWED ids per row; wider grammars (the 256-bin baseline)
+    # use the gathered-row PyTorch path, which still never forms V-wide logits.
+    backend = "torch" if rows.shape[1] > MAX_ALLOWED else None
     while not grammar.is_done(state):
         forced = grammar.forced(state)
         if forced is not None:
@@ -63,7 +66,7 @@ def constrained_greedy(core, prefix_embeds: torch.Tensor, grammar, max_tokens: i
             pending = []
         # The grammar's ids are valid by construction: skip the per-call input validation.
         token = int(constrained_argmax(hidden.to(head.weight.dtype), head.weight, rows[state:state + 1],
-                                       bias=getattr(head, "bias", None), validate=False)[0])
+                                       bias=getattr(head, "bias", None), validate=False, backend=backend)[0])
         choices += 1
         out.append(token)
         pending.append(token)
