@@ -1,0 +1,1 @@
+"""Simulator evaluation (MuJoCo suite, Isaac Gym backend, perturbation suites). Not implemented yet."""
