@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from vla_scale.actions.grammar import ActionGrammar, TokenLanguage
+from vla_scale.actions.grammar import CachedGrammars, TokenLanguage
 from vla_scale.actions.string_tokenizer import action_shape, as_action_array
 from vla_scale.errors import ActionParseError, ConfigError, TokenizerError
 
 
-class BinActionTokenizer:
+class BinActionTokenizer(CachedGrammars):
     """Actions in [-1, 1] <-> one bin token per value (same interface as StringActionTokenizer, minus text)."""
 
     def __init__(self, tokenizer, action_dim: int, n_bins: int = 256):
@@ -53,7 +53,6 @@ class BinActionTokenizer:
             )
         self.width = 2.0 / self.n_bins
         self.bin_centers = -1.0 + (np.arange(self.n_bins) + 0.5) * self.width
-        self._grammars: dict[tuple[int | None, int | None], ActionGrammar] = {}
 
     @property
     def token_ids(self) -> range:
@@ -89,13 +88,6 @@ class BinActionTokenizer:
             )
         bins = self.base_vocab_size - 1 - np.asarray(ids, dtype=np.int64)
         return self.bin_centers[bins].reshape(shape)
-
-    def grammar(self, eos_token_id: int | None = None, chunk: int | None = None) -> ActionGrammar:
-        """Every position allows all `n_bins` ids, so `allowed_table()` is n_bins wide (K = n_bins)."""
-        key = (eos_token_id, chunk)
-        if key not in self._grammars:
-            self._grammars[key] = ActionGrammar(self, eos_token_id, chunk)
-        return self._grammars[key]
 
     def token_language(self, chunk: int | None = None) -> TokenLanguage:
         fields = int(np.prod(self._shape(chunk)))

@@ -229,3 +229,14 @@ def _topological_order(rows: list[dict[int, int]], done: int) -> list[int]:
                 stack.pop()
                 order.append(state)
     return order[::-1]
+
+
+class CachedGrammars:
+    """`grammar(eos, chunk)` for an action tokenizer: built once per (eos, chunk), then reused."""
+
+    def grammar(self, eos_token_id: int | None = None, chunk: int | None = None) -> "ActionGrammar":
+        cache = self.__dict__.setdefault("_grammars", {})
+        key = (eos_token_id, chunk)
+        if key not in cache:
+            cache[key] = ActionGrammar(self, eos_token_id, chunk)
+        return cache[key]

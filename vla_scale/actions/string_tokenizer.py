@@ -45,7 +45,7 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
-from vla_scale.actions.grammar import ActionGrammar, TokenLanguage
+from vla_scale.actions.grammar import CachedGrammars, TokenLanguage
 from vla_scale.errors import ActionParseError, ConfigError, TokenizerError, VLAScaleError
 
 STYLES = ("fixed", "vla-plus")
@@ -299,7 +299,7 @@ def _piece_table(tokenizer, style: str) -> dict[str, int]:
 # -- the tokenizer ----------------------------------------------------------------
 
 
-class StringActionTokenizer:
+class StringActionTokenizer(CachedGrammars):
     """Actions in [-1, 1] <-> text <-> the LLM's own token ids.
 
     `tokenizer` is the LLM's Hugging Face tokenizer; `style` is "fixed" or
@@ -325,7 +325,6 @@ class StringActionTokenizer:
         self._piece_of_id = {token_id: piece for piece, token_id in self.piece_ids.items()}
         self._longest_piece = max(map(len, self.piece_ids))
         self._syntaxes: dict[int, _Syntax] = {}
-        self._grammars: dict[tuple[int | None, int | None], ActionGrammar] = {}
 
     # -- text --------------------------------------------------------------
 
@@ -397,13 +396,6 @@ class StringActionTokenizer:
         return self.from_text("".join(pieces), chunk)
 
     # -- grammar -----------------------------------------------------------
-
-    def grammar(self, eos_token_id: int | None = None, chunk: int | None = None) -> ActionGrammar:
-        """The decoding grammar for one action (or a chunk of `chunk`), built once and cached."""
-        key = (eos_token_id, chunk)
-        if key not in self._grammars:
-            self._grammars[key] = ActionGrammar(self, eos_token_id, chunk)
-        return self._grammars[key]
 
     def token_language(self, chunk: int | None = None) -> TokenLanguage:
         syntax = self._syntax(chunk)

@@ -376,8 +376,8 @@ class CheckpointManager:
             )
         return json.loads((path / COMPLETE).read_text(encoding="utf-8"))
 
-    def resolve(self, spec: str | os.PathLike[str] | None) -> Path | None:
-        """The checkpoint a `--resume` value means.
+    def resolve(self, spec: str | os.PathLike[str] | None, what: str = "--resume") -> Path | None:
+        """The checkpoint a `--resume` value (or another command's argument, named by `what`) means.
 
         "auto": `latest()` (None if there is none, i.e. a fresh start);
         "none", "" or None: None; a checkpoint directory: itself, verified;
@@ -393,12 +393,11 @@ class CheckpointManager:
         if text.lower() == "auto":
             return self.latest()
         path = Path(text).expanduser()
-        what_to_pass = (
-            "pass a checkpoint directory (<run>/checkpoints/step_XXXXXXXX), a run directory, 'auto' or 'none'"
-        )
+        what_to_pass = "pass a checkpoint directory (<run>/checkpoints/step_XXXXXXXX) or a run directory" + (
+            ", 'auto' or 'none'" if what == "--resume" else "")
         if not path.is_dir():
             state = "is a file" if path.exists() else "does not exist"
-            raise CheckpointError(f"--resume {text}: {path} {state}; {what_to_pass}")
+            raise CheckpointError(f"{what} {text}: {path} {state}; {what_to_pass}")
         if _step_of(path.name) is not None or (path / COMPLETE).exists():
             self.verify(path)
             return path
@@ -406,9 +405,9 @@ class CheckpointManager:
             if (root / LATEST).exists() or any(_step_of(p.name) is not None for p in _listdir(root)):
                 found = CheckpointManager(root, keep_last_k=None).latest()
                 if found is None:
-                    raise CheckpointError(f"--resume {text}: {root} holds no complete checkpoint; {what_to_pass}")
+                    raise CheckpointError(f"{what} {text}: {root} holds no complete checkpoint; {what_to_pass}")
                 return found
-        raise CheckpointError(f"--resume {text}: {path} contains no checkpoints; {what_to_pass}")
+        raise CheckpointError(f"{what} {text}: {path} contains no checkpoints; {what_to_pass}")
 
 
 def _listdir(path: Path) -> list[Path]:

@@ -30,16 +30,10 @@ from vla_scale.train.trainer import load_checkpoint_config, verify_frozen
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    p = Path(path)
-    if (p / "metadata.json").is_file():
-        CheckpointManager(p.parent).verify(p)
-        return p
-    for root in (p / "checkpoints", p):
-        if root.is_dir():
-            found = CheckpointManager(root).latest()
-            if found is not None:
-                return found
-    raise CheckpointError(f"{p}: no complete checkpoint found (expected a checkpoint folder or a run folder)")
+    """A checkpoint folder as given, or the latest complete one of a run or checkpoints folder."""
+    if str(path).strip().lower() in ("", "auto", "none"):
+        raise CheckpointError(f"checkpoint {path!r}: name a checkpoint folder or a run folder")
+    return CheckpointManager(Path(path).parent).resolve(path, what="checkpoint")
 
 
 def _load_zero_checkpoint(core: torch.nn.Module, ckpt_dir: Path) -> tuple[list[str], list[str]]:
