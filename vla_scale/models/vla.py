@@ -29,6 +29,14 @@ from vla_scale.models.vision import VisionEncoder
 IGNORE_INDEX = -100
 
 
+def count_answer_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Answer tokens the loss is taken over in a batch of `labels` (what `VLACore.forward` predicts).
+
+    Position 0 (BOS) is never a target: a target at text position t is predicted from t-1.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
 def param_numel(p: torch.nn.Parameter) -> int:
     """A parameter's full size, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
     return int(getattr(p, "ds_numel", p.numel()))
@@ -38,7 +46,7 @@ def param_numel(p: torch.nn.Parameter) -> int:
 class VLAOutput:
     """Per-batch loss plus per-sample sums, so metrics can be split by data source."""
 
-    loss: torch.Tensor  # mean token cross-entropy over the batch's answer tokens
+    loss: torch.Tensor  # summed answer-token cross-entropy / num_items (default: this batch's answer tokens)
     sample_loss_sum: torch.Tensor  # (B,) summed token losses per sample (detached)
     sample_tokens: torch.Tensor  # (B,) answer tokens per sample
     sample_correct: torch.Tensor  # (B,) answer tokens predicted exactly (greedy)
@@ -110,7 +118,11 @@ class VLACore(nn.Module):
 
     # -- training forward --------------------------------------------------
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor, frozen_features: dict[str, torch.Tensor]) -> VLAOutput:
+                labels: torch.Tensor, frozen_features: dict[str, torch.Tensor],
+                num_items: torch.Tensor | None = None) -> VLAOutput:
+        """`num_items`: the divisor of the summed token loss. The strategies pass the answer-token
+        count of the whole global batch (all micro-batches, all ranks), so that the gradient of an
+        optimizer step does not depend on how the batch was split (see `vla_scale.train.trainer`)."""
         img = self.image_tokens(images, frozen_features)
         embeds, mask, full_labels = self.embed(input_ids, attention_mask, img, labels)
         hidden = self.decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
@@ -128,7 +140,8 @@ class VLACore(nn.Module):
             sample_loss_sum = torch.zeros(b, device=tok_loss.device).index_add_(0, rows, tok_loss.detach())
             correct = (logits.argmax(-1) == tgt).float()
             sample_correct = torch.zeros(b, device=tok_loss.device).index_add_(0, rows, correct)
-        loss = tok_loss.sum() / sample_tokens.sum().clamp(min=1)
+        denom = sample_tokens.sum().clamp(min=1) if num_items is None else num_items
+        loss = tok_loss.sum() / denom
         return VLAOutput(loss, sample_loss_sum, sample_tokens, sample_correct)
 
 
