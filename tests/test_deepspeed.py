@@ -305,6 +305,22 @@ def test_losses_match_a_single_process_run_on_the_same_global_batch(ds_run, sing
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_two_ranks_give_the_gradients_and_parameters_of_one_process_on_the_same_global_batch(ds_env, tiny_llava,
+                                                                                            work):
+    """2 ranks x micro-batch 4 under ZeRO-3 against 1 process x micro-batch 8 (tests/test_objective.py has the
+    accumulation splits): the objective is the global batch's answer-token mean, whatever the world size."""
+    from test_objective import STEPS, _run, assert_same_step
+
+    ref_grads, ref_params, _ = _run(tiny_llava, work / "objective_ref", micro=8)
+    out, run = work / "objective_out", work / "objective_run"
+    _worker_run(ds_env, 2, out, run, tiny_llava, f"train.steps={STEPS}", "train.micro_batch_size=4",
+                "train.warmup_steps=1", "train.checkpoint_every=0", extra_env={"VLA_SCALE_TEST_GRADS": "1"})
+    grads = torch.load(out / "grads_step1.pt", weights_only=True)
+    params = torch.load(out / "core_state.pt", weights_only=True)
+    assert_same_step(grads, params, ref_grads, ref_params)
+
+
 def test_checkpoint_is_deepspeeds_layout_and_zero_to_fp32_consolidates_it(ds_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

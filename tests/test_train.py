@@ -25,17 +25,6 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_config, tmp_p
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
-def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
-    one = Trainer(tiny_config("train.steps=2", f"run.output_dir={tmp_path / 'a'}")).fit(resume="none")
-    acc = Trainer(tiny_config("train.steps=2", "train.micro_batch_size=4",
-                              f"run.output_dir={tmp_path / 'b'}")).fit(resume="none")
-    # Same samples, same optimizer: the per-step losses agree up to float summation order
-    # (each micro-batch's loss is its own token mean, so only batches with equal token counts
-    # per half would be exact; here the test checks the loop accumulates, not the averaging rule).
-    for step in (1, 2):
-        assert acc.losses[step] == pytest.approx(one.losses[step], rel=0.02)
-
-
 def test_loss_falls_and_metrics_are_logged_per_source(tiny_config, tmp_path):
     cfg = tiny_config("train.steps=30", "train.checkpoint_every=0")
     result = Trainer(cfg).fit(resume="none")

@@ -10,6 +10,8 @@ trust an exit code alone (DeepSpeed sometimes aborts at process exit, MACHINE.md
   state sizes, Adam step counters, skipped-step counter;
 - OUT_DIR/core_state.pt (rank 0): the gathered trainable weights after training;
 - OUT_DIR/probe.pt (rank 0): a batch and the trained model's outputs on it.
+- OUT_DIR/grads_step1.pt (rank 0, with VLA_SCALE_TEST_GRADS=1): the full gradient of every
+  trainable parameter at the first step, before clipping and the update.
 A VLAScaleError (e.g. a non-finite loss with on_nonfinite=stop) is written to
 OUT_DIR/error_rank<r>.txt and the worker exits with status 2, like the CLI.
 
@@ -139,6 +141,15 @@ def main() -> int:
     _install_faults()
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg)
+    if os.environ.get("VLA_SCALE_TEST_GRADS"):
+        seen: list[int] = []
+
+        def probe(grads: dict) -> None:  # called on every rank (the gather is a collective)
+            if not seen and RANK == 0:
+                torch.save(grads, out / "grads_step1.pt")
+            seen.append(1)
+
+        trainer.strategy.grad_probe = probe
     try:
         result = trainer.fit(resume=os.environ.get("VLA_SCALE_TEST_RESUME", "auto"))
     except VLAScaleError as e:

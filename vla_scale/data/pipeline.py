@@ -14,11 +14,13 @@ rank's micro-batches for one optimizer step; `state_dict()` /
 number of ranks (streaming's sample order depends on the global batch and
 `num_canonical_nodes`, which stay fixed, not on the world size).
 
-Two facts of streaming's stratified batching worth knowing: the global batch
-is exact, but ranks take contiguous slices of it, so a rank's slice is not
-itself mixed in the same proportions; and the ratio is exact per batch only
-when weight x global batch is an integer (otherwise the per-source counts are
-the largest-remainder rounding, fixed for the whole run).
+Every rank's slice is mixed: the `rank_mixed` batching method
+(`vla_scale.data.streaming_dataset`) takes streaming's stratified global batch
+(exactly round(weight x batch) samples per source, largest-remainder rounding,
+fixed for the run) and places its samples so that each rank's slice, and each
+micro-batch of it, holds floor or ceil of its share of every source. Ranks
+then carry similar sequence lengths, and the objective does not depend on the
+world size (the trainer normalises the loss by the global answer-token count).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from vla_scale.actions import ActionNormalizer
 from vla_scale.config.schema import Config, SourceConfig
 from vla_scale.data.augment import augment_image
 from vla_scale.data.images import to_pixels
-from vla_scale.data.mixture import batch_counts
+from vla_scale.data.mixture import batch_counts, smallest_batch_including
 from vla_scale.data.prompts import PromptBuilder
 from vla_scale.data.schema import ROBOT_TASK, STATS_FILE, robot_sample, vl_sample
 from vla_scale.data.streaming_compat import import_streaming
@@ -214,6 +216,44 @@ def _check_world(rank: int, world_size: int) -> None:
                         f"RANK={env_rank} WORLD_SIZE={env_world}; streaming partitions by the environment")
 
 
+def mixture_counts(cfg: Config) -> dict[str, int]:
+    """Samples per global batch of each source in use (weight 0 disables a source; one that rounds to 0 is an error)."""
+    sources: list[SourceConfig] = list(cfg.data.sources)
+    weights = [s.weight for s in sources]
+    batch = cfg.train.global_batch_size
+    counts = batch_counts(weights, batch)
+    for i, (src, c) in enumerate(zip(sources, counts)):
+        if src.weight > 0 and c == 0:
+            smallest = smallest_batch_including(weights, i, start=batch)
+            raise DataError(f"data.sources.{i} ('{src.name}', weight {src.weight}) gets 0 samples in a global "
+                            f"batch of {batch}; the smallest global batch that includes it is {smallest} "
+                            "(or raise its weight; weight 0 disables a source)")
+    return {src.name: c for src, c in zip(sources, counts) if c > 0}
+
+
+def co_training_dataset(cfg: Config, dirs: list[Path], rank_batch: int):
+    """One StreamingDataset over every source in use, `rank_mixed` batching; and the per-batch counts."""
+    streaming = import_streaming()
+    from vla_scale.data.streaming_dataset import RANK_MIXED, CoTrainingDataset
+
+    counts = mixture_counts(cfg)
+    t = cfg.train
+    folder = {src.name: d for src, d in zip(cfg.data.sources, dirs)}
+    # Proportions are the exact per-batch counts over the batch, so stratified batching
+    # reproduces them batch after batch.
+    streams = [streaming.Stream(local=str(folder[name]), proportion=c / t.global_batch_size)
+               for name, c in counts.items()]
+    dataset = CoTrainingDataset(
+        streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
+        batching_method=RANK_MIXED, micro_batch_size=t.micro_batch_size,
+        num_canonical_nodes=cfg.data.num_canonical_nodes, replication=None,
+        # streaming's own default, fixed here rather than at the first iteration, so the sample order
+        # is fully determined by the config (and the work can be generated without iterating).
+        shuffle_block_size=max(4_000_000 // cfg.data.num_canonical_nodes, 1 << 18),
+    )
+    return dataset, counts
+
+
 class CoTrainingLoader:
     def __init__(self, cfg: Config, prompts: PromptBuilder, stats: dict[str, dict[str, Any]], dirs: list[Path],
                  rank: int = 0, world_size: int = 1):
@@ -226,21 +266,8 @@ class CoTrainingLoader:
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.rank_batch = t.global_batch_size // world_size
-        sources: list[SourceConfig] = list(cfg.data.sources)
-        counts = batch_counts([s.weight for s in sources], t.global_batch_size)
-        used = [i for i, c in enumerate(counts) if c > 0]
-        self.source_names = [sources[i].name for i in used]
-        self.counts = {sources[i].name: counts[i] for i in used}
-        # Proportions are the exact per-batch counts over the batch, so stratified batching
-        # reproduces them batch after batch.
-        streams = [streaming.Stream(local=str(dirs[i]), proportion=counts[i] / t.global_batch_size) for i in used]
-        from vla_scale.data.streaming_dataset import CoTrainingDataset
-
-        self.dataset = CoTrainingDataset(
-            streams=streams, batch_size=self.rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
-            batching_method="stratified", num_canonical_nodes=cfg.data.num_canonical_nodes,
-            replication=None,
-        )
+        self.dataset, self.counts = co_training_dataset(cfg, dirs, self.rank_batch)
+        self.source_names = list(self.counts)
         self._log_repeats()
         self.processor = SampleProcessor(cfg, prompts, stats, self.source_names)
         self.loader = streaming.StreamingDataLoader(

@@ -155,9 +155,10 @@ class VisionLanguageActionModel(nn.Module):
         self.image_size = image_size
         self.num_image_tokens = num_image_tokens
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> VLAOutput:
+    def forward(self, batch: dict[str, torch.Tensor], num_items: torch.Tensor | None = None) -> VLAOutput:
         feats = self.frozen(batch["pixel_values"])
-        return self.core(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"], feats)
+        return self.core(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"], feats,
+                         num_items)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.core.image_tokens(images, self.frozen(images))

@@ -30,8 +30,10 @@ than one full parameter. Beyond that (tens of billions of parameters) the
 core should be built under `zero.Init` directly, ranks > 0 without weights
 (their values are overwritten by the broadcast anyway).
 
-One optimizer step: for each micro-batch, frozen features -> engine forward
--> engine.backward -> engine.step (DeepSpeed accumulates gradients and steps
+One optimizer step: one all-reduce of the step's answer-token count (the
+loss divisor: the objective is the global batch's token mean, see
+`vla_scale.train.strategy`), then for each micro-batch, frozen features ->
+engine forward -> engine.backward -> engine.step (DeepSpeed accumulates gradients and steps
 the optimizer and the client LR scheduler at the accumulation boundary).
 The optimizer is a `torch.optim.AdamW` (no FusedAdam JIT build on CPU), the
 LR scheduler the single strategy's (`vla_scale.train.schedule`), clipping is
@@ -39,8 +41,7 @@ DeepSpeed's (`gradient_clipping` = train.grad_clip; same formula as
 `clip_grad_norm_`), so both strategies train the same function.
 
 Non-finite loss (train.on_nonfinite). Before the last micro-batch's
-backward, one all-reduce sums the step's loss/token/sample counts over all
-ranks; a NaN/inf on ANY rank makes the global loss non-finite, so every
+backward, one all-reduce sums the step's loss over all ranks; a NaN/inf on ANY rank makes the global loss non-finite, so every
 rank takes the same decision:
 - "stop": raise TrainingError before the last backward; no weights change
   (DeepSpeed only applies updates at the boundary `step()`, never reached).
@@ -89,7 +90,7 @@ from vla_scale.models.vla import VisionLanguageActionModel
 from vla_scale.train import distributed
 from vla_scale.train.checkpoint import TMP_MARK, fsync_files, read_metadata
 from vla_scale.train.schedule import build_scheduler
-from vla_scale.train.strategy import StepResult, Strategy, make_optimizer, trainable_parameters
+from vla_scale.train.strategy import StepResult, Strategy, answer_tokens, make_optimizer, trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class _EngineView(torch.nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "_core", core)  # not a child: its children are ours already
 
-    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
+    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:  # VLACore.forward's arguments
         out = self._core(*args)
         return out.loss, out.sample_loss_sum, out.sample_tokens, out.sample_correct
 
@@ -287,38 +288,46 @@ class DeepSpeedStrategy(Strategy):
                                 "disagree)")
         engine.train()
         self.model.core.train()  # the view's children are the core's; this also sets the core's own flag
+        # One collective before any backward: the global answer-token count (the loss divisor, see
+        # vla_scale.train.strategy) and the step's sample and token counts, from the host copies.
+        samples = sum(mb["input_ids"].shape[0] for mb in micro_batches)
+        tokens = sum(int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
+                     for mb in micro_batches)
+        counts = torch.tensor([float(answer_tokens(micro_batches)), float(samples), float(tokens)],
+                              dtype=torch.float64, device=self.device)
+        n_items, g_samples, g_tokens = distributed.all_reduce_sum(counts).tolist()
+        num_items = torch.tensor(max(n_items, 1.0), dtype=torch.float32, device=self.device)
+        # Each micro-batch's loss is already its share of the global objective. DeepSpeed would divide it
+        # by the accumulation steps (scale_wrt_gas) and ZeRO averages gradients over the ranks: the first
+        # is switched off, the second undone by scaling with the world size.
+        rank_scale = float(self.world_size)
         sums, toks, corr, srcs = [], [], [], []
-        samples = tokens = 0
         lr = self.scheduler.get_last_lr()[0]
-        totals = None
+        global_loss_sum = math.nan
         for i, mb in enumerate(micro_batches):
-            samples += mb["input_ids"].shape[0]  # counted on the host copy: no device sync
-            tokens += int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
             mb = self._to_device(mb)
             feats = self.model.frozen(mb["pixel_values"])
             loss, loss_sum, n_tok, n_correct = engine(mb["pixel_values"], mb["input_ids"], mb["attention_mask"],
-                                                      mb["labels"], feats)
+                                                      mb["labels"], feats, num_items)
             sums.append(loss_sum)
             toks.append(n_tok)
             corr.append(n_correct)
             srcs.append(mb["source"])
             if i == n - 1:
-                # One collective per step: the global loss (for the log and the non-finite decision,
-                # which every rank must take the same way) and the global sample/token counts.
-                totals = torch.stack([torch.cat(sums).sum().double(), torch.cat(toks).sum().double(),
-                                      torch.tensor(float(samples), dtype=torch.float64, device=loss.device),
-                                      torch.tensor(float(tokens), dtype=torch.float64, device=loss.device)])
-                totals = distributed.all_reduce_sum(totals).tolist()
-                if not math.isfinite(totals[0]):
+                # The global loss, for the log and for the non-finite decision, which every rank must
+                # take the same way.
+                global_loss_sum = distributed.all_reduce_sum(torch.cat(sums).sum().double()).item()
+                if not math.isfinite(global_loss_sum):
                     if self.cfg.train.on_nonfinite == "stop":
                         self.nonfinite_steps += 1
-                        raise TrainingError(f"non-finite loss ({totals[0]}) on at least one rank; stopping "
+                        raise TrainingError(f"non-finite loss ({global_loss_sum}) on at least one rank; stopping "
                                             "(train.on_nonfinite=stop)")
                     loss = loss * float("nan")  # route the step through ZeRO's overflow skip (module docstring)
-            engine.backward(loss)
+            engine.backward(loss * rank_scale, scale_wrt_gas=False)
+            if i == n - 1 and self.grad_probe is not None:
+                self.grad_probe(self._full_gradients())
             engine.step()
-        assert totals is not None
-        global_loss = totals[0] / max(totals[1], 1.0)
+        global_loss = global_loss_sum / max(n_items, 1.0)
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else math.nan
         skipped = not engine.was_step_applied()
@@ -332,9 +341,21 @@ class DeepSpeedStrategy(Strategy):
             with warnings.catch_warnings():  # DeepSpeed skipped the optimizer; the LR still follows the step
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 self.scheduler.step()
-        return StepResult(global_loss, grad_norm, lr, skipped, int(totals[2]), int(totals[3]),
+        return StepResult(global_loss, grad_norm, lr, skipped, int(g_samples), int(g_tokens),
                           torch.cat(sums).detach(), torch.cat(toks).detach(), torch.cat(corr).detach(),
                           torch.cat(srcs))
+
+    def _full_gradients(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter's full fp32 gradient, reduced over ranks (collective: every rank calls it)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for name, p in self.model.core.named_parameters():
+            if p.requires_grad:
+                g = safe_get_full_grad(p)
+                if g is not None:
+                    out[name] = g.detach().to("cpu", copy=True).reshape(getattr(p, "ds_shape", p.shape))
+        return out
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -8,6 +8,24 @@ reference; `DeepSpeedStrategy` (`vla_scale.train.deepspeed_strategy`)
 implements the same interface over `model.core` only, with ZeRO-3. No
 strategy ever gives the frozen encoders to an optimizer.
 
+The objective of one optimizer step is the same for every strategy and every
+way of cutting the global batch (micro-batch size, accumulation steps, ranks):
+
+    loss = sum of token cross-entropies over the answer tokens of the global batch
+           / number of answer tokens in the global batch
+
+The count is taken from the labels before any backward pass (summed over the
+step's micro-batches and, under several ranks, all-reduced), and every
+micro-batch's summed loss is divided by it (`num_items`, as Hugging Face's
+`num_items_in_batch`). A mean per micro-batch, averaged over micro-batches,
+would weight a short VQA answer's tokens more than a long action's whenever the
+micro-batches differ in composition.
+
+`Strategy.grad_probe`, when set, is called with the full gradient of every
+trainable parameter after the step's backward passes and before clipping and
+the update (a collective under ZeRO-3: set it on every rank). It exists for
+tests and debugging; it costs a gather of every gradient.
+
 The collectives on the seam (`barrier`, `broadcast_object`,
 `all_reduce_sum`) are what the trainer and the checkpoint manager need to be
 multi-rank correct; in a world of one they are no-ops.
@@ -21,13 +39,13 @@ from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from vla_scale.config.schema import Config
 from vla_scale.errors import CheckpointError, ConfigError, TrainingError
-from vla_scale.models.vla import VisionLanguageActionModel
+from vla_scale.models.vla import VisionLanguageActionModel, count_answer_tokens
 from vla_scale.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -80,10 +98,19 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def answer_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> int:
+    """Answer tokens of this rank's share of a step (host tensors: no device sync)."""
+    return sum(int(count_answer_tokens(mb["labels"])) for mb in micro_batches)
+
+
+GradProbe = Callable[[dict[str, torch.Tensor]], None]
+
+
 class Strategy(ABC):
     rank: int = 0
     world_size: int = 1
     device: torch.device
+    grad_probe: GradProbe | None = None  # see the module docstring
 
     @abstractmethod
     def setup(self, model: VisionLanguageActionModel) -> None: ...
@@ -149,14 +176,14 @@ class SingleProcessStrategy(Strategy):
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         self.model.core.train()
         self.optimizer.zero_grad(set_to_none=True)
-        n = len(micro_batches)
+        num_items = torch.tensor(float(max(answer_tokens(micro_batches), 1)), device=self.device)
         sums, toks, corr, srcs = [], [], [], []
         samples = tokens = 0
         for mb in micro_batches:
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             with self._autocast():
-                out = self.model(mb)
-            (out.loss / n).backward()
+                out = self.model(mb, num_items=num_items)
+            out.loss.backward()
             sums.append(out.sample_loss_sum)
             toks.append(out.sample_tokens)
             corr.append(out.sample_correct)
@@ -165,6 +192,9 @@ class SingleProcessStrategy(Strategy):
             tokens += int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
         loss_sum, tok_sum = torch.cat(sums).sum(), torch.cat(toks).sum()
         loss = float(loss_sum / tok_sum.clamp(min=1))
+        if self.grad_probe is not None:
+            self.grad_probe({n: p.grad.detach().clone() for n, p in self.model.core.named_parameters()
+                             if p.requires_grad and p.grad is not None})
         clip = self.cfg.train.grad_clip
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
