@@ -112,3 +112,30 @@ def test_a_source_that_rounds_to_zero_samples_is_an_error_naming_the_smallest_ba
     # weight 0 is the documented way to switch a source off: no error
     off = tiny_config("data.sources.3.weight=0", "train.global_batch_size=8")
     assert "affordance" not in mixture_counts(off)
+
+
+def test_robot_token_accuracy_counts_only_positions_where_the_grammar_leaves_a_choice(tiny_config):
+    from vla_scale.actions.factory import make_action_tokenizer
+    from vla_scale.data.prompts import PromptBuilder
+    from vla_scale.models.loading import load_tokenizer
+    from vla_scale.models.vla import IGNORE_INDEX
+
+    cfg = tiny_config()
+    tok = load_tokenizer(cfg.model.source)
+    at = make_action_tokenizer(cfg.actions, tok)
+    prompts = PromptBuilder(tok, at, cfg.data.max_length)
+    sample = prompts.build_robot("pick up the red block", np.array([0.031, -0.5, 0.0, 0.123, -1.0, 0.25, 1.0]))
+    answer = [i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX]
+    grammar = at.grammar(tok.eos_token_id)
+    state, expected = grammar.start, []
+    for i in answer:
+        expected.append(len(grammar.allowed(state)) > 1)
+        state = grammar.advance(state, sample.labels[i])
+    assert [sample.choice[i] for i in answer] == expected
+    assert not any(sample.choice[i] for i in range(len(sample.labels)) if i not in answer)  # prompt positions
+    assert sample.choice[answer[-1]] is False and sample.labels[answer[-1]] == tok.eos_token_id  # EOS is forced
+    text = [tok.decode([sample.labels[i]]).strip() for i in answer]
+    assert all(not sample.choice[i] for i, t in zip(answer, text) if t == ".")  # the point is forced
+    assert 0 < sum(expected) < len(answer)
+    vl = prompts.build_vl("what colour is the block?", "red")
+    assert vl.choice is None  # text answers: every answer token counts (collate fills it from the labels)

@@ -126,7 +126,7 @@ def _probe(trainer: Trainer, out: Path) -> None:
     with torch.no_grad():
         dev = {k: v.to(strategy.device) for k, v in batch.items()}
         feats = strategy.model.frozen(dev["pixel_values"])
-        loss, loss_sum, tokens, correct = strategy.engine(dev["pixel_values"], dev["input_ids"],
+        loss, loss_sum, tokens, correct, _ = strategy.engine(dev["pixel_values"], dev["input_ids"],
                                                           dev["attention_mask"], dev["labels"], feats)
     state = strategy.trainable_state_dict()
     if strategy.is_main:

@@ -100,6 +100,18 @@ class ActionGrammar:
         allowed = self._allowed[state]
         return allowed[0] if len(allowed) == 1 else None
 
+    def choice_positions(self, ids: Iterable[int]) -> list[bool]:
+        """For each token of `ids` (an action, from the start): whether the grammar left a choice there.
+
+        Forced tokens (the point, separators, fixed digits, EOS) carry no information about what the
+        model learned; token accuracy is measured on the others.
+        """
+        state, out = self.start, []
+        for token_id in ids:
+            out.append(len(self._allowed[state]) > 1)
+            state = self.advance(state, token_id)
+        return out
+
     def allowed_ids(self, prefix_ids: Iterable[int]) -> list[int]:
         """Allowed next ids after `prefix_ids` (the action ids emitted so far, from the start)."""
         return self.allowed(self.walk(prefix_ids))

@@ -171,8 +171,8 @@ class SampleProcessor:
             tok = self.prompts.build_robot(s["instruction"], self.normalizers[name].normalize(action))
         else:
             tok = self.prompts.build_vl_turns(list(s["turns"]))
-        return {"input_ids": tok.input_ids, "labels": tok.labels, "source": stream, "pixels": pixels,
-                "sample_id": int(s["_uid"])}
+        return {"input_ids": tok.input_ids, "labels": tok.labels, "choice": tok.choice, "source": stream,
+                "pixels": pixels, "sample_id": int(s["_uid"])}
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate([self.sample(s) for s in batch], self.prompts.tokenizer.pad_token_id)
@@ -185,13 +185,15 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
     ids = torch.full((b, longest), pad_id, dtype=torch.long)
     labels = torch.full((b, longest), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((b, longest), dtype=torch.long)
+    choice = torch.zeros((b, longest), dtype=torch.bool)
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         ids[i, :n] = torch.tensor(s["input_ids"])
         labels[i, :n] = torch.tensor(s["labels"])
         mask[i, :n] = 1
+        choice[i, :n] = torch.tensor(s["choice"]) if s.get("choice") is not None else labels[i, :n] != IGNORE_INDEX
     return {"pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": ids,
-            "attention_mask": mask, "labels": labels, "source": torch.tensor([s["source"] for s in samples]),
+            "attention_mask": mask, "labels": labels, "choice_mask": choice, "source": torch.tensor([s["source"] for s in samples]),
             "sample_id": torch.tensor([s.get("sample_id", -1) for s in samples])}
 
 
@@ -201,8 +203,9 @@ def split_micro_batches(batch: dict[str, torch.Tensor], micro: int) -> list[dict
     for k in range(0, batch["input_ids"].shape[0], micro):
         mb = {key: v[k:k + micro] for key, v in batch.items()}
         longest = int(mb["attention_mask"].sum(1).max())
-        for key in ("input_ids", "attention_mask", "labels"):
-            mb[key] = mb[key][:, :longest]
+        for key in ("input_ids", "attention_mask", "labels", "choice_mask"):
+            if key in mb:
+                mb[key] = mb[key][:, :longest]
         out.append(mb)
     return out
 

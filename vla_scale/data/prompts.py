@@ -27,6 +27,9 @@ VL_TEMPLATE = VLM_PROMPT + " {question}"
 class TokenizedSample:
     input_ids: list[int]
     labels: list[int]
+    # Label positions whose token accuracy counts: for actions, where the grammar leaves a choice
+    # (digits, free signs), never forced characters or EOS; for text answers, every answer token.
+    choice: list[bool] | None = None
 
 
 class PromptBuilder:
@@ -44,8 +47,14 @@ class PromptBuilder:
         return ROBOT_TEMPLATE.format(instruction=instruction[:1].lower() + instruction[1:])
 
     def build_robot(self, instruction: str, normalized_action: np.ndarray) -> TokenizedSample:
-        return self._assemble(self.prompt_ids(self.robot_prompt(instruction)),
-                              list(self.action_tokenizer.encode(normalized_action)))
+        sample = self._assemble(self.prompt_ids(self.robot_prompt(instruction)),
+                                list(self.action_tokenizer.encode(normalized_action)))
+        action = np.asarray(normalized_action)
+        grammar = self.action_tokenizer.grammar(self.tokenizer.eos_token_id,
+                                                chunk=action.shape[0] if action.ndim == 2 else None)
+        n_answer = sum(1 for label in sample.labels if label != IGNORE_INDEX)
+        sample.choice = [False] * (len(sample.labels) - n_answer) + grammar.choice_positions(sample.labels[-n_answer:])
+        return sample
 
     def build_vl(self, question: str, answer: str) -> TokenizedSample:
         return self.build_vl_turns([{"question": question, "answer": answer}])

@@ -49,7 +49,8 @@ class VLAOutput:
     loss: torch.Tensor  # summed answer-token cross-entropy / num_items (default: this batch's answer tokens)
     sample_loss_sum: torch.Tensor  # (B,) summed token losses per sample (detached)
     sample_tokens: torch.Tensor  # (B,) answer tokens per sample
-    sample_correct: torch.Tensor  # (B,) answer tokens predicted exactly (greedy)
+    sample_correct: torch.Tensor  # (B,) choice tokens predicted exactly (greedy)
+    sample_choices: torch.Tensor  # (B,) answer tokens whose accuracy counts (`choice_mask`; default: all)
 
 
 class FrozenEncoders(nn.Module):
@@ -119,10 +120,12 @@ class VLACore(nn.Module):
     # -- training forward --------------------------------------------------
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, frozen_features: dict[str, torch.Tensor],
-                num_items: torch.Tensor | None = None) -> VLAOutput:
+                num_items: torch.Tensor | None = None, choice_mask: torch.Tensor | None = None) -> VLAOutput:
         """`num_items`: the divisor of the summed token loss. The strategies pass the answer-token
         count of the whole global batch (all micro-batches, all ranks), so that the gradient of an
-        optimizer step does not depend on how the batch was split (see `vla_scale.train.trainer`)."""
+        optimizer step does not depend on how the batch was split (see `vla_scale.train.strategy`).
+        `choice_mask` (like `labels`): the answer positions whose token accuracy is counted (for
+        actions, where the grammar leaves a choice); default every answer token."""
         img = self.image_tokens(images, frozen_features)
         embeds, mask, full_labels = self.embed(input_ids, attention_mask, img, labels)
         hidden = self.decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
@@ -138,11 +141,17 @@ class VLACore(nn.Module):
         sample_tokens = torch.bincount(rows, minlength=b)
         with torch.no_grad():
             sample_loss_sum = torch.zeros(b, device=tok_loss.device).index_add_(0, rows, tok_loss.detach())
-            correct = (logits.argmax(-1) == tgt).float()
+            if choice_mask is None:
+                counted = torch.ones_like(tgt, dtype=torch.float32)
+            else:  # the same splice as the labels': image positions never count
+                full = torch.cat([choice_mask[:, :1], choice_mask.new_zeros(b, img.shape[1]), choice_mask[:, 1:]], 1)
+                counted = full[:, 1:][sel].float()
+            correct = (logits.argmax(-1) == tgt).float() * counted
             sample_correct = torch.zeros(b, device=tok_loss.device).index_add_(0, rows, correct)
+            sample_choices = torch.zeros(b, device=tok_loss.device).index_add_(0, rows, counted)
         denom = sample_tokens.sum().clamp(min=1) if num_items is None else num_items
         loss = tok_loss.sum() / denom
-        return VLAOutput(loss, sample_loss_sum, sample_tokens, sample_correct)
+        return VLAOutput(loss, sample_loss_sum, sample_tokens, sample_correct, sample_choices)
 
 
 class VisionLanguageActionModel(nn.Module):
@@ -158,7 +167,7 @@ class VisionLanguageActionModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], num_items: torch.Tensor | None = None) -> VLAOutput:
         feats = self.frozen(batch["pixel_values"])
         return self.core(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"], feats,
-                         num_items)
+                         num_items, batch.get("choice_mask"))
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.core.image_tokens(images, self.frozen(images))

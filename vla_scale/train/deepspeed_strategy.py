@@ -198,7 +198,7 @@ class _EngineView(torch.nn.Module):
 
     def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:  # VLACore.forward's arguments
         out = self._core(*args)
-        return out.loss, out.sample_loss_sum, out.sample_tokens, out.sample_correct
+        return out.loss, out.sample_loss_sum, out.sample_tokens, out.sample_correct, out.sample_choices
 
 
 @contextlib.contextmanager
@@ -301,17 +301,19 @@ class DeepSpeedStrategy(Strategy):
         # by the accumulation steps (scale_wrt_gas) and ZeRO averages gradients over the ranks: the first
         # is switched off, the second undone by scaling with the world size.
         rank_scale = float(self.world_size)
-        sums, toks, corr, srcs = [], [], [], []
+        sums, toks, corr, chs, srcs = [], [], [], [], []
         lr = self.scheduler.get_last_lr()[0]
         global_loss_sum = math.nan
         for i, mb in enumerate(micro_batches):
             mb = self._to_device(mb)
             feats = self.model.frozen(mb["pixel_values"])
-            loss, loss_sum, n_tok, n_correct = engine(mb["pixel_values"], mb["input_ids"], mb["attention_mask"],
-                                                      mb["labels"], feats, num_items)
+            loss, loss_sum, n_tok, n_correct, n_choices = engine(mb["pixel_values"], mb["input_ids"],
+                                                                 mb["attention_mask"], mb["labels"], feats,
+                                                                 num_items, mb.get("choice_mask"))
             sums.append(loss_sum)
             toks.append(n_tok)
             corr.append(n_correct)
+            chs.append(n_choices)
             srcs.append(mb["source"])
             if i == n - 1:
                 # The global loss, for the log and for the non-finite decision, which every rank must
@@ -343,7 +345,7 @@ class DeepSpeedStrategy(Strategy):
                 self.scheduler.step()
         return StepResult(global_loss, grad_norm, lr, skipped, int(g_samples), int(g_tokens),
                           torch.cat(sums).detach(), torch.cat(toks).detach(), torch.cat(corr).detach(),
-                          torch.cat(srcs))
+                          torch.cat(chs).detach(), torch.cat(srcs))
 
     def _full_gradients(self) -> dict[str, torch.Tensor]:
         """Every trainable parameter's full fp32 gradient, reduced over ranks (collective: every rank calls it)."""

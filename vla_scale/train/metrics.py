@@ -188,7 +188,10 @@ class PerSourceAccumulator:
     `add` takes per-sample tensors (all shape (B,), on the training device):
     the summed token loss of each sample, its number of loss tokens, its
     number of correctly predicted tokens, and its source index into
-    `source_names`. The sums stay on the device (index_add_, no host sync);
+    `source_names`; optionally the number of its tokens that count for accuracy
+    (`sample_choices`: for actions, the positions where the grammar leaves a
+    choice; by default every loss token). Loss is per loss token, accuracy per
+    counted token: forced characters and EOS would inflate an action accuracy. The sums stay on the device (index_add_, no host sync);
     `compute` reads them back once and returns
     `{"loss/<source>": mean token loss, "acc/<source>": token accuracy,
     "tokens/<source>": loss tokens}` for the sources that had tokens.
@@ -205,7 +208,7 @@ class PerSourceAccumulator:
         if len(set(source_names)) != len(source_names):
             raise ValueError(f"duplicate source names: {list(source_names)}")
         self.source_names = list(source_names)
-        self._sums: torch.Tensor | None = None  # (3, S): loss, tokens, correct
+        self._sums: torch.Tensor | None = None  # (4, S): loss, tokens, correct, counted for accuracy
 
     def reset(self) -> None:
         self._sums = None
@@ -216,6 +219,7 @@ class PerSourceAccumulator:
         sample_tokens: torch.Tensor,
         sample_correct: torch.Tensor,
         source: torch.Tensor,
+        sample_choices: torch.Tensor | None = None,
     ) -> None:
         n = len(self.source_names)
         source = source.detach().long().reshape(-1)
@@ -225,7 +229,9 @@ class PerSourceAccumulator:
         # float64 keeps token counts exact at any batch size; MPS has no float64.
         dtype = torch.float32 if device.type == "mps" else torch.float64
         if self._sums is None:
-            self._sums = torch.zeros(3, n, dtype=dtype, device=device)
+            self._sums = torch.zeros(4, n, dtype=dtype, device=device)
+        if sample_choices is None:  # every loss token counts for accuracy
+            sample_choices = sample_tokens
         # detach: the loss tensor usually carries the autograd graph, which
         # must not be kept alive until the end of the step.
         values = torch.stack(
@@ -233,6 +239,7 @@ class PerSourceAccumulator:
                 sample_loss_sum.detach().reshape(-1).to(self._sums),
                 sample_tokens.detach().reshape(-1).to(self._sums),
                 sample_correct.detach().reshape(-1).to(self._sums),
+                sample_choices.detach().reshape(-1).to(self._sums),
             ]
         )
         self._sums.index_add_(1, source.to(self._sums.device), values)
@@ -247,12 +254,13 @@ class PerSourceAccumulator:
             out = reduce(sums)
             if isinstance(out, torch.Tensor):  # functional reductions return the result
                 sums = out
-        loss, tokens, correct = sums.cpu().tolist()
+        loss, tokens, correct, counted = sums.cpu().tolist()
         result: dict[str, float] = {}
-        for name, l, t, c in zip(self.source_names, loss, tokens, correct):
+        for name, l, t, c, k in zip(self.source_names, loss, tokens, correct, counted):
             if t > 0:
                 result[f"loss/{name}"] = l / t
-                result[f"acc/{name}"] = c / t
+                if k > 0:
+                    result[f"acc/{name}"] = c / k
                 result[f"tokens/{name}"] = t
         return result
 

@@ -64,6 +64,7 @@ class StepResult:
     sample_loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     sample_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     sample_correct: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    sample_choices: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     source: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
@@ -177,7 +178,7 @@ class SingleProcessStrategy(Strategy):
         self.model.core.train()
         self.optimizer.zero_grad(set_to_none=True)
         num_items = torch.tensor(float(max(answer_tokens(micro_batches), 1)), device=self.device)
-        sums, toks, corr, srcs = [], [], [], []
+        sums, toks, corr, chs, srcs = [], [], [], [], []
         samples = tokens = 0
         for mb in micro_batches:
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
@@ -187,6 +188,7 @@ class SingleProcessStrategy(Strategy):
             sums.append(out.sample_loss_sum)
             toks.append(out.sample_tokens)
             corr.append(out.sample_correct)
+            chs.append(out.sample_choices)
             srcs.append(mb["source"])
             samples += mb["input_ids"].shape[0]
             tokens += int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
@@ -214,7 +216,7 @@ class SingleProcessStrategy(Strategy):
             self.optimizer.step()
             self.scheduler.step()
         return StepResult(loss, grad_norm, lr, skipped, samples, tokens, torch.cat(sums).cpu(),
-                          torch.cat(toks).cpu(), torch.cat(corr).cpu(), torch.cat(srcs).cpu())
+                          torch.cat(toks).cpu(), torch.cat(corr).cpu(), torch.cat(chs).cpu(), torch.cat(srcs).cpu())
 
     def save(self, ckpt_dir: Path) -> None:
         from safetensors.torch import save_model

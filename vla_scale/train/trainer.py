@@ -248,7 +248,8 @@ class Trainer:
                 counters["tokens"] = int(counters.get("tokens", 0)) + result.tokens
                 meter.step(result.samples, result.tokens)
                 losses[step] = result.loss
-                per_source.add(result.sample_loss_sum, result.sample_tokens, result.sample_correct, result.source)
+                per_source.add(result.sample_loss_sum, result.sample_tokens, result.sample_correct, result.source,
+                               result.sample_choices)
                 if step % t.log_every == 0 or step == t.steps:
                     row = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
                            "skipped": float(result.skipped),
