@@ -200,6 +200,20 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.sources.{i}.task={s.task!r} is not one of {list(TASKS)}{hint}")
         if s.weight < 0:
             raise ConfigError(f"data.sources.{i}.weight must be >= 0, got {s.weight}")
+    train_names = {s.name: s for s in d.sources}
+    for i, s in enumerate(d.val_sources):
+        if s.name not in train_names:
+            near = difflib.get_close_matches(s.name, list(train_names), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"data.val_sources.{i}.name={s.name!r} is not a training source "
+                              f"({sorted(train_names)}){hint}: a validation set is held-out data of one")
+    if d.val_samples <= 0:
+        raise ConfigError(f"data.val_samples must be positive, got {d.val_samples}")
+    if t.val_every < 0:
+        raise ConfigError(f"train.val_every must be >= 0, got {t.val_every}")
+    if t.val_every and not d.val_sources:
+        raise ConfigError("train.val_every is set but data.val_sources is empty: name held-out shards "
+                          "(e.g. data.val_sources=[{name: robot, path: /data/robot_val}])")
     if sum(s.weight for s in d.sources) <= 0:
         raise ConfigError("data.sources: the weights sum to zero")
     if t.global_batch_size <= 0 or t.micro_batch_size <= 0:

@@ -145,6 +145,12 @@ class DataConfig:
     num_canonical_nodes: int = 1
     # Shuffle seed of the sample order (the augmentation seed is train.seed).
     shuffle_seed: int = 0
+    # Held-out data for validation (train.val_every): each entry names a training source
+    # (`name`, whose task and action statistics it shares) and a shard folder of held-out
+    # episodes or records; path "synthetic" generates a held-out set with another seed.
+    val_sources: List[SourceConfig] = field(default_factory=list)
+    # At most this many samples of each validation source are read (once) and evaluated.
+    val_samples: int = 32
 
 
 @dataclass
@@ -173,6 +179,11 @@ class TrainConfig:
     checkpoint_every: int = 2500
     keep_last_k: int = 3
     log_every: int = 1
+    # Validate every N steps and at the end (data.val_sources); 0: never. Logs per-source
+    # loss, the robot action L1 per dimension and gripper accuracy of constrained greedy
+    # decoding beside the mean-action baseline, and the vision-reliance gap (the same
+    # metrics with each image swapped for another validation sample's).
+    val_every: int = 0
     # On a NaN/inf loss: "skip" the step (warn and count) or "stop" (save, then fail).
     on_nonfinite: str = "skip"
     # Exit with every thread's traceback if one step (with its checkpoint save) takes

@@ -65,14 +65,18 @@ def synthetic_dir(cfg: Config, index: int) -> Path:
     return Path(cfg.run.output_dir) / "data" / cfg.data.sources[index].name
 
 
-def write_synthetic_source(cfg: Config, index: int, out: Path) -> None:
-    """The built-in synthetic set of one source, as real MDS shards (deterministic in the seed)."""
+def write_synthetic_source(cfg: Config, index: int, out: Path, held_out: bool = False) -> None:
+    """The built-in synthetic set of one source, as real MDS shards (deterministic in the seed).
+
+    `held_out`: a validation set of the same source, from a seed training never uses.
+    """
     from vla_scale.data.writer import ShardWriter
 
     src = cfg.data.sources[index]
-    samples = make_samples(src.task, cfg.data.synthetic.samples_per_source, seed=cfg.train.seed + index,
-                           image_size=cfg.data.synthetic.image_size, action_dim=cfg.actions.dim,
-                           chunk=cfg.actions.chunk)
+    seed = cfg.train.seed + index + (10_000 if held_out else 0)
+    n = cfg.data.val_samples if held_out else cfg.data.synthetic.samples_per_source
+    samples = make_samples(src.task, n, seed=seed, image_size=cfg.data.synthetic.image_size,
+                           action_dim=cfg.actions.dim, chunk=cfg.actions.chunk)
     with ShardWriter(out, size_limit=1 << 20) as w:
         for i, s in enumerate(samples):
             where = f"synthetic source '{src.name}' sample {i}"

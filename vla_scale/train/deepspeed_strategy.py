@@ -465,6 +465,17 @@ class DeepSpeedStrategy(Strategy):
             out[name] = done[id(t)]
         return out
 
+    @contextlib.contextmanager
+    def full_model(self) -> Iterator[None]:
+        """Every core parameter gathered on every rank for the duration (validation decodes with plain module
+        calls and reads the LM head's rows directly). Costs one full copy of the core in compute precision
+        per rank while it lasts (7B in bf16: 14 GB)."""
+        import deepspeed
+
+        params = [p for p in self.model.core.parameters() if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+
     # ------------------------------------------------------------------ collectives
 
     def barrier(self) -> None:

@@ -130,6 +130,10 @@ class Strategy(ABC):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (gathered) state dict of `model.core`, on CPU, for exports."""
 
+    def full_model(self):
+        """Context in which `model` can be called as a plain module (validation; a collective under ZeRO-3)."""
+        return nullcontext()
+
     # -- collectives (no-ops in a world of one) ------------------------------
     def barrier(self) -> None:
         pass

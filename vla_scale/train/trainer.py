@@ -138,6 +138,11 @@ class Trainer:
         self.loader, self.stats = build_data(cfg, self.prompts, rank=self.strategy.rank,
                                              world_size=self.strategy.world_size)
         self.frozen_record = frozen_encoder_record(self.model, cfg)
+        self.validator = None
+        if cfg.train.val_every:
+            from vla_scale.train.validation import Validator
+
+            self.validator = Validator(cfg, self.prompts, self.stats, rank=self.strategy.rank)
         self.strategy.setup(self.model)
 
     def _write_checkpoint(self, ckpt: CheckpointManager, step: int, counters: dict[str, Any],
@@ -250,11 +255,12 @@ class Trainer:
                 losses[step] = result.loss
                 per_source.add(result.sample_loss_sum, result.sample_tokens, result.sample_correct, result.source,
                                result.sample_choices)
-                if step % t.log_every == 0 or step == t.steps:
+                val_row = self._validate(step, bar) if self._validation_due(step) else {}
+                if step % t.log_every == 0 or step == t.steps or val_row:
                     row = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
                            "skipped": float(result.skipped),
                            **per_source.compute(reduce=self.strategy.all_reduce_sum),
-                           **{f"perf/{k}": v for k, v in meter.summary().items()}}
+                           **{f"perf/{k}": v for k, v in meter.summary().items()}, **val_row}
                     per_source.reset()
                     metrics.log(step, row)
                 if bar is not None:
@@ -273,6 +279,27 @@ class Trainer:
                 bar.close()
             metrics.close()
         return TrainResult(self.run_dir, last_ckpt, losses, max(losses, default=start))
+
+
+    def _validation_due(self, step: int) -> bool:
+        every = self.cfg.train.val_every
+        return bool(self.validator is not None and every and (step % every == 0 or step == self.cfg.train.steps))
+
+    def _validate(self, step: int, bar: Any) -> dict[str, float]:
+        """Held-out metrics (every rank computes them; rank 0 prints the line). Not counted in throughput."""
+        from vla_scale.train.validation import format_validation
+
+        assert self.validator is not None
+        with self.strategy.full_model():
+            row = self.validator.run(self.model, self.strategy.device)
+        if self.strategy.is_main:
+            line = format_validation(step, row)
+            log.info("%s", line)
+            if bar is not None:
+                bar.write(line)
+            elif self.cfg.train.progress:
+                print(line, flush=True)
+        return row
 
 
 def load_checkpoint_config(ckpt_dir: Path) -> Config:
