@@ -9,6 +9,7 @@ from vla_scale.errors import ModelLoadError
 from vla_scale.models.loading import (VLA_PROMPT, VLM_PROMPT, build_vla, choose_attn_implementation,
                                      source_image_features)
 from vla_scale.models.vla import IGNORE_INDEX, count_answer_tokens
+from vla_scale.train.plan import build_meta_model, count_parameters
 from vla_scale.train.strategy import make_optimizer, trainable_parameters
 
 SIAMESE = "model.encoders=[{name: frozen, trainable: false}, {name: trained, trainable: true}]"
@@ -110,8 +111,6 @@ def test_attention_choice_is_sdpa_without_gpu():
 def test_bad_sources_raise_model_load_error(tmp_path, tiny_llava):
     with pytest.raises(ModelLoadError, match="config.json"):
         build_vla(load_config(None, [f"model.source={tmp_path}", SIAMESE]).model)
-    with pytest.raises(ModelLoadError, match="built for 32px"):
-        build_vla(load_config(None, [f"model.source={tiny_llava}", SIAMESE, "model.image_size=64"]).model)
     with pytest.raises(ModelLoadError, match="feature_layer"):
         build_vla(load_config(None, [f"model.source={tiny_llava}", "model.encoders=[{name: a, feature_layer: 9}]",
                                      "model.image_size=32"]).model)
@@ -194,3 +193,33 @@ def test_paligemma_training_loss_uses_the_prefix_lm_logits(tiny_paligemma):
         out = vla({"pixel_values": x, "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     assert int(out.sample_tokens.sum()) == int(count_answer_tokens(labels)) == 8
     torch.testing.assert_close(out.loss * out.sample_tokens.sum(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_image_size_other_than_the_towers_interpolates_position_embeddings(tiny_llava):
+    """A 32 px source at 64 px: frozen and trained copies agree at step 0 and equal HF's tower
+    with interpolate_pos_encoding=True; the planner counts the 64 patches; one training step runs."""
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = load_config(None, [f"model.source={tiny_llava}", SIAMESE, "model.image_size=64"])
+    vla, tok = build_vla(cfg.model)
+    assert vla.num_image_tokens == 64
+    assert count_parameters(build_meta_model(cfg.model)).image_tokens == 64
+    tower = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava)).eval().model.vision_tower
+    x = _images(2, size=64)
+    with torch.no_grad():
+        frozen = vla.frozen.encoders["frozen"](x)
+        trained = vla.core.encoders["trained"](x)
+        theirs = tower(pixel_values=x * 2 - 1, interpolate_pos_encoding=True,
+                       output_hidden_states=True).hidden_states[-2]
+    assert frozen.shape == (2, 64, 32)
+    assert torch.equal(frozen, trained)
+    assert (frozen - theirs).abs().max().item() < 1e-5
+
+    opt = make_optimizer(trainable_parameters(vla), cfg)
+    ids, labels = _text(tok)
+    vla.train()
+    out = vla({"pixel_values": x, "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in vla.core.encoders["trained"].parameters() if p.ndim > 1)
+    opt.step()
