@@ -117,6 +117,56 @@ def test_forced_tokens_cost_no_forward_pass_and_choices_match_the_full_model(fam
     assert k_choice == len(cached.choice_logits) == res.choices
 
 
+class _ForcedPrefix:
+    """A grammar that forces `prefix` ids before `inner`'s: the prefill then carries answer tokens."""
+
+    def __init__(self, inner, prefix):
+        self.inner, self.prefix, self.start = inner, list(prefix), 0
+        self.k = len(self.prefix)
+
+    def forced(self, s):
+        return self.prefix[s] if s < self.k else self.inner.forced(s - self.k - self.inner.start)
+
+    def allowed(self, s):
+        return [self.prefix[s]] if s < self.k else self.inner.allowed(s - self.k - self.inner.start)
+
+    def advance(self, s, t):
+        return s + 1 if s < self.k - 1 else (self.k + self.inner.start if s == self.k - 1 else
+                                              self.k + self.inner.advance(s - self.k, t))
+
+    def is_done(self, s):
+        return s >= self.k and self.inner.is_done(s - self.k)
+
+    def allowed_table(self):
+        inner = self.inner.allowed_table()
+        head = torch.full((self.k, inner.shape[1]), -1, dtype=inner.dtype)
+        head[:, 0] = torch.tensor(self.prefix)
+        return torch.cat([head, inner])
+
+
+def test_paligemma_prefill_with_forced_answer_tokens_matches_the_full_model(tiny_paligemma, tmp_path):
+    """Forced tokens before the first choice ride in the prefill: causal, outside the bidirectional prefix."""
+    _export(tiny_paligemma, tmp_path / "export", family="paligemma")
+    policy = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu")
+    model, core, tok = policy.model, policy.model.core, policy.tokenizer
+    assert policy.grammar.start == 0
+    forced = tok.encode(" the answer", add_special_tokens=False)
+    g = _ForcedPrefix(policy.grammar, forced)
+    pixels = torch.from_numpy(np.random.default_rng(2).integers(0, 256, size=(3, 32, 32), dtype=np.uint8))[None]
+    prompt = policy.prompts.prompt_ids(policy.prompts.robot_prompt("open the drawer"))
+    with torch.no_grad():
+        img = model.image_tokens(pixels)
+        prompt_t = torch.tensor([prompt])
+        res = constrained_greedy(core, core.embed(prompt_t, torch.ones_like(prompt_t), img), g, keep_logits=True)
+        ids = torch.tensor([prompt + res.ids])
+        labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + res.ids])
+        logits = core.llm(**core.llm_kwargs(core.embed(ids, torch.ones_like(ids), img, labels))).logits[0]
+    assert res.ids[:len(forced)] == forced
+    first = logits[len(prompt) + model.num_image_tokens - 1 + len(forced)].float()
+    diff = (res.choice_logits[0] - first).abs().max().item()
+    assert diff <= 1e-5 * max(1.0, first.abs().max().item()), diff
+
+
 def test_normalizer_round_trip_through_the_policy_stats():
     n = ActionNormalizer.from_stats(STATS)
     a = np.array([0.01, -0.02, 0.0, 0.03, -0.05, 0.05, 1.0])
