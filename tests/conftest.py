@@ -32,6 +32,14 @@ def tiny_llava(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llava_clip(tmp_path_factory) -> Path:
+    """A tiny LLaVA-1.5-style source VLM: CLIP tower (CLS dropped) + 2-layer projector + Llama."""
+    from vla_scale.models.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("src") / "llava_clip", tower="clip")
+
+
+@pytest.fixture(scope="session")
 def tiny_paligemma(tmp_path_factory) -> Path:
     from vla_scale.models.tiny import build_tiny_paligemma
 

@@ -71,3 +71,61 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (export / "model.safetensors").is_file() and (export / "vla_config.json").is_file()
     ckpts = sorted(p.name for p in (tmp_path / "demo" / "run" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000003", "step_00000006"]
+
+
+def _one_line_error(r):
+    lines = [line for line in r.stderr.strip().splitlines() if line]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("source_type", ["auto", "llava", "paligemma", "parts", "parts-encoder"])
+def test_missing_source_folder_is_one_line(source_type, tmp_path, request):
+    missing = tmp_path / "moved-away"
+    if source_type.startswith("parts"):
+        preset = TINY_PRESET.parent / "tiny_paired.yaml"
+        if source_type == "parts":
+            key, overrides = "model.llm", [f"model.llm={missing}"]
+        else:  # the LLM is there, an encoder folder is not
+            parts = request.getfixturevalue("tiny_parts")
+            key, overrides = "model.encoders.1.path", [f"model.llm={parts['llm']}",
+                                                      f"model.encoders.0.path={parts['dinov2']}",
+                                                      f"model.encoders.1.path={missing}"]
+    else:
+        preset, key = TINY_PRESET, "model.source"
+        overrides = [f"model.source={missing}", f"model.source_type={source_type}"]
+    r = _run("train", str(preset), *overrides, f"run.output_dir={tmp_path / 'run'}", "train.steps=1",
+             "train.warmup_steps=1", "train.progress=false")
+    line = _one_line_error(r)
+    assert key in line and str(missing) in line and "does not exist" in line
+
+
+def test_export_finds_a_moved_source_with_dash_dash_source(tiny_llava, tiny_config, tmp_path):
+    """The frozen encoder is read from the source folder at export: when it moved, the error says
+    where it looked and what to pass; --source NEWDIR works, and the content hash is still checked."""
+    import shutil
+
+    from vla_scale.models.tiny import build_tiny_llava
+    from vla_scale.train.trainer import Trainer
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_llava, source)
+    Trainer(tiny_config(f"model.source={source}", "train.steps=1", "train.checkpoint_every=1")).fit(resume="none")
+    run = tmp_path / "run"
+    moved = tmp_path / "elsewhere" / "source"
+    moved.parent.mkdir()
+    shutil.move(str(source), str(moved))
+
+    line = _one_line_error(_run("export", str(run), str(tmp_path / "export")))
+    assert str(source) in line and "--source" in line
+    assert not (tmp_path / "export").exists()
+
+    other = build_tiny_llava(tmp_path / "other", seed=1)  # same architecture, other weights
+    line = _one_line_error(_run("export", str(run), str(tmp_path / "export"), "--source", str(other)))
+    assert "content hash" in line and str(other) in line
+    assert not (tmp_path / "export").exists()
+
+    r = _run("export", str(run), str(tmp_path / "export"), "--source", str(moved))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "export" / "model.safetensors").is_file()

@@ -8,15 +8,21 @@ from vla_scale.config import config_to_dict, load_config
 from vla_scale.errors import CheckpointError
 from vla_scale.models.export import load_export, save_export
 from vla_scale.models.loading import build_vla
+from vla_scale.models.vla import IGNORE_INDEX
 from vla_scale.policy import VLAPolicy
+from vla_scale.policy.decoding import constrained_greedy
 
 STATS = {"q01": [-0.05, -0.05, -0.04, -0.03, -0.05, -0.05, 0.0], "q99": [0.05, 0.05, 0.03, 0.03, 0.05, 0.05, 1.0],
          "mask": [True] * 6 + [False]}
 
 
-def _export(tiny_llava, out, *overrides):
-    cfg = load_config(None, [f"model.source={tiny_llava}", "model.image_size=32",
-                             "model.encoders=[{name: frozen}, {name: trained, trainable: true}]", *overrides])
+ENCODERS = {"llava": "model.encoders=[{name: frozen}, {name: trained, trainable: true}]",
+            "paligemma": "model.encoders=[{name: frozen, feature_layer: -1, post_layernorm: true}, "
+                         "{name: trained, trainable: true, feature_layer: -1, post_layernorm: true}]"}
+
+
+def _export(source, out, *overrides, family="llava"):
+    cfg = load_config(None, [f"model.source={source}", "model.image_size=32", ENCODERS[family], *overrides])
     torch.manual_seed(0)
     vla, tok = build_vla(cfg.model)
     with torch.no_grad():  # random weights: the policy must cope with anything
@@ -59,9 +65,12 @@ def test_random_model_always_predicts_well_formed_actions(tiny_llava, tmp_path, 
         assert np.all((flat[:, 6] == 0) | (flat[:, 6] == 1) | ((flat[:, 6] >= -1) & (flat[:, 6] <= 1)))
 
 
-def test_forced_tokens_cost_no_forward_pass_and_choices_match_the_full_model(tiny_llava, tmp_path):
-    _export(tiny_llava, tmp_path / "export", "actions.style=fixed", "actions.decimals=3")
+@pytest.mark.parametrize("family", ["llava", "paligemma"])
+def test_forced_tokens_cost_no_forward_pass_and_choices_match_the_full_model(family, request, tmp_path):
+    source = request.getfixturevalue(f"tiny_{family}")
+    _export(source, tmp_path / "export", "actions.style=fixed", "actions.decimals=3", family=family)
     policy = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu")
+    assert policy.model.core.layout.name == family  # recorded in the export, restored by the policy
     image = np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     policy.predict_action(image, "pick up the red block")
     res = policy.last_decode
@@ -75,22 +84,87 @@ def test_forced_tokens_cost_no_forward_pass_and_choices_match_the_full_model(tin
     assert res.forward_passes == choices  # prefill + one pass per later choice; forced tokens ride along
     assert res.forward_passes < len(res.ids)
 
-    # Each chosen token is the argmax over the allowed set of the full (uncached) model's logits.
-    model, tok = policy.model, policy.tokenizer
+    # The full (uncached) model over prompt + decoded answer, the answer labelled as in training
+    # (so that for PaliGemma only the image and prompt form the bidirectional prefix).
+    model, core = policy.model, policy.model.core
     pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)  # uint8, as the policy feeds it
     prompt = policy.prompts.prompt_ids(policy.prompts.robot_prompt("pick up the red block"))
     with torch.no_grad():
+        img = model.image_tokens(pixels)
         ids = torch.tensor([prompt + res.ids])
-        embeds, mask, _ = model.core.embed(ids, torch.ones_like(ids), model.image_tokens(pixels))
-        logits = model.core.llm(inputs_embeds=embeds, attention_mask=mask).logits[0]
+        labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + res.ids])
+        logits = core.llm(**core.llm_kwargs(core.embed(ids, torch.ones_like(ids), img, labels))).logits[0]
+        prompt_t = torch.tensor([prompt])
+        cached = constrained_greedy(core, core.embed(prompt_t, torch.ones_like(prompt_t), img), g, keep_logits=True)
+    assert cached.ids == res.ids
+    # Text position t sits at t + P in both layouts (t >= 1); the logits for t come from t - 1.
     offset = len(prompt) + model.num_image_tokens - 1
-    state = g.start
+    state, k_choice = g.start, 0
     for k, t in enumerate(res.ids):
         allowed = g.allowed(state)
         if len(allowed) > 1:
+            # The KV-cached decoder (prefill with the layout's attention, then causal steps)
+            # computes the full model's logits at every choice, the first one included.
+            # fp32 over two kernel paths (one masked pass vs. cached steps): equal to 1e-5 of the
+            # logits' scale (these random weights give logits of about 15).
+            full = logits[offset + k].float()
+            diff = (cached.choice_logits[k_choice] - full).abs().max().item()
+            assert diff <= 1e-5 * max(1.0, full.abs().max().item()), (k_choice, diff)
             row = logits[offset + k, allowed]
             assert allowed[int(torch.argmax(row))] == t
+            k_choice += 1
         state = g.advance(state, t)
+    assert k_choice == len(cached.choice_logits) == res.choices
+
+
+class _ForcedPrefix:
+    """A grammar that forces `prefix` ids before `inner`'s: the prefill then carries answer tokens."""
+
+    def __init__(self, inner, prefix):
+        self.inner, self.prefix, self.start = inner, list(prefix), 0
+        self.k = len(self.prefix)
+
+    def forced(self, s):
+        return self.prefix[s] if s < self.k else self.inner.forced(s - self.k - self.inner.start)
+
+    def allowed(self, s):
+        return [self.prefix[s]] if s < self.k else self.inner.allowed(s - self.k - self.inner.start)
+
+    def advance(self, s, t):
+        return s + 1 if s < self.k - 1 else (self.k + self.inner.start if s == self.k - 1 else
+                                              self.k + self.inner.advance(s - self.k, t))
+
+    def is_done(self, s):
+        return s >= self.k and self.inner.is_done(s - self.k)
+
+    def allowed_table(self):
+        inner = self.inner.allowed_table()
+        head = torch.full((self.k, inner.shape[1]), -1, dtype=inner.dtype)
+        head[:, 0] = torch.tensor(self.prefix)
+        return torch.cat([head, inner])
+
+
+def test_paligemma_prefill_with_forced_answer_tokens_matches_the_full_model(tiny_paligemma, tmp_path):
+    """Forced tokens before the first choice ride in the prefill: causal, outside the bidirectional prefix."""
+    _export(tiny_paligemma, tmp_path / "export", family="paligemma")
+    policy = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu")
+    model, core, tok = policy.model, policy.model.core, policy.tokenizer
+    assert policy.grammar.start == 0
+    forced = tok.encode(" the answer", add_special_tokens=False)
+    g = _ForcedPrefix(policy.grammar, forced)
+    pixels = torch.from_numpy(np.random.default_rng(2).integers(0, 256, size=(3, 32, 32), dtype=np.uint8))[None]
+    prompt = policy.prompts.prompt_ids(policy.prompts.robot_prompt("open the drawer"))
+    with torch.no_grad():
+        img = model.image_tokens(pixels)
+        prompt_t = torch.tensor([prompt])
+        res = constrained_greedy(core, core.embed(prompt_t, torch.ones_like(prompt_t), img), g, keep_logits=True)
+        ids = torch.tensor([prompt + res.ids])
+        labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + res.ids])
+        logits = core.llm(**core.llm_kwargs(core.embed(ids, torch.ones_like(ids), img, labels))).logits[0]
+    assert res.ids[:len(forced)] == forced
+    first = logits[len(prompt) + model.num_image_tokens - 1 + len(forced)].float()
+    diff = (res.choice_logits[0] - first).abs().max().item()
+    assert diff <= 1e-5 * max(1.0, first.abs().max().item()), diff
 
 
 def test_normalizer_round_trip_through_the_policy_stats():

@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from vla_scale.train.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
+    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, force=args.force, source=args.source)
     print(f"exported to {out}")
     return 0
 
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="output folder (must not exist unless --force)")
     e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     e.add_argument("--force", action="store_true", help="replace an existing export (atomically)")
+    e.add_argument("--source", default=None, metavar="DIR",
+                   help="the source VLM folder, when it has moved since training (the frozen encoders are read "
+                        "from it and verified by content hash)")
     e.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("predict", help="predict one action from an image and an instruction",

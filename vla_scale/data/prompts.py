@@ -4,8 +4,11 @@
     VL:     [BOS] <VLM_PROMPT> {question} {answer} [EOS]
 
 Labels are -100 everywhere except the answer tokens and EOS, so the loss is
-on actions (or answers) only. Image tokens are spliced in after BOS by the
-model; they never appear here. The policy builds its prompt with the same
+on actions (or answers) only. The labels also say where the prompt ends: for
+a PaliGemma source the image and every position before the first answer
+token attend both ways (prefix-LM). Image tokens are placed by the model, as
+the source family does (`vla_scale.models.vla.SequenceLayout`); they never
+appear here. The policy builds its prompt with the same
 `prompt_ids` so that inference sees exactly what training saw.
 """
 from __future__ import annotations

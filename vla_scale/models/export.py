@@ -3,7 +3,8 @@
 An export is a Hugging Face-style folder:
     model.safetensors      every weight (frozen encoders written once, here)
     vla_config.json        the architecture: encoder specs with their HF configs,
-                           which encoders are frozen, projector, LLM config, actions
+                           which encoders are frozen, projector, LLM config, the
+                           sequence layout (the source family's), actions
     action_stats.json      the normalizer's statistics (q01/q99/mask)
     tokenizer files        the tokenizer with the prompt tokens added
     config.yaml            the training config, for provenance
@@ -27,7 +28,7 @@ from torch import nn
 from vla_scale.errors import CheckpointError, ModelLoadError
 from vla_scale.models.projector import Projector
 from vla_scale.models.vision import EncoderSpec, VisionEncoder, vision_model_from_config
-from vla_scale.models.vla import FrozenEncoders, VisionLanguageActionModel, VLACore
+from vla_scale.models.vla import LAYOUTS, FrozenEncoders, VisionLanguageActionModel, VLACore
 
 FORMAT = "vla-scale/1"
 WEIGHTS = "model.safetensors"
@@ -51,6 +52,7 @@ def describe(model: VisionLanguageActionModel, actions: dict[str, Any]) -> dict[
         "encoders": [encoders[n].spec.to_dict() for n in model.core.encoder_order],
         "frozen_encoders": list(model.frozen.encoders.keys()),
         "projector": model.core.projector.describe(),
+        "layout": model.core.layout.name,
         "llm": model.core.llm.config.to_dict(),
         "actions": actions,
     }
@@ -128,8 +130,11 @@ def load_export(folder: str | os.PathLike, attn_implementation: str = "sdpa"):
         projector = Projector(p["in_dims"], p["dims"], p["activation"], p["post_scale"])
     frozen_names = set(config["frozen_encoders"])
     frozen = FrozenEncoders([e for e in encoders if e.spec.name in frozen_names])
+    layout = config.get("layout", "llava")  # exports written before layouts were recorded were all LLaVA-style
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"{cfg_path}: unknown sequence layout {layout!r} (expected one of {sorted(LAYOUTS)})")
     core = VLACore([e for e in encoders if e.spec.name not in frozen_names], projector, llm,
-                   [e.spec.name for e in encoders])
+                   [e.spec.name for e in encoders], LAYOUTS[layout])
     for e in core.encoders.values():
         e.requires_grad_(True)
     model = VisionLanguageActionModel(frozen, core, config["image_size"], config["num_image_tokens"])

@@ -9,7 +9,9 @@ Three source kinds, one result (`VisionLanguageActionModel` + tokenizer):
 An encoder whose `path` is null is a copy of the source VLM's own tower; with
 `projector.init: source`, k such copies get the source projector's first
 weight split as [W/k | ... | W/k], so the VLA computes exactly what the
-source VLM computed at step 0 (the paper's siamese layout).
+source VLM computed at step 0 (the paper's siamese layout): the same image
+tokens, placed and attended as the source family does (`SequenceLayout`), so
+the same LLM logits.
 
 Everything is read from local folders; nothing here may reach a model hub.
 """
@@ -37,7 +39,7 @@ from vla_scale.models.vision import (
     image_stats,
     load_vision_model,
 )
-from vla_scale.models.vla import FrozenEncoders, VisionLanguageActionModel, VLACore
+from vla_scale.models.vla import FrozenEncoders, VisionLanguageActionModel, VLACore, layout_for_source
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,13 @@ def choose_attn_implementation(requested: str = "auto") -> str:
         except ImportError:
             pass
     return "sdpa"
+
+
+def require_folder(folder: str | Path | None, key: str) -> Path:
+    """A local folder named by config key `key`, or a one-line error naming both (never a hub look-up)."""
+    if not folder or not Path(folder).is_dir():
+        raise ModelLoadError(f"{key}: folder {folder!r} does not exist (a local Hugging Face folder is needed)")
+    return Path(folder)
 
 
 def detect_source_type(folder: str | Path) -> str:
@@ -86,6 +95,7 @@ class SourceParts:
     vision_feature_layer: int
     vision_post_layernorm: bool
     folder: Path
+    source_type: str  # "llava" or "paligemma": decides the sequence layout
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,10 +160,13 @@ def _paligemma_image_scale(vlm: nn.Module, tower: nn.Module, proj: nn.Module, hi
 def load_source_vlm(folder: str | Path, source_type: str, attn: str) -> SourceParts:
     from transformers import AutoConfig
 
-    folder = Path(folder)
+    folder = require_folder(folder, "model.source")
     if source_type == "auto":
         source_type = detect_source_type(folder)
-    cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.source: cannot read {folder}/config.json: {str(e).splitlines()[0]}") from None
     try:
         if source_type == "llava":
             from transformers import LlavaForConditionalGeneration as Cls
@@ -175,10 +188,10 @@ def load_source_vlm(folder: str | Path, source_type: str, attn: str) -> SourcePa
             raise ModelLoadError(f"{folder}: projector activation {cfg.projector_hidden_act!r} is not supported")
         return SourceParts(tower, [proj.linear_1, proj.linear_2], act, 1.0, llm,
                            "patch" if cfg.vision_feature_select_strategy == "default" else "full",
-                           layer, False, folder)
+                           layer, False, folder, "llava")
     # PaliGemma: last_hidden_state (post-layernorm), one linear, and (transformers 4.x) / sqrt(hidden).
     scale = _paligemma_image_scale(m, tower, proj, cfg.text_config.hidden_size, folder)
-    return SourceParts(tower, [proj.linear], None, scale, llm, "full", -1, True, folder)
+    return SourceParts(tower, [proj.linear], None, scale, llm, "full", -1, True, folder, "paligemma")
 
 
 def load_tokenizer(folder: str | Path, llm: nn.Module | None = None):
@@ -197,7 +210,7 @@ def load_tokenizer(folder: str | Path, llm: nn.Module | None = None):
     if tok.eos_token_id is None:
         raise ModelLoadError(f"tokenizer in {folder} has no EOS token; actions and answers end with EOS")
     if tok.bos_token_id is None:
-        # Qwen2.x has no BOS. The image prefix is spliced after position 0, so every sequence
+        # Qwen2.x has no BOS. LLaVA's layout puts the image after position 0, so every sequence
         # starts with one fixed token; EOS (<|endoftext|>) serves, as document separators do.
         log.info("tokenizer in %s has no BOS token; using EOS %r to start sequences", folder, tok.eos_token)
         tok.bos_token = tok.eos_token
@@ -236,11 +249,18 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
     if cfg.source_type != "parts":
         if not cfg.source:
             raise ModelLoadError("model.source: the source VLM folder is not set")
-        source = load_source_vlm(cfg.source, cfg.source_type, attn)
+        source_type = cfg.source_type
+        if source_type == "auto":
+            source_type = detect_source_type(require_folder(cfg.source, "model.source"))
+        if source_type == "paligemma" and attn == "flash_attention_2":
+            log.info("flash_attention_2 cannot express PaliGemma's prefix-LM mask; using sdpa")
+            attn = "sdpa"
+        source = load_source_vlm(cfg.source, source_type, attn)
         llm = source.llm
     else:
         from transformers import AutoModelForCausalLM
 
+        require_folder(cfg.llm, "model.llm")
         try:
             llm = AutoModelForCausalLM.from_pretrained(cfg.llm, local_files_only=True, attn_implementation=attn,
                                                        dtype=torch.float32)
@@ -263,7 +283,7 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
             encoders.append(_encoder(model, ec.name, ec.trainable, ec.feature_layer, ec.post_layernorm, select,
                                      source.folder))
         else:
-            model = load_vision_model(ec.path, attn)
+            model = load_vision_model(require_folder(ec.path, f"model.encoders.{i}.path"), attn)
             select = "patch" if ec.select == "auto" else ec.select
             encoders.append(_encoder(model, ec.name, ec.trainable, ec.feature_layer, ec.post_layernorm, select,
                                      Path(ec.path)))
@@ -297,7 +317,8 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
         projector = Projector(in_dims, [*pc.hidden_dims, llm_hidden], pc.activation, 1.0, pc.fused_kernel)
 
     tok_folder = cfg.tokenizer or (cfg.source if source is not None else cfg.llm)
-    tokenizer = load_tokenizer(tok_folder, llm)
+    tokenizer = load_tokenizer(require_folder(tok_folder, "model.tokenizer" if cfg.tokenizer else
+                                              ("model.source" if source is not None else "model.llm")), llm)
     if cfg.gradient_checkpointing:
         # The LLM and every trained encoder: a trained DINOv2 ViT-L holds about as many activations
         # as the checkpointed Llama-2-7B at 32 x 512 tokens (vla-scale plan). Frozen encoders run
@@ -311,7 +332,8 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
     for e in encoders:
         e.requires_grad_(e.spec.trainable)
     frozen = FrozenEncoders([e for e in encoders if not e.spec.trainable])
-    core = VLACore([e for e in encoders if e.spec.trainable], projector, llm, [e.spec.name for e in encoders])
+    core = VLACore([e for e in encoders if e.spec.trainable], projector, llm, [e.spec.name for e in encoders],
+                   layout_for_source(source.source_type if source is not None else "parts"))
     vla = VisionLanguageActionModel(frozen, core, cfg.image_size, num_tokens)
     log.info("VLA built: %d image tokens, frozen %.2fM params (%s), trainable %.2fM params",
              num_tokens, vla.frozen_parameter_count() / 1e6, ",".join(frozen.encoders.keys()) or "none",

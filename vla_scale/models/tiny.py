@@ -73,6 +73,18 @@ def tiny_siglip_config(image_size: int = 32, patch_size: int = 8, hidden: int = 
     )
 
 
+def tiny_clip_config(image_size: int = 32, patch_size: int = 8, hidden: int = 32, layers: int = 3):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=2,
+        image_size=image_size, patch_size=patch_size, num_channels=3, projection_dim=hidden,
+    )
+
+
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
 def tiny_dinov2_config(image_size: int = 32, patch_size: int = 8, hidden: int = 24, layers: int = 3):
     from transformers import Dinov2Config
 
@@ -100,8 +112,12 @@ def _special_ids(tok) -> dict:
 
 
 def build_tiny_llava(out_dir: str | os.PathLike, image_size: int = 32, patch_size: int = 8, seed: int = 0,
-                     llm_hidden: int = 64, llm_layers: int = 2) -> Path:
-    """A tiny LLaVA-family VLM (SigLIP tower + 2-layer GELU projector + Llama), saved to `out_dir`."""
+                     llm_hidden: int = 64, llm_layers: int = 2, tower: str = "siglip") -> Path:
+    """A tiny LLaVA-family VLM (SigLIP or CLIP tower + 2-layer GELU projector + Llama), saved to `out_dir`.
+
+    The CLIP variant follows LLaVA-1.5's conventions: CLS dropped ("default" selection),
+    CLIP's own normalisation; SigLIP has no CLS and keeps every token ("full").
+    """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     out = Path(out_dir)
@@ -109,19 +125,23 @@ def build_tiny_llava(out_dir: str | os.PathLike, image_size: int = 32, patch_siz
     torch.manual_seed(seed)
     tok = build_tokenizer(extra_special=("<image>",))
     image_token_id = tok.convert_tokens_to_ids("<image>")
+    if tower not in ("siglip", "clip"):
+        raise ValueError(f"tower must be 'siglip' or 'clip', got {tower!r}")
+    clip = tower == "clip"
     cfg = LlavaConfig(
-        vision_config=tiny_siglip_config(image_size, patch_size),
+        vision_config=(tiny_clip_config if clip else tiny_siglip_config)(image_size, patch_size),
         text_config=tiny_llama_config(len(tok), hidden=llm_hidden, layers=llm_layers, **_special_ids(tok)),
         image_token_index=image_token_id,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
-        vision_feature_select_strategy="full",  # SigLIP has no CLS token
+        vision_feature_select_strategy="default" if clip else "full",
         image_seq_length=(image_size // patch_size) ** 2,
     )
     model = LlavaForConditionalGeneration(cfg).eval()
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
-    _write_image_processor(out, image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    mean, std = (_CLIP_MEAN, _CLIP_STD) if clip else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    _write_image_processor(out, image_size, mean=mean, std=std)
     return out
 
 

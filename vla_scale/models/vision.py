@@ -2,12 +2,16 @@
 
 A `VisionEncoder` takes images as float tensors in [0, 1] (B, 3, H, W), applies
 its own normalisation (each pretrained encoder has its own mean/std), runs the
-model and returns per-patch features (B, P, D) from the configured layer. It
+model and returns per-patch features (B, P, D) from the configured layer.
+Images of another size than the model was built for get interpolated
+position embeddings, as Hugging Face's towers do (`interpolate_pos_encoding`;
+DINOv2 always interpolates); at the native size nothing changes. It
 never decides whether it is trained: freezing is the caller's business
 (`vla_scale.models.vla.FrozenEncoders`).
 """
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +75,18 @@ class VisionEncoder(nn.Module):
         patch = int(self.model.config.patch_size)
         return (image_size // patch) ** 2
 
+    @property
+    def native_size(self) -> int | None:
+        size = getattr(self.model.config, "image_size", None)
+        return int(size) if size else None
+
+    @property
+    def can_resize(self) -> bool:
+        """Whether the tower takes other image sizes (by interpolating its position embeddings)."""
+        if self.model.config.model_type.startswith("dinov2"):
+            return True
+        return "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: uint8 (B, 3, H, W) as loaded, or floats in [0, 1]."""
         dtype = next(self.model.parameters()).dtype
@@ -78,7 +94,11 @@ class VisionEncoder(nn.Module):
         if images.dtype == torch.uint8:
             x = x / 255.0
         x = ((x - self.mean) / self.std).to(dtype)
-        out = self.model(pixel_values=x, output_hidden_states=True)
+        kwargs = {}
+        if self.native_size not in (None, x.shape[-1]) and not self.model.config.model_type.startswith("dinov2"):
+            # Only off the native size: there the embeddings are used as they are, exactly.
+            kwargs["interpolate_pos_encoding"] = True
+        out = self.model(pixel_values=x, output_hidden_states=True, **kwargs)
         h = out.hidden_states[self.spec.feature_layer]
         if self.spec.post_layernorm:
             h = _post_layernorm(self.model)(h)
@@ -200,10 +220,10 @@ def check_same_patch_grid(encoders: Sequence[VisionEncoder], image_size: int) ->
     """Every encoder must give the same number of patches: features are concatenated per patch."""
     counts = {e.spec.name: e.num_patches(image_size) for e in encoders}
     for e in encoders:
-        size = getattr(e.model.config, "image_size", image_size)
-        if e.model.config.model_type.startswith(("siglip", "clip")) and size != image_size:
+        if e.native_size not in (None, image_size) and not e.can_resize:
             raise ModelLoadError(
-                f"encoder '{e.spec.name}' was built for {size}px images but model.image_size is {image_size}"
+                f"encoder '{e.spec.name}' was built for {e.native_size}px images, cannot interpolate its position "
+                f"embeddings, and model.image_size is {image_size}; set model.image_size: {e.native_size}"
             )
     if len(set(counts.values())) != 1:
         raise ModelLoadError(f"encoders give different patch counts at {image_size}px: {counts}; "

@@ -1,7 +1,10 @@
 """The dual-encoder VLA, split the way distributed training needs it.
 
     z = concat(phi_1(o), ..., phi_k(o))   per patch, in config order
-    image tokens = projector(z), placed after BOS; text follows.
+    image tokens = projector(z), placed as the source VLM family placed them
+    (`SequenceLayout`): LLaVA/Prismatic [BOS][image][text], causal;
+    PaliGemma [image][BOS][prompt][answer], image + prompt attending both
+    ways (prefix-LM), the answer causally, positions counted from 1.
 
 `VisionLanguageActionModel` holds two children that are never mixed:
 - `frozen`: the frozen encoders (`FrozenEncoders`): eval mode, no gradients,
@@ -17,7 +20,7 @@ never materialises (batch x sequence x vocabulary) logits in training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +35,50 @@ IGNORE_INDEX = -100
 def count_answer_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Answer tokens the loss is taken over in a batch of `labels` (what `VLACore.forward` predicts).
 
-    Position 0 (BOS) is never a target: a target at text position t is predicted from t-1.
+    Text position 0 (BOS) is never a target, in every layout (`VLACore.embed` ignores its label).
     """
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How a source VLM family lays out image and text, and how they attend.
+
+    A property of the source family, recorded in exports, so that training, export and the
+    policy all feed the LLM what the source VLM was trained on: its logits at step 0 are
+    the source's own.
+    """
+
+    name: str
+    image_first: bool  # [image][BOS][text] (PaliGemma) rather than [BOS][image][text] (LLaVA, Prismatic)
+    prefix_lm: bool  # image + prompt attend both ways, the answer causally (PaliGemma)
+    position_offset: int  # the first position id (PaliGemma counts from 1)
+
+
+LAYOUTS = {
+    "llava": SequenceLayout("llava", image_first=False, prefix_lm=False, position_offset=0),
+    "paligemma": SequenceLayout("paligemma", image_first=True, prefix_lm=True, position_offset=1),
+}
+
+
+def layout_for_source(source_type: str) -> SequenceLayout:
+    """PaliGemma sources keep PaliGemma's layout; LLaVA and Prismatic-style parts put the image after BOS."""
+    return LAYOUTS["paligemma" if source_type == "paligemma" else "llava"]
+
+
+@dataclass
+class LLMInputs:
+    """One batch as the LLM sees it: image tokens placed by the layout."""
+
+    embeds: torch.Tensor  # (B, L, H)
+    attention_mask: torch.Tensor  # (B, L) 1 for real tokens, 0 for padding
+    labels: torch.Tensor | None  # (B, L) or None
+    prefix_len: torch.Tensor  # (B,) positions that attend both ways (prefix-LM layouts only)
+
+    def extended(self, embeds: torch.Tensor) -> "LLMInputs":
+        """These inputs followed by more (answer) tokens: causal, outside the prefix."""
+        mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(embeds.shape[:2])], dim=1)
+        return LLMInputs(torch.cat([self.embeds, embeds], dim=1), mask, None, self.prefix_len)
 
 
 def param_numel(p: torch.nn.Parameter) -> int:
@@ -75,12 +119,13 @@ class VLACore(nn.Module):
     """Everything that trains: trainable encoders, projector and the causal LM."""
 
     def __init__(self, trainable_encoders: Sequence[VisionEncoder], projector: Projector, llm: nn.Module,
-                 encoder_order: Sequence[str]):
+                 encoder_order: Sequence[str], layout: SequenceLayout = LAYOUTS["llava"]):
         super().__init__()
         self.encoders = nn.ModuleDict({e.spec.name: e for e in trainable_encoders})
         self.projector = projector
         self.llm = llm
         self.encoder_order = list(encoder_order)
+        self.layout = layout
 
     # -- pieces -----------------------------------------------------------
     def image_tokens(self, images: torch.Tensor, frozen_features: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -93,18 +138,62 @@ class VLACore(nn.Module):
         return self.projector(feats)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor,
-              labels: torch.Tensor | None = None):
-        """Splice image tokens after BOS: [BOS][image x P][text...]."""
+              labels: torch.Tensor | None = None) -> LLMInputs:
+        """Place the image tokens as the layout says. `input_ids` start with BOS.
+
+        The prefix (prefix-LM layouts) is the image plus every text position before the first
+        answer token (label != -100); without labels, everything given is prompt.
+        """
         text = self.llm.get_input_embeddings()(input_ids)
         image_tokens = image_tokens.to(text.dtype)
         b, p = image_tokens.shape[:2]
-        embeds = torch.cat([text[:, :1], image_tokens, text[:, 1:]], dim=1)
         ones = attention_mask.new_ones(b, p)
-        mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+        if self.layout.image_first:
+            embeds = torch.cat([image_tokens, text], dim=1)
+            mask = torch.cat([ones, attention_mask], dim=1)
+        else:
+            embeds = torch.cat([text[:, :1], image_tokens, text[:, 1:]], dim=1)
+            mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+        n_text = input_ids.shape[1]
         if labels is None:
-            return embeds, mask, None
+            return LLMInputs(embeds, mask, None, input_ids.new_full((b,), p + n_text))
+        answer = labels != IGNORE_INDEX
+        answer[:, 0] = False
+        first_answer = torch.where(answer.any(1), answer.int().argmax(1), n_text)
         ignore = labels.new_full((b, p), IGNORE_INDEX)
-        return embeds, mask, torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)
+        # BOS is never a target (see `count_answer_tokens`), wherever it sits.
+        bos = labels.new_full((b, 1), IGNORE_INDEX)
+        if self.layout.image_first:
+            full = torch.cat([ignore, bos, labels[:, 1:]], dim=1)
+        else:
+            full = torch.cat([bos, ignore, labels[:, 1:]], dim=1)
+        return LLMInputs(embeds, mask, full, p + first_answer)
+
+    def llm_kwargs(self, inputs: LLMInputs, past: int = 0) -> dict[str, Any]:
+        """Keyword arguments for the LLM (or its decoder) over `inputs`, after `past` cached positions.
+
+        A prefix-LM layout gets an explicit 4-D mask (prefix both ways, the rest causal, padding
+        masked); with a cache the new positions are causal over everything before, which is the
+        default, so only position ids are given.
+        """
+        embeds = inputs.embeds
+        n = embeds.shape[1]
+        positions = torch.arange(past, past + n, device=embeds.device) + self.layout.position_offset
+        kwargs: dict[str, Any] = {"inputs_embeds": embeds, "position_ids": positions.unsqueeze(0)}
+        if past:
+            return kwargs
+        if not self.layout.prefix_lm:
+            kwargs["attention_mask"] = inputs.attention_mask
+            return kwargs
+        i = torch.arange(n, device=embeds.device)
+        causal = i[None, :] <= i[:, None]  # (query, key)
+        in_prefix = i[None, None, :] < inputs.prefix_len.to(embeds.device)[:, None, None]  # (B, 1, key)
+        # A key in the prefix is visible from every query: from prefix queries (both ways) and
+        # from later ones (causally anyway).
+        allowed = (causal[None] | in_prefix) & inputs.attention_mask.bool()[:, None, :]
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+        kwargs["attention_mask"] = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
+        return kwargs
 
     def decoder(self) -> nn.Module:
         """The LLM without its head (returns hidden states)."""
@@ -127,10 +216,10 @@ class VLACore(nn.Module):
         `choice_mask` (like `labels`): the answer positions whose token accuracy is counted (for
         actions, where the grammar leaves a choice); default every answer token."""
         img = self.image_tokens(images, frozen_features)
-        embeds, mask, full_labels = self.embed(input_ids, attention_mask, img, labels)
-        hidden = self.decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        inputs = self.embed(input_ids, attention_mask, img, labels)
+        hidden = self.decoder()(**self.llm_kwargs(inputs), use_cache=False).last_hidden_state
         # Position t predicts token t+1; keep only positions whose target is an answer token.
-        targets = full_labels[:, 1:]
+        targets = inputs.labels[:, 1:]
         sel = targets != IGNORE_INDEX
         h = hidden[:, :-1][sel]
         logits = self.head_logits(h).float()

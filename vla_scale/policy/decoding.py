@@ -11,6 +11,10 @@ At every position the action grammar says which token ids may come next.
 So the number of LLM forward passes per action equals the number of
 positions with a real choice, and every decoded sequence parses, whatever
 the weights are.
+
+The prompt (image included) is fed in one prefill pass with the layout's
+attention (bidirectional over the prefix for PaliGemma); every later token
+is causal over the cache, as the answer was in training.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from vla_scale.kernels import MAX_ALLOWED, constrained_argmax
+from vla_scale.models.vla import LLMInputs
 
 
 @dataclass
@@ -26,11 +31,15 @@ class DecodeResult:
     ids: list[int]  # decoded ids, EOS included
     forward_passes: int  # LLM forward passes, prefill included
     choices: int  # positions where a token was chosen (not forced)
+    choice_logits: list[torch.Tensor] | None = None  # (V,) at each choice, when asked for (tests, debugging)
 
 
 @torch.no_grad()
-def constrained_greedy(core, prefix_embeds: torch.Tensor, grammar, max_tokens: int = 4096) -> DecodeResult:
-    """Decode one sequence (batch 1) after `prefix_embeds` (1, L, H) under `grammar`."""
+def constrained_greedy(core, prompt: LLMInputs, grammar, max_tokens: int = 4096, keep_logits: bool = False) -> DecodeResult:
+    """Decode one sequence (batch 1) after `prompt` (`LLMInputs` from `core.embed`) under `grammar`.
+
+    `keep_logits`: also return the full logits at every choice (costs a V-wide product each).
+    """
     from transformers import DynamicCache
 
     decoder = core.decoder()
@@ -42,9 +51,11 @@ def constrained_greedy(core, prefix_embeds: torch.Tensor, grammar, max_tokens: i
     pending: list[int] = []
     forwards = choices = 0
     hidden = None
-    inputs = prefix_embeds
+    past = 0
+    kept: list[torch.Tensor] | None = [] if keep_logits else None
+    device = prompt.embeds.device
     # One (1, K) row of allowed ids per grammar state, built once on the device (padded with -1).
-    rows = grammar.allowed_table().to(prefix_embeds.device)
+    rows = grammar.allowed_table().to(device)
     # The Triton kernel takes up to MAX_ALLOWED ids per row; wider grammars (the 256-bin baseline)
     # use the gathered-row PyTorch path, which still never forms V-wide logits.
     backend = "torch" if rows.shape[1] > MAX_ALLOWED else None
@@ -57,13 +68,20 @@ def constrained_greedy(core, prefix_embeds: torch.Tensor, grammar, max_tokens: i
             continue
         # A real choice: bring the LLM up to date with everything appended since its last pass.
         if pending or hidden is None:
-            if pending:
-                ids = torch.tensor([pending], device=prefix_embeds.device)
-                new = embed(ids)
-                inputs = new if hidden is not None else torch.cat([inputs, new], dim=1)
-            hidden = decoder(inputs_embeds=inputs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            new = embed(torch.tensor([pending], device=device)) if pending else None
+            if hidden is None:  # prefill: the prompt, then any forced tokens, in one pass
+                inputs = prompt if new is None else prompt.extended(new)
+                kwargs = core.llm_kwargs(inputs)
+            else:
+                kwargs = core.llm_kwargs(LLMInputs(new, torch.ones(new.shape[:2], dtype=torch.long, device=device), None,
+                                                     prompt.prefix_len), past=past)
+            step = kwargs["inputs_embeds"].shape[1]
+            hidden = decoder(**kwargs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            past += step
             forwards += 1
             pending = []
+        if kept is not None:
+            kept.append(core.head_logits(hidden)[0].float())
         # The grammar's ids are valid by construction: skip the per-call input validation.
         token = int(constrained_argmax(hidden.to(head.weight.dtype), head.weight, rows[state:state + 1],
                                        bias=getattr(head, "bias", None), validate=False, backend=backend)[0])
@@ -73,4 +91,4 @@ def constrained_greedy(core, prefix_embeds: torch.Tensor, grammar, max_tokens: i
         state = grammar.advance(state, token)
         if len(out) > max_tokens:
             raise RuntimeError(f"action grammar did not terminate within {max_tokens} tokens")
-    return DecodeResult(out, forwards, choices)
+    return DecodeResult(out, forwards, choices, kept)

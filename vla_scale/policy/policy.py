@@ -76,8 +76,7 @@ class VLAPolicy:
         ids = self.prompts.prompt_ids(self.prompts.robot_prompt(instruction))
         ids_t = torch.tensor([ids], device=self.device)
         mask = torch.ones_like(ids_t)
-        embeds, _, _ = core.embed(ids_t, mask, img_tokens)
-        result = constrained_greedy(core, embeds, self.grammar)
+        result = constrained_greedy(core, core.embed(ids_t, mask, img_tokens), self.grammar)
         self.last_decode = result
         normalized = self.action_tokenizer.decode(result.ids, chunk=self.actions.chunk if self.actions.chunk > 1 else None)
         action = self.normalizer.unnormalize(np.asarray(normalized, dtype=np.float64))

@@ -9,6 +9,10 @@ for a DeepSpeed ZeRO-3 checkpoint, from DeepSpeed's own consolidation
 (`zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`): the fp32 master
 weights of every rank's partition, reassembled on the CPU of one process, no
 process group needed. The export is then written in fp32 or bf16.
+
+The frozen encoders are read again from the source folder recorded at
+training time, or from `source` when that folder has moved; either way their
+content hash must equal the checkpoint's.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 
 from vla_scale.config import config_to_dict
-from vla_scale.errors import CheckpointError
+from vla_scale.errors import CheckpointError, ConfigError, ModelLoadError
 from vla_scale.models.export import save_export
 from vla_scale.models.loading import build_vla
 from vla_scale.train.checkpoint import CheckpointManager
@@ -54,12 +58,23 @@ def _load_zero_checkpoint(core: torch.nn.Module, ckpt_dir: Path) -> tuple[list[s
     return list(missing), list(unexpected)
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
+def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
+                      source: str | Path | None = None) -> Path:
+    """`source`: where the source VLM folder is now, when it moved since training (llava/paligemma)."""
     from omegaconf import OmegaConf
     from safetensors.torch import load_model
 
     ckpt_dir = resolve_checkpoint(ckpt)
     cfg = load_checkpoint_config(ckpt_dir)
+    if source is not None:
+        if cfg.model.source_type == "parts":
+            raise ConfigError(f"{ckpt_dir}: --source applies to llava and paligemma sources; this run was built "
+                              "from parts (model.llm and model.encoders.N.path)")
+        cfg.model.source = str(source)
+    if cfg.model.source_type != "parts" and not Path(cfg.model.source).is_dir():
+        where = "--source" if source is not None else "the source VLM folder this checkpoint was trained from"
+        raise ModelLoadError(f"{ckpt_dir}: {where} {cfg.model.source} does not exist (the frozen encoders are "
+                             "read from it); pass --source DIR with its new location")
     model, _ = build_vla(cfg.model)
     if is_deepspeed_checkpoint(ckpt_dir):
         missing, unexpected = _load_zero_checkpoint(model.core, ckpt_dir)

@@ -88,8 +88,9 @@ def verify_frozen(model: VisionLanguageActionModel, cfg: Config, saved: dict[str
     now = frozen_encoder_record(model, cfg)
     for name, rec in saved.items():
         if name not in now or now[name]["sha256"] != rec["sha256"]:
-            raise CheckpointError(f"{where}: frozen encoder '{name}' loaded from {rec['source']} is not the one "
-                                  "this checkpoint was trained with (content hash differs)")
+            found = now.get(name, {}).get("source", "nowhere")
+            raise CheckpointError(f"{where}: frozen encoder '{name}' loaded from {found} is not the one this "
+                                  f"checkpoint was trained with (from {rec['source']}; content hash differs)")
 
 
 def check_resume_config(saved: dict[str, Any], cfg: Config, where: Path) -> None:
