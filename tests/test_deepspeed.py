@@ -312,13 +312,21 @@ def test_two_ranks_give_the_gradients_and_parameters_of_one_process_on_the_same_
     accumulation splits): the objective is the global batch's answer-token mean, whatever the world size."""
     from test_objective import STEPS, _run, assert_same_step
 
-    ref_grads, ref_params, _ = _run(tiny_llava, work / "objective_ref", micro=8)
+    # Validation at the last step too: under ZeRO-3 every rank gathers the model and decodes.
+    val = [f"train.val_every={STEPS}", "data.val_samples=4",
+           "data.val_sources=[{name: robot, path: synthetic}, {name: vqa, path: synthetic}]"]
+    ref_grads, ref_params, _ = _run(tiny_llava, work / "objective_ref", 8, *val)
     out, run = work / "objective_out", work / "objective_run"
     _worker_run(ds_env, 2, out, run, tiny_llava, f"train.steps={STEPS}", "train.micro_batch_size=4",
-                "train.warmup_steps=1", "train.checkpoint_every=0", extra_env={"VLA_SCALE_TEST_GRADS": "1"})
+                "train.warmup_steps=1", "train.checkpoint_every=0", *val, extra_env={"VLA_SCALE_TEST_GRADS": "1"})
     grads = torch.load(out / "grads_step1.pt", weights_only=True)
     params = torch.load(out / "core_state.pt", weights_only=True)
     assert_same_step(grads, params, ref_grads, ref_params)
+    ref_val = {k: v for k, v in read_metrics(work / "objective_ref" / "metrics.jsonl")[-1].items() if "val/" in k}
+    ds_val = {k: v for k, v in read_metrics(run / "metrics.jsonl")[-1].items() if "val/" in k}
+    assert "val/l1/robot" in ref_val and ref_val.keys() == ds_val.keys()
+    for key, value in ref_val.items():  # the weights agree to ~1e-7: losses closely, decoded actions exactly
+        assert ds_val[key] == (pytest.approx(value, rel=1e-5, abs=1e-6) if "loss" in key else value), key
 
 
 def test_checkpoint_is_deepspeeds_layout_and_zero_to_fp32_consolidates_it(ds_run):

@@ -160,14 +160,16 @@ class VLACore(nn.Module):
         answer = labels != IGNORE_INDEX
         answer[:, 0] = False
         first_answer = torch.where(answer.any(1), answer.int().argmax(1), n_text)
-        ignore = labels.new_full((b, p), IGNORE_INDEX)
-        # BOS is never a target (see `count_answer_tokens`), wherever it sits.
-        bos = labels.new_full((b, 1), IGNORE_INDEX)
-        if self.layout.image_first:
-            full = torch.cat([ignore, bos, labels[:, 1:]], dim=1)
-        else:
-            full = torch.cat([bos, ignore, labels[:, 1:]], dim=1)
-        return LLMInputs(embeds, mask, full, p + first_answer)
+        return LLMInputs(embeds, mask, self.place_text_values(labels, p, IGNORE_INDEX), p + first_answer)
+
+    def place_text_values(self, values: torch.Tensor, num_image_tokens: int, fill: Any) -> torch.Tensor:
+        """A per-text-position tensor (labels, masks) laid out like the LLM's input: `fill` at the image
+        positions and at BOS, which is never a target (see `count_answer_tokens`), wherever it sits."""
+        b = values.shape[0]
+        image = values.new_full((b, num_image_tokens), fill)
+        bos = values.new_full((b, 1), fill)
+        parts = [image, bos] if self.layout.image_first else [bos, image]
+        return torch.cat([*parts, values[:, 1:]], dim=1)
 
     def llm_kwargs(self, inputs: LLMInputs, past: int = 0) -> dict[str, Any]:
         """Keyword arguments for the LLM (or its decoder) over `inputs`, after `past` cached positions.
@@ -232,9 +234,8 @@ class VLACore(nn.Module):
             sample_loss_sum = torch.zeros(b, device=tok_loss.device).index_add_(0, rows, tok_loss.detach())
             if choice_mask is None:
                 counted = torch.ones_like(tgt, dtype=torch.float32)
-            else:  # the same splice as the labels': image positions never count
-                full = torch.cat([choice_mask[:, :1], choice_mask.new_zeros(b, img.shape[1]), choice_mask[:, 1:]], 1)
-                counted = full[:, 1:][sel].float()
+            else:
+                counted = self.place_text_values(choice_mask, img.shape[1], False)[:, 1:][sel].float()
             correct = (logits.argmax(-1) == tgt).float() * counted
             sample_correct = torch.zeros(b, device=tok_loss.device).index_add_(0, rows, correct)
             sample_choices = torch.zeros(b, device=tok_loss.device).index_add_(0, rows, counted)

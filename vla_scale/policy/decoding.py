@@ -92,3 +92,17 @@ def constrained_greedy(core, prompt: LLMInputs, grammar, max_tokens: int = 4096,
         if len(out) > max_tokens:
             raise RuntimeError(f"action grammar did not terminate within {max_tokens} tokens")
     return DecodeResult(out, forwards, choices, kept)
+
+
+@torch.no_grad()
+def decode_action(model, pixels: torch.Tensor, prompt_ids: list[int], grammar, keep_logits: bool = False) -> DecodeResult:
+    """The policy's whole decode for one observation: image tokens of `pixels` (1, C, H, W), the prompt
+    `prompt_ids` (BOS first) placed by the model's layout, then constrained greedy decoding.
+
+    The one home of this sequence: `VLAPolicy` and the trainer's validation both call it, so what
+    validation reports is what the policy does.
+    """
+    core = model.core
+    ids = torch.tensor([prompt_ids], device=pixels.device)
+    return constrained_greedy(core, core.embed(ids, torch.ones_like(ids), model.image_tokens(pixels)), grammar,
+                              keep_logits=keep_logits)

@@ -22,7 +22,7 @@ from vla_scale.data.images import to_pixels
 from vla_scale.data.prompts import PromptBuilder
 from vla_scale.errors import ConfigError
 from vla_scale.models.export import load_export
-from vla_scale.policy.decoding import DecodeResult, constrained_greedy
+from vla_scale.policy.decoding import DecodeResult, decode_action
 
 
 def select_stats(stats: dict, unnorm_key: str | None) -> tuple[str | None, dict]:
@@ -71,12 +71,8 @@ class VLAPolicy:
     def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:
         """Unnormalised action: shape (D,), or (T, D) for action chunks."""
         pixels = to_pixels(image, self.model.image_size).unsqueeze(0).to(self.device)
-        core = self.model.core
-        img_tokens = self.model.image_tokens(pixels)
         ids = self.prompts.prompt_ids(self.prompts.robot_prompt(instruction))
-        ids_t = torch.tensor([ids], device=self.device)
-        mask = torch.ones_like(ids_t)
-        result = constrained_greedy(core, core.embed(ids_t, mask, img_tokens), self.grammar)
+        result = decode_action(self.model, pixels, ids, self.grammar)
         self.last_decode = result
         normalized = self.action_tokenizer.decode(result.ids, chunk=self.actions.chunk if self.actions.chunk > 1 else None)
         action = self.normalizer.unnormalize(np.asarray(normalized, dtype=np.float64))

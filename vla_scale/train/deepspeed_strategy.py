@@ -474,7 +474,17 @@ class DeepSpeedStrategy(Strategy):
 
         params = [p for p in self.model.core.parameters() if hasattr(p, "ds_id")]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
+            # ZeRO-3's post-forward hooks release a parameter once no active submodule holds it, which
+            # would empty the LM head between decode steps (they read its rows directly). A marker in
+            # each parameter's active set keeps them gathered until the context partitions them again.
+            marker = -1 - id(self)
+            for p in params:
+                p.ds_active_sub_modules.add(marker)
+            try:
+                yield
+            finally:
+                for p in params:
+                    p.ds_active_sub_modules.discard(marker)
 
     # ------------------------------------------------------------------ collectives
 

@@ -41,7 +41,7 @@ from vla_scale.data.schema import ROBOT_TASK
 from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.errors import DataError
 from vla_scale.models.vla import IGNORE_INDEX, VisionLanguageActionModel
-from vla_scale.policy.decoding import constrained_greedy
+from vla_scale.policy.decoding import decode_action
 
 
 def validation_dirs(cfg: Config, rank: int = 0) -> list[Path]:
@@ -68,7 +68,8 @@ def _read(folder: Path, limit: int) -> list[dict[str, Any]]:
     streaming = import_streaming()
     ds = streaming.StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
     try:
-        return [ds[i] for i in range(min(limit, len(ds)))]
+        # num_samples, not len(): under several ranks len() is one rank's share of an epoch.
+        return [ds[i] for i in range(min(limit, int(ds.num_samples)))]
     finally:
         del ds
         gc.collect()
@@ -126,9 +127,7 @@ class Validator:
     def _decode(self, model: VisionLanguageActionModel, sample: dict[str, Any], pixels: torch.Tensor,
                 device) -> np.ndarray:
         answer_at = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
-        ids = torch.tensor([sample["input_ids"][:answer_at]], device=device)
-        embeds, _, _ = model.core.embed(ids, torch.ones_like(ids), model.image_tokens(pixels.to(device)[None]))
-        result = constrained_greedy(model.core, embeds, self.grammar)
+        result = decode_action(model, pixels.to(device)[None], sample["input_ids"][:answer_at], self.grammar)
         return np.asarray(self.prompts.action_tokenizer.decode(result.ids, chunk=self.chunk), np.float64)
 
     def _actions(self, model, name: str, device, shuffled: bool) -> tuple[np.ndarray, np.ndarray]:
