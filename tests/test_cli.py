@@ -71,6 +71,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (export / "model.safetensors").is_file() and (export / "vla_config.json").is_file()
     ckpts = sorted(p.name for p in (tmp_path / "demo" / "run" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000003", "step_00000006"]
+    # The validation line, at the preemption point and at the end, with the baseline and the reliance gap.
+    val_lines = [line for line in r.stdout.splitlines() if "val @ step" in line]
+    assert any("val @ step 3:" in line for line in val_lines) and any("val @ step 6:" in line for line in val_lines)
+    assert all("mean-action" in line and "vision reliance" in line for line in val_lines)
 
 
 def _one_line_error(r):

@@ -62,6 +62,6 @@ def test_validation_changes_nothing_about_training(tiny_config, tmp_path):
 
 def test_validation_settings_are_checked_at_load(tiny_config):
     with pytest.raises(ConfigError, match=r"data\.val_sources\.0\.name='robt' is not a training source.*'robot'"):
-        tiny_config("data.val_sources=[{name: robt, path: synthetic}]")
+        tiny_config("data.val_sources=[{name: robt, path: synthetic}]", "train.val_every=10")
     with pytest.raises(ConfigError, match="train.val_every is set but data.val_sources is empty"):
-        tiny_config("train.val_every=5")
+        tiny_config("train.val_every=5", "data.val_sources=[]")

@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dual-encoder VLA, co-train it on the built-in synthetic set, stop half-way "
                                    "(as if preempted), resume, export, and predict an action.")
     d.add_argument("--workdir", default="demo_out", help="where everything is written (default: ./demo_out)")
-    d.add_argument("--steps", type=int, default=400, help="training steps (default: 400, about 30 s on 2 cores)")
+    d.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000, about 2-3 min on 2 cores)")
     d.set_defaults(func=cmd_demo)
 
     pl = sub.add_parser("plan", help="per-GPU memory of a config under ZeRO-3, without weights",

@@ -201,7 +201,7 @@ def validate(cfg: Config) -> None:
         if s.weight < 0:
             raise ConfigError(f"data.sources.{i}.weight must be >= 0, got {s.weight}")
     train_names = {s.name: s for s in d.sources}
-    for i, s in enumerate(d.val_sources):
+    for i, s in enumerate(d.val_sources if t.val_every else []):  # checked when validation is on
         if s.name not in train_names:
             near = difflib.get_close_matches(s.name, list(train_names), n=1)
             hint = f"; did you mean '{near[0]}'?" if near else ""
