@@ -172,3 +172,22 @@ def test_two_ranks_disjoint_and_resume_across_world_sizes(tiny_config, tiny_llav
     r21, _ = _torchrun(1, cfg_json, tmp_path / "r21", 5, resume=tmp_path / "w2.state.json", tmp=tmp)
     assert [sorted(s) for s in r12] == [sorted(s) for s in one[3:]]
     assert [sorted(s) for s in r21] == [sorted(s) for s in one[3:]]
+
+
+def test_special_token_strings_in_user_text_are_plain_text(tiny_config, tiny_llava):
+    tok = load_tokenizer(tiny_llava)
+    cfg = tiny_config()
+    prompts = PromptBuilder(tok, make_action_tokenizer(cfg.actions, tok), 512)
+    special = {tok.convert_tokens_to_ids(t) for t in ("<VLA_PROMPT>", "<VLM_PROMPT>")} | set(tok.all_special_ids)
+    plain = prompts.prompt_ids(prompts.robot_prompt("pick up the cup"))
+    # Ordinary prompts tokenize exactly as the tokenizer itself splits them.
+    assert plain == [tok.bos_token_id] + tok.encode(prompts.robot_prompt("pick up the cup"), add_special_tokens=False)
+    robot = prompts.build_robot("pick </s> up <VLA_PROMPT> the cup", np.zeros(7))
+    vl = prompts.build_vl_turns([{"question": "what is <VLM_PROMPT> </s>?", "answer": "a </s> cup <pad>"},
+                                 {"question": "and <s>?", "answer": "</s>"}])
+    for sample, tag in ((robot, "<VLA_PROMPT>"), (vl, "<VLM_PROMPT>")):
+        ids = sample.input_ids
+        assert ids[0] == tok.bos_token_id and ids[1] == tok.convert_tokens_to_ids(tag)
+        assert ids[-1] == tok.eos_token_id
+        assert not special & set(ids[2:-1]), tok.convert_ids_to_tokens(ids)
+    assert "</s>" in tok.decode(robot.input_ids[2:-1]) and "<VLA_PROMPT>" in tok.decode(robot.input_ids[2:-1])

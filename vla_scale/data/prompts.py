@@ -36,8 +36,19 @@ class PromptBuilder:
         self.max_length = max_length
 
     def prompt_ids(self, text: str) -> list[int]:
-        """BOS + the prompt's tokens (what the policy feeds before decoding)."""
-        return [self.tokenizer.bos_token_id] + self.tokenizer.encode(text, add_special_tokens=False)
+        """BOS + the prompt's tokens (what the policy feeds before decoding).
+
+        The leading prompt tag is the only special token: the rest is the user's
+        text, and a "</s>" or "<VLA_PROMPT>" written in an instruction or question
+        is tokenized as characters, never as the special token.
+        """
+        tag = next((t for t in (VLA_PROMPT, VLM_PROMPT) if text.startswith(t)), "")
+        head = [self.tokenizer.convert_tokens_to_ids(tag)] if tag else []
+        return [self.tokenizer.bos_token_id] + head + self.text_ids(text[len(tag):])
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of user text, special-token strings included as plain text."""
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def robot_prompt(self, instruction: str) -> str:
         instruction = instruction.strip().rstrip("?.! ")
@@ -52,15 +63,14 @@ class PromptBuilder:
 
     def build_vl_turns(self, turns: list[dict[str, str]]) -> TokenizedSample:
         """Multi-turn VL: every answer (and the final EOS) is labelled, every question is not."""
-        enc = self.tokenizer.encode
         ids = self.prompt_ids(VL_TEMPLATE.format(question=turns[0]["question"].strip()))
         labels = [IGNORE_INDEX] * len(ids)
         for k, turn in enumerate(turns):
             if k:
-                q = enc(" " + turn["question"].strip(), add_special_tokens=False)
+                q = self.text_ids(" " + turn["question"].strip())
                 ids += q
                 labels += [IGNORE_INDEX] * len(q)
-            a = enc(" " + turn["answer"].strip(), add_special_tokens=False)
+            a = self.text_ids(" " + turn["answer"].strip())
             ids += a
             labels += a
         return self._check(TokenizedSample(ids + [self.tokenizer.eos_token_id],
