@@ -191,3 +191,49 @@ def test_special_token_strings_in_user_text_are_plain_text(tiny_config, tiny_lla
         assert ids[-1] == tok.eos_token_id
         assert not special & set(ids[2:-1]), tok.convert_ids_to_tokens(ids)
     assert "</s>" in tok.decode(robot.input_ids[2:-1]) and "<VLA_PROMPT>" in tok.decode(robot.input_ids[2:-1])
+
+
+def _processor(cfg, tiny_llava):
+    from vla_scale.data.pipeline import SampleProcessor
+
+    tok = load_tokenizer(tiny_llava)
+    prompts = PromptBuilder(tok, make_action_tokenizer(cfg.actions, tok), cfg.data.max_length)
+    stats = {"robot": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}
+    return SampleProcessor(cfg, prompts, stats, ["robot", "spatial"])
+
+
+def _robot(image, uid=0):
+    return {"_stream": 0, "_uid": uid, "_epoch": 0, "image": image, "task": "robot", "instruction": "pick up the cup",
+            "action": np.zeros(7, np.float32)}
+
+
+def _vl(image, uid=1, answer="[(0.25, 0.75)]", question="where is the cup?"):
+    return {"_stream": 1, "_uid": uid, "_epoch": 0, "image": image, "task": "spatial",
+            "turns": [{"question": question, "answer": answer}]}
+
+
+def test_only_robot_frames_are_augmented(tiny_config, tiny_llava):
+    from PIL import Image
+
+    from vla_scale.data.images import to_pixels
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    cfg = tiny_config("data.augment=true")
+    batch = _processor(cfg, tiny_llava)([_robot(img), _vl(img)])
+    plain = to_pixels(img, cfg.model.image_size)
+    # A spatial answer's coordinates refer to the image as stored: its pixels must be untouched.
+    assert np.array_equal(batch["pixel_values"][1].numpy(), plain.numpy())
+    assert not np.array_equal(batch["pixel_values"][0].numpy(), plain.numpy())
+
+
+def test_centre_crop_is_the_mean_of_the_random_crops():
+    from vla_scale.data.augment import crop_box
+
+    for w, h in ((32, 32), (224, 224), (33, 20)):
+        boxes = np.array([crop_box(w, h, 0.9, np.random.default_rng(k)) for k in range(3000)])
+        centre = np.array(crop_box(w, h, 0.9))
+        assert np.array_equal(boxes[:, 2:] - boxes[:, :2], np.broadcast_to(centre[2:] - centre[:2], (3000, 2)))
+        # Offsets are uniform over every position, whose exact mean is the centred offset.
+        span = np.array([w, h]) - (centre[2:] - centre[:2])
+        assert np.array_equal(centre[:2], span / 2)
+        assert np.abs(boxes[:, :2].mean(0) - centre[:2]).max() < 0.1 * max(span.max(), 1)

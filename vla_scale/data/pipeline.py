@@ -154,7 +154,8 @@ class SampleProcessor:
         name = self.source_of_stream[stream]
         where = f"source '{name}' sample {int(s['_uid'])}"
         image = s["image"]
-        if self.augment:
+        # Robot frames only: VL answers may hold image coordinates that a crop would falsify.
+        if self.augment and s["task"] == ROBOT_TASK:
             rng = np.random.default_rng([self.seed, int(s["_uid"]), int(s["_epoch"])])
             image = augment_image(image.convert("RGB"), rng)
         pixels = to_pixels(np.asarray(image.convert("RGB")), self.image_size)
