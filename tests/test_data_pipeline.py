@@ -237,3 +237,50 @@ def test_centre_crop_is_the_mean_of_the_random_crops():
         span = np.array([w, h]) - (centre[2:] - centre[:2])
         assert np.array_equal(centre[:2], span / 2)
         assert np.abs(boxes[:, :2].mean(0) - centre[:2]).max() < 0.1 * max(span.max(), 1)
+
+
+def test_overlong_samples_are_truncated_answer_first_or_dropped_and_flagged(tiny_config, tiny_llava):
+    from vla_scale.models.vla import IGNORE_INDEX
+
+    img = __import__("PIL.Image").Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    long_q = "where is the cup " * 80
+    answer = "[(0.25, 0.75)]"
+    proc = _processor(tiny_config("data.max_length=128", "data.overlong=truncate"), tiny_llava)
+    eos = proc.prompts.tokenizer.eos_token_id
+    full = PromptBuilder(proc.prompts.tokenizer, proc.prompts.action_tokenizer, 10_000).build_vl(long_q, answer)
+    answer_ids = [t for t in full.labels if t != IGNORE_INDEX]
+    batch = proc([_robot(img), _vl(img, question=long_q, answer=answer), _vl(img, uid=2)])
+    assert batch["truncated"].tolist() == [0, 1, 0] and batch["dropped"].tolist() == [0, 0, 0]
+    row = batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist()
+    labels = batch["labels"][1][batch["attention_mask"][1].bool()].tolist()
+    assert len(row) == 128 and row[:2] == full.input_ids[:2]
+    # The question's end was cut; the answer and its EOS are whole and labelled.
+    assert [t for t in labels if t != IGNORE_INDEX] == answer_ids and labels[-1] == eos
+    assert row[-len(answer_ids):] == answer_ids
+
+    # Later turns go before the first answer is touched.
+    turns = [{"question": "where is the cup?", "answer": answer}, {"question": long_q, "answer": "there"}]
+    t = proc.prompts.build_vl_turns(turns, "truncate")
+    assert t.truncated and t.input_ids == proc.prompts.build_vl_turns(turns[:1]).input_ids
+    # An answer that alone does not fit is cut, without EOS: it did not end.
+    cut = proc.prompts.build_vl("what is it?", "a cup " * 200, "truncate")
+    assert cut.truncated and len(cut.input_ids) == 128 and cut.input_ids[-1] != eos
+    assert sum(t != IGNORE_INDEX for t in cut.labels) > 64
+
+    drop = _processor(tiny_config("data.max_length=128", "data.overlong=drop"), tiny_llava)
+    batch = drop([_robot(img), _vl(img, question=long_q), _vl(img, uid=2)])
+    assert batch["input_ids"].shape[0] == 3 and batch["dropped"].tolist() == [0, 1, 0]
+    assert (batch["labels"][1] == IGNORE_INDEX).all() and drop.dropped_count == 1
+    assert batch["truncated"].tolist() == [0, 0, 0]
+
+    with pytest.raises(DataError, match=r"source 'spatial' sample 1: .*data.max_length=128.*data.overlong"):
+        _processor(tiny_config("data.max_length=128", "data.overlong=error"), tiny_llava)([_vl(img, question=long_q)])
+
+
+def test_max_length_too_short_for_an_action_is_refused_at_start(tiny_config, tiny_llava):
+    from vla_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.max_length=16 cannot hold a robot sample.*at least \d+"):
+        _processor(tiny_config("data.max_length=16"), tiny_llava)
+    with pytest.raises(ConfigError, match="data.overlong='cut' is not one of"):
+        tiny_config("data.overlong=cut")

@@ -133,8 +133,14 @@ class DataConfig:
         ]
     )
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    # Longest text sequence in tokens (image tokens not counted); longer samples are an error.
+    # Longest text sequence in tokens (image tokens not counted).
     max_length: int = 512
+    # Samples longer than max_length: "truncate" (later turns first, then the question's
+    # end; an answer is cut only when it alone does not fit), "drop" (the sample keeps its
+    # batch slot with no answer tokens, so it adds nothing to the loss) or "error". Either
+    # way the batch keys `truncated` / `dropped` flag them. A robot action is never cut:
+    # max_length too short for one is an error at start.
+    overlong: str = "truncate"
     # OpenVLA-style image augmentation (random resized crop + colour jitter),
     # deterministic per (seed, sample, epoch); both encoders see the same image.
     augment: bool = False

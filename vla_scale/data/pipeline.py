@@ -135,7 +135,15 @@ def source_stats(cfg: Config, dirs: list[Path], rank: int = 0) -> dict[str, dict
 
 # -- per-sample processing (runs in loader workers) ---------------------------
 class SampleProcessor:
-    """Decode, augment, normalise, tokenise and collate one rank batch. Picklable for workers."""
+    """Decode, augment, normalise, tokenise and collate one rank batch. Picklable for workers.
+
+    Over-long samples (`data.overlong`) reach the metrics through the batch: `truncated` and
+    `dropped` are 0/1 per sample. A dropped sample keeps its slot (BOS alone, no answer
+    tokens), because a collate function cannot fetch a replacement from the stream and the
+    global batch, and with it the resume position, must not change. The counters
+    `truncated_count` / `dropped_count` here see only this process's samples (loader workers
+    hold their own copies), so the trainer should sum the batch keys, not read these.
+    """
 
     def __init__(self, cfg: Config, prompts: PromptBuilder, stats: dict[str, dict[str, Any]],
                  source_of_stream: list[str]):
@@ -148,6 +156,9 @@ class SampleProcessor:
         self.normalizers = {name: ActionNormalizer.from_stats(s) for name, s in stats.items()}
         self.source_of_stream = source_of_stream  # stream index -> source name
         self.source_index = {name: i for i, name in enumerate(source_of_stream)}
+        self.overlong = cfg.data.overlong
+        self.truncated_count = self.dropped_count = 0
+        prompts.check_robot_fits((self.dim,) if self.chunk == 1 else (self.chunk, self.dim))
 
     def sample(self, s: dict[str, Any]) -> dict[str, Any]:
         stream = int(s["_stream"])
@@ -167,18 +178,30 @@ class SampleProcessor:
                                 f"(actions.dim={self.dim}, actions.chunk={self.chunk})")
             if not np.all(np.isfinite(action)):
                 raise DataError(f"{where}: non-finite action {action}")
-            tok = self.prompts.build_robot(s["instruction"], self.normalizers[name].normalize(action))
-        else:
-            tok = self.prompts.build_vl_turns(list(s["turns"]))
+            normalized = self.normalizers[name].normalize(action)
+        try:
+            if s["task"] == ROBOT_TASK:
+                tok = self.prompts.build_robot(s["instruction"], normalized, self.overlong)
+            else:
+                tok = self.prompts.build_vl_turns(list(s["turns"]), self.overlong)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        if tok.truncated or tok.dropped:
+            if not (self.truncated_count or self.dropped_count):
+                log.warning("%s: longer than data.max_length=%d, %s (data.overlong; counted in the batch key "
+                            "'%s')", where, self.prompts.max_length, "dropped" if tok.dropped else "truncated",
+                            "dropped" if tok.dropped else "truncated")
+            self.truncated_count += tok.truncated
+            self.dropped_count += tok.dropped
         return {"input_ids": tok.input_ids, "labels": tok.labels, "source": stream, "pixels": pixels,
-                "sample_id": int(s["_uid"])}
+                "sample_id": int(s["_uid"]), "truncated": tok.truncated, "dropped": tok.dropped}
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate([self.sample(s) for s in batch], self.prompts.tokenizer.pad_token_id)
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ids (pad_id), labels (-100) and attention masks; stack pixels."""
+    """Right-pad ids (pad_id), labels (-100) and attention masks; stack pixels; 0/1 flags per sample."""
     longest = max(len(s["input_ids"]) for s in samples)
     b = len(samples)
     ids = torch.full((b, longest), pad_id, dtype=torch.long)
@@ -191,7 +214,9 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
         mask[i, :n] = 1
     return {"pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": ids,
             "attention_mask": mask, "labels": labels, "source": torch.tensor([s["source"] for s in samples]),
-            "sample_id": torch.tensor([s.get("sample_id", -1) for s in samples])}
+            "sample_id": torch.tensor([s.get("sample_id", -1) for s in samples]),
+            "truncated": torch.tensor([int(s.get("truncated", False)) for s in samples]),
+            "dropped": torch.tensor([int(s.get("dropped", False)) for s in samples])}
 
 
 def split_micro_batches(batch: dict[str, torch.Tensor], micro: int) -> list[dict[str, torch.Tensor]]:

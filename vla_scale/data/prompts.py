@@ -4,7 +4,14 @@
     VL:     [BOS] <VLM_PROMPT> {question} {answer} [EOS]
 
 Labels are -100 everywhere except the answer tokens and EOS, so the loss is
-on actions (or answers) only. Image tokens are spliced in after BOS by the
+on actions (or answers) only.
+
+A sample longer than `max_length` is, per `data.overlong`: an error;
+truncated (whole later turns are dropped first, then the end of the first
+question, so the first answer stays whole; only an answer that alone does not
+fit is cut, and then without EOS, since it did not end); or dropped (BOS
+alone, no answer tokens: it keeps its batch slot and adds nothing to the loss,
+whose divisor is the count of answer tokens). A robot action is never cut. Image tokens are spliced in after BOS by the
 model; they never appear here. The policy builds its prompt with the same
 `prompt_ids` so that inference sees exactly what training saw.
 """
@@ -15,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vla_scale.errors import DataError
+from vla_scale.errors import ConfigError, DataError
 from vla_scale.models.loading import VLA_PROMPT, VLM_PROMPT
 from vla_scale.models.vla import IGNORE_INDEX
 
@@ -23,10 +30,15 @@ ROBOT_TEMPLATE = VLA_PROMPT + " What action should the robot take to {instructio
 VL_TEMPLATE = VLM_PROMPT + " {question}"
 
 
+OVERLONG = ("truncate", "drop", "error")
+
+
 @dataclass
 class TokenizedSample:
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False
+    dropped: bool = False
 
 
 class PromptBuilder:
@@ -54,35 +66,66 @@ class PromptBuilder:
         instruction = instruction.strip().rstrip("?.! ")
         return ROBOT_TEMPLATE.format(instruction=instruction[:1].lower() + instruction[1:])
 
-    def build_robot(self, instruction: str, normalized_action: np.ndarray) -> TokenizedSample:
-        return self._assemble(self.prompt_ids(self.robot_prompt(instruction)),
-                              list(self.action_tokenizer.encode(normalized_action)))
+    def build_robot(self, instruction: str, normalized_action: np.ndarray, overlong: str = "error") -> TokenizedSample:
+        prompt = self.prompt_ids(self.robot_prompt(instruction))
+        return self._fit([prompt, list(self.action_tokenizer.encode(normalized_action))], overlong, robot=True)
 
-    def build_vl(self, question: str, answer: str) -> TokenizedSample:
-        return self.build_vl_turns([{"question": question, "answer": answer}])
+    def build_vl(self, question: str, answer: str, overlong: str = "error") -> TokenizedSample:
+        return self.build_vl_turns([{"question": question, "answer": answer}], overlong)
 
-    def build_vl_turns(self, turns: list[dict[str, str]]) -> TokenizedSample:
+    def build_vl_turns(self, turns: list[dict[str, str]], overlong: str = "error") -> TokenizedSample:
         """Multi-turn VL: every answer (and the final EOS) is labelled, every question is not."""
-        ids = self.prompt_ids(VL_TEMPLATE.format(question=turns[0]["question"].strip()))
-        labels = [IGNORE_INDEX] * len(ids)
+        segments = [self.prompt_ids(VL_TEMPLATE.format(question=turns[0]["question"].strip()))]
         for k, turn in enumerate(turns):
             if k:
-                q = self.text_ids(" " + turn["question"].strip())
-                ids += q
-                labels += [IGNORE_INDEX] * len(q)
-            a = self.text_ids(" " + turn["answer"].strip())
-            ids += a
-            labels += a
-        return self._check(TokenizedSample(ids + [self.tokenizer.eos_token_id],
-                                           labels + [self.tokenizer.eos_token_id]))
+                segments.append(self.text_ids(" " + turn["question"].strip()))
+            segments.append(self.text_ids(" " + turn["answer"].strip()))
+        return self._fit(segments, overlong)
 
-    def _assemble(self, prompt: list[int], answer: list[int]) -> TokenizedSample:
-        ids = prompt + answer + [self.tokenizer.eos_token_id]
-        labels = [IGNORE_INDEX] * len(prompt) + answer + [self.tokenizer.eos_token_id]
-        return self._check(TokenizedSample(ids, labels))
+    def check_robot_fits(self, action_shape: tuple[int, ...]) -> None:
+        """ConfigError at start when max_length cannot hold a robot prompt and a whole action."""
+        # Negative with every decimal nonzero: the longest text either string style writes for a value.
+        worst = np.full(action_shape, -0.123456789)
+        need = len(self.prompt_ids(self.robot_prompt("x"))) + len(self.action_tokenizer.encode(worst)) + 1
+        if need > self.max_length:
+            raise ConfigError(f"data.max_length={self.max_length} cannot hold a robot sample: a one-word instruction "
+                              f"and a whole action take {need} tokens; raise data.max_length to at least {need}")
 
-    def _check(self, sample: TokenizedSample) -> TokenizedSample:
-        if len(sample.input_ids) > self.max_length:
-            raise DataError(f"sample has {len(sample.input_ids)} text tokens, more than "
-                            f"data.max_length={self.max_length}")
-        return sample
+    def _fit(self, segments: list[list[int]], overlong: str, robot: bool = False) -> TokenizedSample:
+        """Prompt, answer, [question, answer]... + EOS as ids and labels, within max_length per `overlong`."""
+        eos, limit = self.tokenizer.eos_token_id, self.max_length
+        total = sum(map(len, segments)) + 1
+        if total <= limit:
+            return self._join(segments, eos=True)
+        kind = "robot" if robot else "vision-language"
+        if overlong not in OVERLONG:
+            raise ConfigError(f"data.overlong={overlong!r} is not one of {list(OVERLONG)}")
+        if overlong == "error":
+            raise DataError(f"{kind} sample has {total} text tokens, more than data.max_length={limit}; raise "
+                            f"data.max_length, or set data.overlong to 'truncate' or 'drop'")
+        if overlong == "drop":
+            return TokenizedSample([self.tokenizer.bos_token_id], [IGNORE_INDEX], dropped=True)
+        turns = 1 + (len(segments) - 2) // 2  # segments: prompt, answer, then (question, answer) pairs
+        while turns > 1 and sum(map(len, segments[:2 * turns])) + 1 > limit:
+            turns -= 1
+        if turns > 1 or len(segments[0]) + len(segments[1]) + 1 <= limit:
+            return self._join(segments[:2 * turns], eos=True, truncated=True)
+        prompt, answer = segments[0], segments[1]
+        head = 2  # BOS and the prompt tag: the least of a prompt
+        if head + len(answer) + 1 <= limit:
+            return self._join([prompt[:limit - len(answer) - 1], answer], eos=True, truncated=True)
+        if robot:
+            raise DataError(f"robot sample: its action alone takes {len(answer)} tokens, more than "
+                            f"data.max_length={limit} allows with its prompt; raise data.max_length")
+        keep = min(len(prompt), max(head, limit // 2))
+        return self._join([prompt[:keep], answer[:limit - keep]], eos=False, truncated=True)
+
+    def _join(self, segments: list[list[int]], eos: bool, truncated: bool = False) -> TokenizedSample:
+        ids, labels = [], []
+        for k, seg in enumerate(segments):
+            ids += seg
+            labels += seg if k % 2 else [IGNORE_INDEX] * len(seg)  # odd segments are answers
+        if eos:
+            ids.append(self.tokenizer.eos_token_id)
+            labels.append(self.tokenizer.eos_token_id)
+        return TokenizedSample(ids, labels, truncated=truncated)
