@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vla_scale.actions import ActionNormalizer
 from vla_scale.actions.factory import make_action_tokenizer
 from vla_scale.config import config_to_dict
 from vla_scale.data.augment import augment_image
@@ -284,3 +285,41 @@ def test_max_length_too_short_for_an_action_is_refused_at_start(tiny_config, tin
         _processor(tiny_config("data.max_length=16"), tiny_llava)
     with pytest.raises(ConfigError, match="data.overlong='cut' is not one of"):
         tiny_config("data.overlong=cut")
+
+
+GRIPPER_0_85 = {"q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 6 + [85.0], "mask": [True] * 6 + [False],
+                "min": [-1.0] * 6 + [0.0], "max": [1.0] * 6 + [85.0]}
+
+
+def test_a_raw_dimension_outside_minus_one_one_is_an_error_at_start(tiny_config, tiny_llava, tmp_path):
+    stats = tmp_path / "gripper_0_85.json"
+    stats.write_text(json.dumps(GRIPPER_0_85))
+    cfg = tiny_config(f"data.sources=[{{name: robot, task: robot, stats: '{stats}'}}]")
+    with pytest.raises(DataError, match=r"data.sources.0 \('robot'\): action dimension 6 is kept raw.*\[0, 85\].*"
+                                        r"binarize_threshold"):
+        _loader(cfg, tiny_llava)
+    # Statistics without min/max cannot be checked at start: the first such action is.
+    no_range = {k: GRIPPER_0_85[k] for k in ("q01", "q99", "mask")}
+    proc = _processor(tiny_config(), tiny_llava)
+    proc.normalizers["robot"] = ActionNormalizer.from_stats(no_range)
+    sample = _robot(__import__("PIL.Image").Image.fromarray(np.zeros((8, 8, 3), np.uint8)))
+    sample["action"] = np.array([0, 0, 0, 0, 0, 0, 85.0], np.float32)
+    with pytest.raises(DataError, match=r"source 'robot' sample 0: action dimension 6 is kept raw.*85"):
+        proc([sample])
+
+
+def test_binarize_threshold_maps_a_raw_gripper_to_zero_one(tiny_config, tiny_llava):
+    cfg = tiny_config("data.sources=[{name: robot, task: robot, binarize_threshold: 42.5}, {name: spatial, "
+                      "task: spatial}]")
+    from vla_scale.actions.normalizer import check_raw_dims
+
+    check_raw_dims(GRIPPER_0_85, 42.5, "here")  # mapped: no error
+    proc = _processor(cfg, tiny_llava)
+    proc.normalizers["robot"] = ActionNormalizer.from_stats(GRIPPER_0_85)
+    img = __import__("PIL.Image").Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    for raw, mapped in ((85.0, 1.0), (60.0, 1.0), (10.0, 0.0), (0.0, 0.0)):
+        sample = _robot(img)
+        sample["action"] = np.array([0.5, 0, 0, 0, 0, 0, raw], np.float32)
+        ids = proc([sample])["input_ids"][0].tolist()
+        want = proc.prompts.build_robot("pick up the cup", np.array([0.5, 0, 0, 0, 0, 0, mapped]))
+        assert ids == want.input_ids, raw

@@ -111,6 +111,11 @@ class SourceConfig:
     # Robot sources: action statistics (q01/q99/mask). null: PATH/stats.json, or
     # computed in one pass at start and saved in the run folder.
     stats: Optional[str] = None
+    # Robot sources: dimensions kept raw (mask false in the stats, e.g. actions.keep_dims)
+    # must hold values in [-1, 1], or starting is an error. A gripper in other units
+    # (e.g. 0-85) is mapped here instead: above this value -> 1, otherwise 0. The
+    # policy then outputs 0/1 for it.
+    binarize_threshold: Optional[float] = None
 
 
 @dataclass

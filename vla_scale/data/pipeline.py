@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from vla_scale.actions import ActionNormalizer
+from vla_scale.actions.normalizer import binarize, check_raw_dims
 from vla_scale.config.schema import Config, SourceConfig
 from vla_scale.data.augment import augment_image
 from vla_scale.data.images import to_pixels
@@ -128,6 +129,7 @@ def source_stats(cfg: Config, dirs: list[Path], rank: int = 0) -> dict[str, dict
         if dim != cfg.actions.dim:
             raise DataError(f"source '{src.name}': its actions have {dim} dimensions but actions.dim is "
                             f"{cfg.actions.dim}")
+        check_raw_dims(out[src.name], src.binarize_threshold, f"data.sources.{i} ('{src.name}')")
     if not out:
         raise DataError("data.sources: at least one robot source is needed (action statistics come from it)")
     return out
@@ -156,6 +158,7 @@ class SampleProcessor:
         self.normalizers = {name: ActionNormalizer.from_stats(s) for name, s in stats.items()}
         self.source_of_stream = source_of_stream  # stream index -> source name
         self.source_index = {name: i for i, name in enumerate(source_of_stream)}
+        self.thresholds = {src.name: src.binarize_threshold for src in cfg.data.sources}
         self.overlong = cfg.data.overlong
         self.truncated_count = self.dropped_count = 0
         prompts.check_robot_fits((self.dim,) if self.chunk == 1 else (self.chunk, self.dim))
@@ -178,7 +181,16 @@ class SampleProcessor:
                                 f"(actions.dim={self.dim}, actions.chunk={self.chunk})")
             if not np.all(np.isfinite(action)):
                 raise DataError(f"{where}: non-finite action {action}")
-            normalized = self.normalizers[name].normalize(action)
+            normalizer = self.normalizers[name]
+            if self.thresholds.get(name) is not None:
+                action = binarize(action, normalizer.mask, self.thresholds[name])
+            normalized = normalizer.normalize(action)
+            raw = ~normalizer.mask & (np.abs(normalized) > 1.0).reshape(-1, self.dim).any(0)
+            if raw.any():  # statistics without min/max could not be checked at start
+                k = int(np.flatnonzero(raw)[0])
+                raise DataError(f"{where}: action dimension {k} is kept raw but holds "
+                                f"{normalized.reshape(-1, self.dim)[:, k].tolist()}, outside [-1, 1]; set "
+                                f"binarize_threshold on the source or normalise the dimension")
         try:
             if s["task"] == ROBOT_TASK:
                 tok = self.prompts.build_robot(s["instruction"], normalized, self.overlong)
