@@ -114,7 +114,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from vla_scale.data.converters import CONVERTERS
     from vla_scale.errors import DataError
 
-    applies = {"images": ("llava",), "task": ("llava",), "max_tokens": ("llava",), "tokenizer": ("llava",), "camera": ("lerobot", "hdf5"),
+    applies = {"images": ("llava",), "task": ("llava",), "max_tokens": ("llava",), "tokenizer": ("llava",),
+               "camera": ("lerobot", "hdf5"),
                "wrist_camera": ("lerobot", "hdf5"), "state_keys": ("lerobot", "hdf5"), "action_key": ("lerobot",),
                "flip_images": ("hdf5",), "instruction": ("hdf5",)}
     for option, kinds in applies.items():

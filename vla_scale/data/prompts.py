@@ -4,16 +4,16 @@
     VL:     [BOS] <VLM_PROMPT> {question} {answer} [EOS]
 
 Labels are -100 everywhere except the answer tokens and EOS, so the loss is
-on actions (or answers) only.
+on actions (or answers) only. Image tokens are spliced in after BOS by the
+model; they never appear here. The policy builds its prompt with the same
+`prompt_ids` so that inference sees exactly what training saw.
 
 A sample longer than `max_length` is, per `data.overlong`: an error;
 truncated (whole later turns are dropped first, then the end of the first
 question, so the first answer stays whole; only an answer that alone does not
 fit is cut, and then without EOS, since it did not end); or dropped (BOS
 alone, no answer tokens: it keeps its batch slot and adds nothing to the loss,
-whose divisor is the count of answer tokens). A robot action is never cut. Image tokens are spliced in after BOS by the
-model; they never appear here. The policy builds its prompt with the same
-`prompt_ids` so that inference sees exactly what training saw.
+whose divisor is the count of answer tokens). A robot action is never cut.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class PromptBuilder:
 
     def _fit(self, segments: list[list[int]], overlong: str, robot: bool = False) -> TokenizedSample:
         """Prompt, answer, [question, answer]... + EOS as ids and labels, within max_length per `overlong`."""
-        eos, limit = self.tokenizer.eos_token_id, self.max_length
+        limit = self.max_length
         total = sum(map(len, segments)) + 1
         if total <= limit:
             return self._join(segments, eos=True)
