@@ -365,3 +365,49 @@ def test_grammar_language_is_exactly_what_to_text_writes(tiny, style):
                 stack.append((grammar.advance(state, token), text + pieces[token]))
     grid = np.concatenate([np.linspace(-1, 1, 20001), [-0.0, -1e-9]])
     assert accepted == {tok.to_text([v]) for v in grid}
+
+
+@pytest.mark.parametrize("style", ["fixed", "vla-plus"])
+def test_chunk_length_is_read_from_the_text_when_not_given(tiny, style):
+    tok = StringActionTokenizer(tiny, D, decimals=3, style=style)
+    chunk = _random_actions(np.random.default_rng(7), 3, D)
+    for steps, shape in [(1, (D,)), (3, (3, D))]:
+        actions = chunk[0] if steps == 1 else chunk
+        text, ids = tok.to_text(actions), tok.encode(actions)
+        np.testing.assert_array_equal(tok.from_text(text), tok.from_text(text, chunk=steps))
+        assert tok.from_text(text).shape == shape
+        np.testing.assert_array_equal(tok.decode(ids + [tiny.eos_token_id]), tok.from_text(text))
+    two_steps = tok.to_text(chunk[:2])
+    # One value too many or too few: the error says where the whole steps end and how to fix it.
+    sep = " " if style == "fixed" else ""
+    third = tok.to_text(chunk[2])
+    longer = two_steps + sep + (third.split(" ")[0] if style == "fixed" else third.split(",")[0] + ",")
+    with pytest.raises(ActionParseError, match=rf"15 values.*step 1 ends at character {len(two_steps)}.*pass chunk="):
+        tok.from_text(longer)
+    text = tok.to_text(chunk)
+    shorter = text.rsplit(" ", 1)[0] if style == "fixed" else text[: text[:-1].rindex(",") + 1]
+    ids = _ids_of(tok, shorter)
+    with pytest.raises(ActionParseError, match=rf"action tokens hold 20 values.*ends at token {len(ids)}\b"):
+        tok.decode(ids)
+    with pytest.raises(ActionParseError, match="end after 0 tokens"):
+        tok.decode([tiny.eos_token_id])
+
+
+def _ids_of(tok, text):
+    """Token ids of action text through the piece table (longest piece first), as `encode` spells it."""
+    ids, start = [], 0
+    while start < len(text):
+        width = next(w for w in (2, 1) if text[start:start + w] in tok.piece_ids)
+        ids.append(tok.piece_ids[text[start:start + width]])
+        start += width
+    return ids
+
+
+def test_bin_tokenizer_infers_the_chunk_length_too():
+    hf = build_tokenizer()
+    tok = BinActionTokenizer(hf, D)
+    chunk = _random_actions(np.random.default_rng(8), 3, D)
+    assert tok.decode(tok.encode(chunk)).shape == (3, D)
+    assert tok.decode(tok.encode(chunk[0])).shape == (D,)
+    with pytest.raises(ActionParseError, match=r"token 15.*pass chunk="):
+        tok.decode(tok.encode(chunk)[:15])

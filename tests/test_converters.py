@@ -495,3 +495,26 @@ def test_cli_convert_and_stats(tmp_path, capsys, read_plain):
     assert summary["samples"] == 3 and summary["skipped"]["samples"] == 3
     assert main(["convert", "llava", str(llava), str(tmp_path / "w"), "--no-progress"]) == 2
     assert "needs --task" in capsys.readouterr().err
+
+
+def test_convert_llava_reports_records_over_max_tokens(tmp_path, tiny_llava, capsys):
+    from vla_scale.cli import main
+    from vla_scale.data.prompts import PromptBuilder
+    from vla_scale.models.loading import load_tokenizer
+
+    src = make_llava(tmp_path, RECORDS)
+    prompts = PromptBuilder(load_tokenizer(tiny_llava), None, 10_000)
+    turns = [conv for conv in [
+        [{"question": "What colour is the mug?", "answer": "Red."},
+         {"question": "Where is it, left or right?", "answer": "On the left."}],
+        [{"question": "Point to free space between the plates.", "answer": "[(0.56, 0.69), (0.12, 0.30)]"}],
+        [{"question": "Please provide the bounding box of: the cup, \"left\" ]", "answer": "[0.1, 0.2, 0.3, 0.4]"}]]]
+    lengths = sorted(len(prompts.build_vl_turns(t).input_ids) for t in turns)
+    limit = lengths[1]  # exactly one record is longer
+    rc = main(["convert", "llava", str(src), str(tmp_path / "out"), "--images", str(tmp_path / "images"),
+               "--task", "vqa", "--no-progress", "--max-tokens", str(limit), "--tokenizer", str(tiny_llava)])
+    report = json.loads(capsys.readouterr().out)["max_tokens"]
+    assert rc == 0 and report["over"] == 1 and report["longest"] == lengths[-1] and report["limit"] == limit
+    assert json.loads((tmp_path / "out" / "conversion.json").read_text())["max_tokens"]["over"] == 1
+    assert main(["convert", "llava", str(src), str(tmp_path / "out2"), "--task", "vqa", "--max-tokens", "5"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vla_scale.actions import ActionNormalizer
 from vla_scale.actions.factory import make_action_tokenizer
 from vla_scale.config import config_to_dict
 from vla_scale.data.augment import augment_image
@@ -172,3 +173,153 @@ def test_two_ranks_disjoint_and_resume_across_world_sizes(tiny_config, tiny_llav
     r21, _ = _torchrun(1, cfg_json, tmp_path / "r21", 5, resume=tmp_path / "w2.state.json", tmp=tmp)
     assert [sorted(s) for s in r12] == [sorted(s) for s in one[3:]]
     assert [sorted(s) for s in r21] == [sorted(s) for s in one[3:]]
+
+
+def test_special_token_strings_in_user_text_are_plain_text(tiny_config, tiny_llava):
+    tok = load_tokenizer(tiny_llava)
+    cfg = tiny_config()
+    prompts = PromptBuilder(tok, make_action_tokenizer(cfg.actions, tok), 512)
+    special = {tok.convert_tokens_to_ids(t) for t in ("<VLA_PROMPT>", "<VLM_PROMPT>")} | set(tok.all_special_ids)
+    plain = prompts.prompt_ids(prompts.robot_prompt("pick up the cup"))
+    # Ordinary prompts tokenize exactly as the tokenizer itself splits them.
+    assert plain == [tok.bos_token_id] + tok.encode(prompts.robot_prompt("pick up the cup"), add_special_tokens=False)
+    robot = prompts.build_robot("pick </s> up <VLA_PROMPT> the cup", np.zeros(7))
+    vl = prompts.build_vl_turns([{"question": "what is <VLM_PROMPT> </s>?", "answer": "a </s> cup <pad>"},
+                                 {"question": "and <s>?", "answer": "</s>"}])
+    for sample, tag in ((robot, "<VLA_PROMPT>"), (vl, "<VLM_PROMPT>")):
+        ids = sample.input_ids
+        assert ids[0] == tok.bos_token_id and ids[1] == tok.convert_tokens_to_ids(tag)
+        assert ids[-1] == tok.eos_token_id
+        assert not special & set(ids[2:-1]), tok.convert_ids_to_tokens(ids)
+    assert "</s>" in tok.decode(robot.input_ids[2:-1]) and "<VLA_PROMPT>" in tok.decode(robot.input_ids[2:-1])
+
+
+def _processor(cfg, tiny_llava):
+    from vla_scale.data.pipeline import SampleProcessor
+
+    tok = load_tokenizer(tiny_llava)
+    prompts = PromptBuilder(tok, make_action_tokenizer(cfg.actions, tok), cfg.data.max_length)
+    stats = {"robot": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}
+    return SampleProcessor(cfg, prompts, stats, ["robot", "spatial"])
+
+
+def _robot(image, uid=0):
+    return {"_stream": 0, "_uid": uid, "_epoch": 0, "image": image, "task": "robot", "instruction": "pick up the cup",
+            "action": np.zeros(7, np.float32)}
+
+
+def _vl(image, uid=1, answer="[(0.25, 0.75)]", question="where is the cup?"):
+    return {"_stream": 1, "_uid": uid, "_epoch": 0, "image": image, "task": "spatial",
+            "turns": [{"question": question, "answer": answer}]}
+
+
+def test_only_robot_frames_are_augmented(tiny_config, tiny_llava):
+    from PIL import Image
+
+    from vla_scale.data.images import to_pixels
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    cfg = tiny_config("data.augment=true")
+    batch = _processor(cfg, tiny_llava)([_robot(img), _vl(img)])
+    plain = to_pixels(img, cfg.model.image_size)
+    # A spatial answer's coordinates refer to the image as stored: its pixels must be untouched.
+    assert np.array_equal(batch["pixel_values"][1].numpy(), plain.numpy())
+    assert not np.array_equal(batch["pixel_values"][0].numpy(), plain.numpy())
+
+
+def test_centre_crop_is_the_mean_of_the_random_crops():
+    from vla_scale.data.augment import crop_box
+
+    for w, h in ((32, 32), (224, 224), (33, 20)):
+        boxes = np.array([crop_box(w, h, 0.9, np.random.default_rng(k)) for k in range(3000)])
+        centre = np.array(crop_box(w, h, 0.9))
+        assert np.array_equal(boxes[:, 2:] - boxes[:, :2], np.broadcast_to(centre[2:] - centre[:2], (3000, 2)))
+        # Offsets are uniform over every position, whose exact mean is the centred offset.
+        span = np.array([w, h]) - (centre[2:] - centre[:2])
+        assert np.array_equal(centre[:2], span / 2)
+        assert np.abs(boxes[:, :2].mean(0) - centre[:2]).max() < 0.1 * max(span.max(), 1)
+
+
+def test_overlong_samples_are_truncated_answer_first_or_dropped_and_flagged(tiny_config, tiny_llava):
+    from vla_scale.models.vla import IGNORE_INDEX
+
+    img = __import__("PIL.Image").Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    long_q = "where is the cup " * 80
+    answer = "[(0.25, 0.75)]"
+    proc = _processor(tiny_config("data.max_length=128", "data.overlong=truncate"), tiny_llava)
+    eos = proc.prompts.tokenizer.eos_token_id
+    full = PromptBuilder(proc.prompts.tokenizer, proc.prompts.action_tokenizer, 10_000).build_vl(long_q, answer)
+    answer_ids = [t for t in full.labels if t != IGNORE_INDEX]
+    batch = proc([_robot(img), _vl(img, question=long_q, answer=answer), _vl(img, uid=2)])
+    assert batch["truncated"].tolist() == [0, 1, 0] and batch["dropped"].tolist() == [0, 0, 0]
+    row = batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist()
+    labels = batch["labels"][1][batch["attention_mask"][1].bool()].tolist()
+    assert len(row) == 128 and row[:2] == full.input_ids[:2]
+    # The question's end was cut; the answer and its EOS are whole and labelled.
+    assert [t for t in labels if t != IGNORE_INDEX] == answer_ids and labels[-1] == eos
+    assert row[-len(answer_ids):] == answer_ids
+
+    # Later turns go before the first answer is touched.
+    turns = [{"question": "where is the cup?", "answer": answer}, {"question": long_q, "answer": "there"}]
+    t = proc.prompts.build_vl_turns(turns, "truncate")
+    assert t.truncated and t.input_ids == proc.prompts.build_vl_turns(turns[:1]).input_ids
+    # An answer that alone does not fit is cut, without EOS: it did not end.
+    cut = proc.prompts.build_vl("what is it?", "a cup " * 200, "truncate")
+    assert cut.truncated and len(cut.input_ids) == 128 and cut.input_ids[-1] != eos
+    assert sum(t != IGNORE_INDEX for t in cut.labels) > 64
+
+    drop = _processor(tiny_config("data.max_length=128", "data.overlong=drop"), tiny_llava)
+    batch = drop([_robot(img), _vl(img, question=long_q), _vl(img, uid=2)])
+    assert batch["input_ids"].shape[0] == 3 and batch["dropped"].tolist() == [0, 1, 0]
+    assert (batch["labels"][1] == IGNORE_INDEX).all() and drop.dropped_count == 1
+    assert batch["truncated"].tolist() == [0, 0, 0]
+
+    with pytest.raises(DataError, match=r"source 'spatial' sample 1: .*data.max_length=128.*data.overlong"):
+        _processor(tiny_config("data.max_length=128", "data.overlong=error"), tiny_llava)([_vl(img, question=long_q)])
+
+
+def test_max_length_too_short_for_an_action_is_refused_at_start(tiny_config, tiny_llava):
+    from vla_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.max_length=16 cannot hold a robot sample.*at least \d+"):
+        _processor(tiny_config("data.max_length=16"), tiny_llava)
+    with pytest.raises(ConfigError, match="data.overlong='cut' is not one of"):
+        tiny_config("data.overlong=cut")
+
+
+GRIPPER_0_85 = {"q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 6 + [85.0], "mask": [True] * 6 + [False],
+                "min": [-1.0] * 6 + [0.0], "max": [1.0] * 6 + [85.0]}
+
+
+def test_a_raw_dimension_outside_minus_one_one_is_an_error_at_start(tiny_config, tiny_llava, tmp_path):
+    stats = tmp_path / "gripper_0_85.json"
+    stats.write_text(json.dumps(GRIPPER_0_85))
+    cfg = tiny_config(f"data.sources=[{{name: robot, task: robot, stats: '{stats}'}}]")
+    with pytest.raises(DataError, match=r"data.sources.0 \('robot'\): action dimension 6 is kept raw.*\[0, 85\].*"
+                                        r"binarize_threshold"):
+        _loader(cfg, tiny_llava)
+    # Statistics without min/max cannot be checked at start: the first such action is.
+    no_range = {k: GRIPPER_0_85[k] for k in ("q01", "q99", "mask")}
+    proc = _processor(tiny_config(), tiny_llava)
+    proc.normalizers["robot"] = ActionNormalizer.from_stats(no_range)
+    sample = _robot(__import__("PIL.Image").Image.fromarray(np.zeros((8, 8, 3), np.uint8)))
+    sample["action"] = np.array([0, 0, 0, 0, 0, 0, 85.0], np.float32)
+    with pytest.raises(DataError, match=r"source 'robot' sample 0: action dimension 6 is kept raw.*85"):
+        proc([sample])
+
+
+def test_binarize_threshold_maps_a_raw_gripper_to_zero_one(tiny_config, tiny_llava):
+    cfg = tiny_config("data.sources=[{name: robot, task: robot, binarize_threshold: 42.5}, {name: spatial, "
+                      "task: spatial}]")
+    from vla_scale.actions.normalizer import check_raw_dims
+
+    check_raw_dims(GRIPPER_0_85, 42.5, "here")  # mapped: no error
+    proc = _processor(cfg, tiny_llava)
+    proc.normalizers["robot"] = ActionNormalizer.from_stats(GRIPPER_0_85)
+    img = __import__("PIL.Image").Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    for raw, mapped in ((85.0, 1.0), (60.0, 1.0), (10.0, 0.0), (0.0, 0.0)):
+        sample = _robot(img)
+        sample["action"] = np.array([0.5, 0, 0, 0, 0, 0, raw], np.float32)
+        ids = proc([sample])["input_ids"][0].tolist()
+        want = proc.prompts.build_robot("pick up the cup", np.array([0.5, 0, 0, 0, 0, 0, mapped]))
+        assert ids == want.input_ids, raw

@@ -199,3 +199,26 @@ def test_bin_tokenizer_policy_predicts_well_formed_actions(tiny_llava, tmp_path)
     assert action.shape == (7,) and np.all(np.isfinite(action))
     assert len(policy.last_decode.ids) == 8  # 7 bins + EOS
     assert policy.last_decode.forward_passes == 7  # EOS is forced
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_policy_preprocesses_images_as_training_did(tiny_llava, tmp_path, augment):
+    from PIL import Image
+
+    from vla_scale.data.augment import center_crop, inference_preprocessing
+    from vla_scale.data.images import to_pixels
+
+    cfg = load_config(None, [f"model.source={tiny_llava}", "model.image_size=32",
+                             "model.encoders=[{name: frozen}, {name: trained, trainable: true}]",
+                             f"data.augment={str(augment).lower()}"])
+    vla, tok = build_vla(cfg.model)
+    save_export(vla, tok, STATS, config_to_dict(cfg)["actions"], tmp_path / "export",
+                image_preprocessing=inference_preprocessing(cfg.data.augment))
+    _, _, _, config = load_export(tmp_path / "export")
+    assert config["image_preprocessing"] == {"center_crop_scale": 0.9 if augment else None}
+    policy = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu")
+    image = np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    plain = to_pixels(image, 32)
+    cropped = to_pixels(center_crop(Image.fromarray(image), 0.9), 32)
+    assert not torch.equal(plain, cropped)
+    assert torch.equal(policy.pixels(image), cropped if augment else plain)

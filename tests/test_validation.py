@@ -65,3 +65,21 @@ def test_validation_settings_are_checked_at_load(tiny_config):
         tiny_config("data.val_sources=[{name: robt, path: synthetic}]", "train.val_every=10")
     with pytest.raises(ConfigError, match="train.val_every is set but data.val_sources is empty"):
         tiny_config("train.val_every=5", "data.val_sources=[]")
+
+
+def test_validation_preprocesses_images_as_the_exported_policy_does(tiny_config):
+    """With augmentation on, training crops at random; the policy (and so validation) takes the centre crop."""
+    from PIL import Image
+
+    from vla_scale.data.augment import center_crop, inference_preprocessing
+    from vla_scale.data.images import to_pixels
+    from vla_scale.train.validation import _read, validation_dirs
+
+    trainer = _trainer(tiny_config, "train.val_every=1", "data.augment=true")
+    scale = inference_preprocessing(True)["center_crop_scale"]
+    raw = _read(validation_dirs(trainer.cfg)[0], 6)
+    for stored, sample in zip(raw, trainer.validator.samples["robot"]):
+        want = to_pixels(center_crop(Image.fromarray(np.asarray(stored["image"].convert("RGB"))), scale), 32)
+        assert torch.equal(sample["pixels"], want)
+    for stored, sample in zip(_read(validation_dirs(trainer.cfg)[1], 6), trainer.validator.samples["vqa"]):
+        assert torch.equal(sample["pixels"], to_pixels(np.asarray(stored["image"].convert("RGB")), 32))  # VL: as is

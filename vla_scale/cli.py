@@ -114,7 +114,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from vla_scale.data.converters import CONVERTERS
     from vla_scale.errors import DataError
 
-    applies = {"images": ("llava",), "task": ("llava",), "camera": ("lerobot", "hdf5"),
+    applies = {"images": ("llava",), "task": ("llava",), "max_tokens": ("llava",), "tokenizer": ("llava",),
+               "camera": ("lerobot", "hdf5"),
                "wrist_camera": ("lerobot", "hdf5"), "state_keys": ("lerobot", "hdf5"), "action_key": ("lerobot",),
                "flip_images": ("hdf5",), "instruction": ("hdf5",)}
     for option, kinds in applies.items():
@@ -126,7 +127,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.kind == "llava":
         if args.task is None:
             raise DataError("convert llava needs --task vqa, spatial or affordance")
-        options.update(task=args.task, images=args.images)
+        options.update(task=args.task, images=args.images, max_tokens=args.max_tokens, tokenizer=args.tokenizer)
     elif args.kind == "lerobot":
         if state_keys is not None and len(state_keys) > 1:
             raise DataError(f"--state-keys: a LeRobot dataset has one state feature; got {state_keys}")
@@ -254,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--dataset-name", default=None, help="the 'dataset' column (default: the source's name)")
     cv.add_argument("--images", default=None, metavar="DIR", help="llava: image folder (default: the JSON's folder)")
     cv.add_argument("--task", choices=("vqa", "spatial", "affordance"), default=None, help="llava: co-training task")
+    cv.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+                    help="llava: count the records whose training text (prompt, turns, EOS) is longer than N tokens "
+                         "(e.g. data.max_length), reported under max_tokens in the summary; needs --tokenizer")
+    cv.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="llava: the model folder whose tokenizer --max-tokens counts with")
     cv.add_argument("--camera", default=None,
                     help="primary camera: lerobot feature (default: the first image/video feature) or hdf5 obs key "
                          "(default: agentview_rgb / agentview_image / the first image obs)")

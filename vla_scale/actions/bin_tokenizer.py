@@ -69,10 +69,21 @@ class BinActionTokenizer(CachedGrammars):
         return (self.base_vocab_size - 1 - self.bins(actions)).ravel().tolist()
 
     def decode(self, ids, chunk: int | None = None) -> np.ndarray:
-        """Bin centers from ids (trailing EOS stripped); shape (D,) for chunk None or 1, else (chunk, D)."""
+        """Bin centers from ids (trailing EOS stripped); shape (D,) for chunk 1, else (chunk, D).
+
+        Without `chunk`, as many whole actions as there are ids: (D,) for D ids, (T, D) for T*D.
+        """
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         while ids and ids[-1] == self.eos_token_id:
             ids.pop()
+        if chunk is None:
+            steps, extra = divmod(len(ids), self.action_dim)
+            if extra or not ids:
+                raise ActionParseError(
+                    f"action tokens end at token {len(ids)}: {len(ids)} bin tokens are not a whole number of "
+                    f"{self.action_dim}-dimensional actions; pass chunk= to say how many steps they must hold"
+                )
+            chunk = steps
         shape = self._shape(chunk)
         expected = int(np.prod(shape))
         for index, token_id in enumerate(ids[:expected]):

@@ -120,3 +120,43 @@ class ActionNormalizer:
         if values.ndim == 0 or values.shape[-1] != self.dim:
             raise ValueError(f"actions of shape {values.shape} do not end in the {self.dim} action dimensions")
         return fn(values)
+
+
+def check_raw_dims(stats: Mapping[str, Any], binarize_threshold: float | None, where: str) -> None:
+    """DataError when a dimension kept raw (mask False) holds values outside [-1, 1].
+
+    Raw values reach the action text as they are, and the text clips to
+    [-1, 1]: a 0-85 gripper would train as a constant 1 without a word. With
+    `binarize_threshold` those dimensions are mapped to 0/1 (`binarize`) first.
+    Statistics without min/max cannot be checked here; `SampleProcessor`
+    checks each action then.
+    """
+    mask = stats.get("mask")
+    if mask is None:
+        return
+    raw = [k for k, m in enumerate(mask) if not m]
+    if binarize_threshold is not None:
+        if not raw:
+            raise DataError(f"{where}: binarize_threshold is set but no dimension is kept raw (the stats' mask is "
+                            f"all true); name the gripper in actions.keep_dims and recompute the statistics")
+        return
+    if "min" not in stats or "max" not in stats:
+        return
+    for k in raw:
+        lo, hi = float(stats["min"][k]), float(stats["max"][k])
+        if lo < -1.0 or hi > 1.0:
+            raise DataError(
+                f"{where}: action dimension {k} is kept raw (mask false: actions.keep_dims or a detected 0/1 "
+                f"dimension) but its values span [{lo:g}, {hi:g}], outside [-1, 1], and would be clipped; map it "
+                f"to 0/1 with binarize_threshold on the source (e.g. {(lo + hi) / 2:g}), or normalise it (leave it "
+                f"out of actions.keep_dims and recompute the statistics)"
+            )
+
+
+def binarize(actions: np.ndarray, mask: np.ndarray, threshold: float) -> np.ndarray:
+    """Kept-raw dimensions (mask False) of raw actions (..., D) -> 1.0 above `threshold`, else 0.0."""
+    out = np.array(actions, dtype=np.float32, copy=True)
+    raw = ~np.asarray(mask, dtype=bool)
+    out[..., raw] = (out[..., raw] > threshold).astype(np.float32)
+    return out
+

@@ -52,6 +52,8 @@ STYLES = ("fixed", "vla-plus")
 # Beyond 8 decimals float64 values stop round-tripping through short text.
 MAX_DECIMALS = 8
 DIGITS = "0123456789"
+# Field count of the syntax that reads text of unknown chunk length (it never reaches its end).
+_UNBOUNDED = 1 << 62
 
 
 class NonFiniteActionError(VLAScaleError, ValueError):
@@ -130,12 +132,17 @@ class _Syntax:
     def is_final(self, pos: _Pos) -> bool:
         return pos.phase == "end"
 
+    def at_boundary(self, pos: _Pos) -> bool:
+        """Between two whole values (the syntax built for `_UNBOUNDED` fields never reaches "end")."""
+        return pos.phase == self.after_value and pos.field > 0 and pos.decimals == 0
+
     def expected(self, pos: _Pos) -> list[str]:
         return [ch for ch in self.alphabet if self.step(pos, ch) is not None]
 
 
 class _FixedSyntax(_Syntax):
     alphabet = DIGITS + ".+- "
+    after_value = "sep"
 
     def step(self, pos: _Pos, ch: str) -> _Pos | None:
         if pos.phase == "sep":
@@ -162,6 +169,7 @@ class _VlaPlusSyntax(_Syntax):
     """Python's repr of round(x, decimals) for x in [-1, 1], each followed by ','."""
 
     alphabet = DIGITS + ".-,"
+    after_value = "sign"
 
     def step(self, pos: _Pos, ch: str) -> _Pos | None:
         if pos.phase == "sign" and ch == "-":
@@ -304,8 +312,10 @@ class StringActionTokenizer(CachedGrammars):
 
     `tokenizer` is the LLM's Hugging Face tokenizer; `style` is "fixed" or
     "vla-plus". Shapes: one action (D,) or a chunk (T, D); `from_text` and
-    `decode` return (D,) when `chunk` is None or 1 (the config's "no
-    chunking") and (chunk, D) otherwise.
+    `decode` return (D,) when `chunk` is 1 (the config's "no chunking") and
+    (chunk, D) otherwise. Given no `chunk`, they read as many whole actions as
+    the text holds: (D,) for D values, (T, D) for T*D; a count that is not a
+    multiple of D is an ActionParseError naming where the text ends.
     Token ids never include BOS or EOS (decode strips trailing EOS).
     """
 
@@ -347,7 +357,10 @@ class StringActionTokenizer(CachedGrammars):
                     f"expected {_describe(syntax.expected(pos))}, found {ch!r}"
                 )
             pos = nxt
-        if not syntax.is_final(pos):
+        if chunk is None and syntax.at_boundary(pos):
+            chunk = self._whole_steps(pos.field, lambda k: len(self._text_of_values(text, k)),
+                                      f"action text {_excerpt(text, len(text))}", "character", len(text))
+        elif not syntax.is_final(pos):
             raise ActionParseError(
                 f"action text {_excerpt(text, len(text))} ends at character {len(text)} ({self._where(pos, chunk)}): "
                 f"expected {_describe(syntax.expected(pos))}"
@@ -388,7 +401,14 @@ class StringActionTokenizer(CachedGrammars):
                 )
             pos = nxt
             pieces.append(piece)
-        if not syntax.is_final(pos):
+        if chunk is None and syntax.at_boundary(pos):
+            ends, counted = [0], syntax.start  # ends[k]: the token after which k values are complete
+            for index, piece in enumerate(pieces):
+                counted = syntax.run(counted, piece)
+                if counted.field == len(ends):
+                    ends.append(index + 1)
+            chunk = self._whole_steps(pos.field, lambda k: ends[k], "action tokens", "token", len(ids))
+        elif not syntax.is_final(pos):
             raise ActionParseError(
                 f"action tokens end after {len(ids)} tokens ({self._where(pos, chunk)}): "
                 f"expected {self._expected_pieces(syntax, pos)} at token {len(ids)}"
@@ -398,7 +418,7 @@ class StringActionTokenizer(CachedGrammars):
     # -- grammar -----------------------------------------------------------
 
     def token_language(self, chunk: int | None = None) -> TokenLanguage:
-        syntax = self._syntax(chunk)
+        syntax = self._syntax(chunk or 1)  # a grammar is finite: no chunk means one step
         return TokenLanguage(
             start=syntax.start,
             step=lambda pos, token_id: syntax.run(pos, self._piece_of_id[token_id]),
@@ -413,7 +433,8 @@ class StringActionTokenizer(CachedGrammars):
         return action_shape(chunk, self.action_dim)
 
     def _syntax(self, chunk: int | None) -> _Syntax:
-        fields = int(np.prod(self._shape(chunk)))
+        """The automaton for `chunk` steps; for None, one that reads any number of values."""
+        fields = _UNBOUNDED if chunk is None else int(np.prod(self._shape(chunk)))
         if fields not in self._syntaxes:
             self._syntaxes[fields] = _SYNTAX[self.style](self.decimals, fields)
         return self._syntaxes[fields]
@@ -422,7 +443,28 @@ class StringActionTokenizer(CachedGrammars):
         if pos.phase == "end":
             return "after the last value"
         step, dim = divmod(pos.field, self.action_dim)
-        return f"dimension {dim}" if len(self._shape(chunk)) == 1 else f"step {step}, dimension {dim}"
+        return f"dimension {dim}" if chunk is not None and len(self._shape(chunk)) == 1 else \
+            f"step {step}, dimension {dim}"
+
+    def _text_of_values(self, text: str, k: int) -> str:
+        """The first k values of well-formed action text (with the separator that follows them)."""
+        sep = " " if self.style == "fixed" else ","
+        parts = text.split(sep)
+        return sep.join(parts[:k]) + ("," if self.style == "vla-plus" and k else "")
+
+    def _whole_steps(self, values: int, end_of, what: str, unit: str, length: int) -> int:
+        """The chunk length of `values` values, or an error naming where the whole steps end."""
+        steps, extra = divmod(values, self.action_dim)
+        if values and not extra:
+            return steps
+        where = f"the text ends at {unit} {length}"
+        if steps:
+            where = f"step {steps - 1} ends at {unit} {end_of(steps * self.action_dim)} and " + where
+        raise ActionParseError(
+            f"{what} hold {values} values, not a whole number of {self.action_dim}-dimensional actions "
+            f"({where}, {self.action_dim - extra} value(s) short of another step): expected "
+            f"{self.action_dim} values per action; pass chunk= to say how many steps the text must hold"
+        )
 
     def _expected_pieces(self, syntax: _Syntax, pos: _Pos) -> str:
         return _describe([p for p in self.piece_ids if syntax.run(pos, p) is not None], eos=syntax.is_final(pos))

@@ -32,6 +32,7 @@ _CHOICES = {
     "train.schedule": ("cosine", "constant"),
     "train.strategy": ("single", "deepspeed"),
     "train.on_nonfinite": ("skip", "stop"),
+    "data.overlong": ("truncate", "drop", "error"),
 }
 TASKS = ("robot", "vqa", "spatial", "affordance")
 # Encoders live in an nn.ModuleDict keyed by name; these names would shadow its methods.
@@ -191,6 +192,8 @@ def validate(cfg: Config) -> None:
     for k in a.keep_dims:
         if not 0 <= k < a.dim:
             raise ConfigError(f"actions.keep_dims: dimension {k} is outside 0..{a.dim - 1}")
+    if d.max_length < 8:
+        raise ConfigError(f"data.max_length={d.max_length} is too short for a prompt and an answer; use at least 8")
     if not d.sources:
         raise ConfigError("data.sources: at least one source is needed")
     for i, s in enumerate(d.sources):

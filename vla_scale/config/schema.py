@@ -111,6 +111,11 @@ class SourceConfig:
     # Robot sources: action statistics (q01/q99/mask). null: PATH/stats.json, or
     # computed in one pass at start and saved in the run folder.
     stats: Optional[str] = None
+    # Robot sources: dimensions kept raw (mask false in the stats, e.g. actions.keep_dims)
+    # must hold values in [-1, 1], or starting is an error. A gripper in other units
+    # (e.g. 0-85) is mapped here instead: above this value -> 1, otherwise 0. The
+    # policy then outputs 0/1 for it.
+    binarize_threshold: Optional[float] = None
 
 
 @dataclass
@@ -133,8 +138,14 @@ class DataConfig:
         ]
     )
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    # Longest text sequence in tokens (image tokens not counted); longer samples are an error.
+    # Longest text sequence in tokens (image tokens not counted).
     max_length: int = 512
+    # Samples longer than max_length: "truncate" (later turns first, then the question's
+    # end; an answer is cut only when it alone does not fit), "drop" (the sample keeps its
+    # batch slot with no answer tokens, so it adds nothing to the loss) or "error". Either
+    # way the batch keys `truncated` / `dropped` flag them. A robot action is never cut:
+    # max_length too short for one is an error at start.
+    overlong: str = "truncate"
     # OpenVLA-style image augmentation (random resized crop + colour jitter),
     # deterministic per (seed, sample, epoch); both encoders see the same image.
     augment: bool = False

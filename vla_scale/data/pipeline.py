@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from vla_scale.actions import ActionNormalizer
+from vla_scale.actions.normalizer import binarize, check_raw_dims
 from vla_scale.config.schema import Config, SourceConfig
-from vla_scale.data.augment import augment_image
+from vla_scale.data.augment import augment_image, center_crop
 from vla_scale.data.images import to_pixels
 from vla_scale.data.mixture import batch_counts, smallest_batch_including
 from vla_scale.data.prompts import PromptBuilder
@@ -134,6 +135,7 @@ def source_stats(cfg: Config, dirs: list[Path], rank: int = 0) -> dict[str, dict
         if dim != cfg.actions.dim:
             raise DataError(f"source '{src.name}': its actions have {dim} dimensions but actions.dim is "
                             f"{cfg.actions.dim}")
+        check_raw_dims(out[src.name], src.binarize_threshold, f"data.sources.{i} ('{src.name}')")
     if not out:
         raise DataError("data.sources: at least one robot source is needed (action statistics come from it)")
     return out
@@ -141,12 +143,22 @@ def source_stats(cfg: Config, dirs: list[Path], rank: int = 0) -> dict[str, dict
 
 # -- per-sample processing (runs in loader workers) ---------------------------
 class SampleProcessor:
-    """Decode, augment, normalise, tokenise and collate one rank batch. Picklable for workers."""
+    """Decode, augment, normalise, tokenise and collate one rank batch. Picklable for workers.
+
+    Over-long samples (`data.overlong`) reach the metrics through the batch: `truncated` and
+    `dropped` are 0/1 per sample. A dropped sample keeps its slot (BOS alone, no answer
+    tokens), because a collate function cannot fetch a replacement from the stream and the
+    global batch, and with it the resume position, must not change. The counters
+    `truncated_count` / `dropped_count` here see only this process's samples (loader workers
+    hold their own copies), so the trainer should sum the batch keys, not read these.
+    """
 
     def __init__(self, cfg: Config, prompts: PromptBuilder, stats: dict[str, dict[str, Any]],
                  source_of_stream: list[str]):
         self.image_size = cfg.model.image_size
         self.augment = cfg.data.augment
+        # Set (with augment off) to preprocess robot frames as the exported policy does (validation).
+        self.center_crop_scale: float | None = None
         self.seed = cfg.train.seed
         self.chunk = cfg.actions.chunk
         self.dim = cfg.actions.dim
@@ -154,15 +166,22 @@ class SampleProcessor:
         self.normalizers = {name: ActionNormalizer.from_stats(s) for name, s in stats.items()}
         self.source_of_stream = source_of_stream  # stream index -> source name
         self.source_index = {name: i for i, name in enumerate(source_of_stream)}
+        self.thresholds = {src.name: src.binarize_threshold for src in cfg.data.sources}
+        self.overlong = cfg.data.overlong
+        self.truncated_count = self.dropped_count = 0
+        prompts.check_robot_fits((self.dim,) if self.chunk == 1 else (self.chunk, self.dim))
 
     def sample(self, s: dict[str, Any]) -> dict[str, Any]:
         stream = int(s["_stream"])
         name = self.source_of_stream[stream]
         where = f"source '{name}' sample {int(s['_uid'])}"
         image = s["image"]
-        if self.augment:
+        # Robot frames only: VL answers may hold image coordinates that a crop would falsify.
+        if self.augment and s["task"] == ROBOT_TASK:
             rng = np.random.default_rng([self.seed, int(s["_uid"]), int(s["_epoch"])])
             image = augment_image(image.convert("RGB"), rng)
+        elif self.center_crop_scale is not None and s["task"] == ROBOT_TASK:
+            image = center_crop(image.convert("RGB"), self.center_crop_scale)  # evaluation: what the policy sees
         pixels = to_pixels(np.asarray(image.convert("RGB")), self.image_size)
         if s["task"] == ROBOT_TASK:
             action = np.asarray(s["action"], dtype=np.float32)
@@ -172,18 +191,39 @@ class SampleProcessor:
                                 f"(actions.dim={self.dim}, actions.chunk={self.chunk})")
             if not np.all(np.isfinite(action)):
                 raise DataError(f"{where}: non-finite action {action}")
-            tok = self.prompts.build_robot(s["instruction"], self.normalizers[name].normalize(action))
-        else:
-            tok = self.prompts.build_vl_turns(list(s["turns"]))
+            normalizer = self.normalizers[name]
+            if self.thresholds.get(name) is not None:
+                action = binarize(action, normalizer.mask, self.thresholds[name])
+            normalized = normalizer.normalize(action)
+            raw = ~normalizer.mask & (np.abs(normalized) > 1.0).reshape(-1, self.dim).any(0)
+            if raw.any():  # statistics without min/max could not be checked at start
+                k = int(np.flatnonzero(raw)[0])
+                raise DataError(f"{where}: action dimension {k} is kept raw but holds "
+                                f"{normalized.reshape(-1, self.dim)[:, k].tolist()}, outside [-1, 1]; set "
+                                f"binarize_threshold on the source or normalise the dimension")
+        try:
+            if s["task"] == ROBOT_TASK:
+                tok = self.prompts.build_robot(s["instruction"], normalized, self.overlong)
+            else:
+                tok = self.prompts.build_vl_turns(list(s["turns"]), self.overlong)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        if tok.truncated or tok.dropped:
+            if not (self.truncated_count or self.dropped_count):
+                log.warning("%s: longer than data.max_length=%d, %s (data.overlong; counted in the batch key "
+                            "'%s')", where, self.prompts.max_length, "dropped" if tok.dropped else "truncated",
+                            "dropped" if tok.dropped else "truncated")
+            self.truncated_count += tok.truncated
+            self.dropped_count += tok.dropped
         return {"input_ids": tok.input_ids, "labels": tok.labels, "choice": tok.choice, "source": stream,
-                "pixels": pixels, "sample_id": int(s["_uid"])}
+                "pixels": pixels, "sample_id": int(s["_uid"]), "truncated": tok.truncated, "dropped": tok.dropped}
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate([self.sample(s) for s in batch], self.prompts.tokenizer.pad_token_id)
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ids (pad_id), labels (-100) and attention masks; stack pixels."""
+    """Right-pad ids (pad_id), labels (-100) and attention masks; stack pixels; 0/1 flags per sample."""
     longest = max(len(s["input_ids"]) for s in samples)
     b = len(samples)
     ids = torch.full((b, longest), pad_id, dtype=torch.long)
@@ -197,8 +237,11 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
         mask[i, :n] = 1
         choice[i, :n] = torch.tensor(s["choice"]) if s.get("choice") is not None else labels[i, :n] != IGNORE_INDEX
     return {"pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": ids,
-            "attention_mask": mask, "labels": labels, "choice_mask": choice, "source": torch.tensor([s["source"] for s in samples]),
-            "sample_id": torch.tensor([s.get("sample_id", -1) for s in samples])}
+            "attention_mask": mask, "labels": labels, "choice_mask": choice,
+            "source": torch.tensor([s["source"] for s in samples]),
+            "sample_id": torch.tensor([s.get("sample_id", -1) for s in samples]),
+            "truncated": torch.tensor([int(s.get("truncated", False)) for s in samples]),
+            "dropped": torch.tensor([int(s.get("dropped", False)) for s in samples])}
 
 
 def split_micro_batches(batch: dict[str, torch.Tensor], micro: int) -> list[dict[str, torch.Tensor]]:

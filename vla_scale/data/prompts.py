@@ -10,6 +10,13 @@ token attend both ways (prefix-LM). Image tokens are placed by the model, as
 the source family does (`vla_scale.models.vla.SequenceLayout`); they never
 appear here. The policy builds its prompt with the same
 `prompt_ids` so that inference sees exactly what training saw.
+
+A sample longer than `max_length` is, per `data.overlong`: an error;
+truncated (whole later turns are dropped first, then the end of the first
+question, so the first answer stays whole; only an answer that alone does not
+fit is cut, and then without EOS, since it did not end); or dropped (BOS
+alone, no answer tokens: it keeps its batch slot and adds nothing to the loss,
+whose divisor is the count of answer tokens). A robot action is never cut.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vla_scale.errors import DataError
+from vla_scale.errors import ConfigError, DataError
 from vla_scale.models.loading import VLA_PROMPT, VLM_PROMPT
 from vla_scale.models.vla import IGNORE_INDEX
 
@@ -26,13 +33,18 @@ ROBOT_TEMPLATE = VLA_PROMPT + " What action should the robot take to {instructio
 VL_TEMPLATE = VLM_PROMPT + " {question}"
 
 
+OVERLONG = ("truncate", "drop", "error")
+
+
 @dataclass
 class TokenizedSample:
     input_ids: list[int]
     labels: list[int]
     # Label positions whose token accuracy counts: for actions, where the grammar leaves a choice
-    # (digits, free signs), never forced characters or EOS; for text answers, every answer token.
+    # (digits, free signs), never forced characters or EOS; None: every answer token.
     choice: list[bool] | None = None
+    truncated: bool = False
+    dropped: bool = False
 
 
 class PromptBuilder:
@@ -42,49 +54,91 @@ class PromptBuilder:
         self.max_length = max_length
 
     def prompt_ids(self, text: str) -> list[int]:
-        """BOS + the prompt's tokens (what the policy feeds before decoding)."""
-        return [self.tokenizer.bos_token_id] + self.tokenizer.encode(text, add_special_tokens=False)
+        """BOS + the prompt's tokens (what the policy feeds before decoding).
+
+        The leading prompt tag is the only special token: the rest is the user's
+        text, and a "</s>" or "<VLA_PROMPT>" written in an instruction or question
+        is tokenized as characters, never as the special token.
+        """
+        tag = next((t for t in (VLA_PROMPT, VLM_PROMPT) if text.startswith(t)), "")
+        head = [self.tokenizer.convert_tokens_to_ids(tag)] if tag else []
+        return [self.tokenizer.bos_token_id] + head + self.text_ids(text[len(tag):])
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of user text, special-token strings included as plain text."""
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def robot_prompt(self, instruction: str) -> str:
         instruction = instruction.strip().rstrip("?.! ")
         return ROBOT_TEMPLATE.format(instruction=instruction[:1].lower() + instruction[1:])
 
-    def build_robot(self, instruction: str, normalized_action: np.ndarray) -> TokenizedSample:
-        sample = self._assemble(self.prompt_ids(self.robot_prompt(instruction)),
-                                list(self.action_tokenizer.encode(normalized_action)))
+    def build_robot(self, instruction: str, normalized_action: np.ndarray, overlong: str = "error") -> TokenizedSample:
+        prompt = self.prompt_ids(self.robot_prompt(instruction))
+        sample = self._fit([prompt, list(self.action_tokenizer.encode(normalized_action))], overlong, robot=True)
+        # A robot action is never cut: it is whole (ending in EOS), or the sample was dropped.
+        answer_at = next((i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX), len(sample.labels))
         action = np.asarray(normalized_action)
         grammar = self.action_tokenizer.grammar(self.tokenizer.eos_token_id,
                                                 chunk=action.shape[0] if action.ndim == 2 else None)
-        n_answer = sum(1 for label in sample.labels if label != IGNORE_INDEX)
-        sample.choice = [False] * (len(sample.labels) - n_answer) + grammar.choice_positions(sample.labels[-n_answer:])
+        sample.choice = [False] * answer_at + grammar.choice_positions(sample.labels[answer_at:])
         return sample
 
-    def build_vl(self, question: str, answer: str) -> TokenizedSample:
-        return self.build_vl_turns([{"question": question, "answer": answer}])
+    def build_vl(self, question: str, answer: str, overlong: str = "error") -> TokenizedSample:
+        return self.build_vl_turns([{"question": question, "answer": answer}], overlong)
 
-    def build_vl_turns(self, turns: list[dict[str, str]]) -> TokenizedSample:
+    def build_vl_turns(self, turns: list[dict[str, str]], overlong: str = "error") -> TokenizedSample:
         """Multi-turn VL: every answer (and the final EOS) is labelled, every question is not."""
-        enc = self.tokenizer.encode
-        ids = self.prompt_ids(VL_TEMPLATE.format(question=turns[0]["question"].strip()))
-        labels = [IGNORE_INDEX] * len(ids)
+        segments = [self.prompt_ids(VL_TEMPLATE.format(question=turns[0]["question"].strip()))]
         for k, turn in enumerate(turns):
             if k:
-                q = enc(" " + turn["question"].strip(), add_special_tokens=False)
-                ids += q
-                labels += [IGNORE_INDEX] * len(q)
-            a = enc(" " + turn["answer"].strip(), add_special_tokens=False)
-            ids += a
-            labels += a
-        return self._check(TokenizedSample(ids + [self.tokenizer.eos_token_id],
-                                           labels + [self.tokenizer.eos_token_id]))
+                segments.append(self.text_ids(" " + turn["question"].strip()))
+            segments.append(self.text_ids(" " + turn["answer"].strip()))
+        return self._fit(segments, overlong)
 
-    def _assemble(self, prompt: list[int], answer: list[int]) -> TokenizedSample:
-        ids = prompt + answer + [self.tokenizer.eos_token_id]
-        labels = [IGNORE_INDEX] * len(prompt) + answer + [self.tokenizer.eos_token_id]
-        return self._check(TokenizedSample(ids, labels))
+    def check_robot_fits(self, action_shape: tuple[int, ...]) -> None:
+        """ConfigError at start when max_length cannot hold a robot prompt and a whole action."""
+        # Negative with every decimal nonzero: the longest text either string style writes for a value.
+        worst = np.full(action_shape, -0.123456789)
+        need = len(self.prompt_ids(self.robot_prompt("x"))) + len(self.action_tokenizer.encode(worst)) + 1
+        if need > self.max_length:
+            raise ConfigError(f"data.max_length={self.max_length} cannot hold a robot sample: a one-word instruction "
+                              f"and a whole action take {need} tokens; raise data.max_length to at least {need}")
 
-    def _check(self, sample: TokenizedSample) -> TokenizedSample:
-        if len(sample.input_ids) > self.max_length:
-            raise DataError(f"sample has {len(sample.input_ids)} text tokens, more than "
-                            f"data.max_length={self.max_length}")
-        return sample
+    def _fit(self, segments: list[list[int]], overlong: str, robot: bool = False) -> TokenizedSample:
+        """Prompt, answer, [question, answer]... + EOS as ids and labels, within max_length per `overlong`."""
+        limit = self.max_length
+        total = sum(map(len, segments)) + 1
+        if total <= limit:
+            return self._join(segments, eos=True)
+        kind = "robot" if robot else "vision-language"
+        if overlong not in OVERLONG:
+            raise ConfigError(f"data.overlong={overlong!r} is not one of {list(OVERLONG)}")
+        if overlong == "error":
+            raise DataError(f"{kind} sample has {total} text tokens, more than data.max_length={limit}; raise "
+                            f"data.max_length, or set data.overlong to 'truncate' or 'drop'")
+        if overlong == "drop":
+            return TokenizedSample([self.tokenizer.bos_token_id], [IGNORE_INDEX], dropped=True)
+        turns = 1 + (len(segments) - 2) // 2  # segments: prompt, answer, then (question, answer) pairs
+        while turns > 1 and sum(map(len, segments[:2 * turns])) + 1 > limit:
+            turns -= 1
+        if turns > 1 or len(segments[0]) + len(segments[1]) + 1 <= limit:
+            return self._join(segments[:2 * turns], eos=True, truncated=True)
+        prompt, answer = segments[0], segments[1]
+        head = 2  # BOS and the prompt tag: the least of a prompt
+        if head + len(answer) + 1 <= limit:
+            return self._join([prompt[:limit - len(answer) - 1], answer], eos=True, truncated=True)
+        if robot:
+            raise DataError(f"robot sample: its action alone takes {len(answer)} tokens, more than "
+                            f"data.max_length={limit} allows with its prompt; raise data.max_length")
+        keep = min(len(prompt), max(head, limit // 2))
+        return self._join([prompt[:keep], answer[:limit - keep]], eos=False, truncated=True)
+
+    def _join(self, segments: list[list[int]], eos: bool, truncated: bool = False) -> TokenizedSample:
+        ids, labels = [], []
+        for k, seg in enumerate(segments):
+            ids += seg
+            labels += seg if k % 2 else [IGNORE_INDEX] * len(seg)  # odd segments are answers
+        if eos:
+            ids.append(self.tokenizer.eos_token_id)
+            labels.append(self.tokenizer.eos_token_id)
+        return TokenizedSample(ids, labels, truncated=truncated)

@@ -8,6 +8,8 @@ An export is a Hugging Face-style folder:
     action_stats.json      the normalizer's statistics (q01/q99/mask)
     tokenizer files        the tokenizer with the prompt tokens added
     config.yaml            the training config, for provenance
+vla_config.json's "image_preprocessing" says what the policy does to an image
+before `to_pixels` (the centre crop of a model trained with augmentation).
 Writing is atomic (a temporary folder renamed into place), and an existing
 export is never overwritten unless asked to, so a failed export can never
 damage a good one.
@@ -61,7 +63,8 @@ def describe(model: VisionLanguageActionModel, actions: dict[str, Any]) -> dict[
 def save_export(model: VisionLanguageActionModel, tokenizer: Any, stats: dict, actions: dict[str, Any],
                 out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, overwrite: bool = False,
                 config_yaml: str | None = None,
-                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                state_dict: dict[str, torch.Tensor] | None = None,
+                image_preprocessing: dict[str, Any] | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -83,6 +86,7 @@ def save_export(model: VisionLanguageActionModel, tokenizer: Any, stats: dict, a
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "vla_scale": FORMAT})
         config = describe(model, actions)
         config["tied_weights"] = tied
+        config["image_preprocessing"] = image_preprocessing or {"center_crop_scale": None}
         config["dtype"] = str(dtype).replace("torch.", "")
         (tmp / "vla_config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "action_stats.json").write_text(json.dumps(stats, indent=2))

@@ -1,7 +1,9 @@
 """`VLAPolicy`: an exported VLA as a robot policy (image + instruction -> action).
 
-Input and output transforms live here: the image is resized exactly as in
-training (`vla_scale.data.images.to_pixels`), the prompt is built by the same
+Input and output transforms live here: the image is centre-cropped when the
+model was trained with the random crop (`vla_scale.data.augment.center_crop`,
+as recorded in the export) and resized exactly as in training
+(`vla_scale.data.images.to_pixels`), the prompt is built by the same
 `PromptBuilder`, decoding is grammar-constrained, and the action is
 unnormalised with the dataset's statistics. The returned action is always
 finite and well formed, whatever the weights.
@@ -14,10 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from vla_scale.actions import ActionNormalizer
 from vla_scale.actions.factory import make_action_tokenizer
 from vla_scale.config.schema import ActionConfig
+from vla_scale.data.augment import center_crop
 from vla_scale.data.images import to_pixels
 from vla_scale.data.prompts import PromptBuilder
 from vla_scale.errors import ConfigError
@@ -44,8 +48,9 @@ def select_stats(stats: dict, unnorm_key: str | None) -> tuple[str | None, dict]
 
 class VLAPolicy:
     def __init__(self, model, tokenizer, stats: dict, actions: ActionConfig, device: torch.device | str = "cpu",
-                 max_length: int = 4096, unnorm_key: str | None = None):
+                 max_length: int = 4096, unnorm_key: str | None = None, center_crop_scale: float | None = None):
         self.device = torch.device(device)
+        self.center_crop_scale = center_crop_scale
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.actions = actions
@@ -65,18 +70,27 @@ class VLAPolicy:
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model.to(dtype)
-        return cls(model, tokenizer, stats, ActionConfig(**config["actions"]), device, unnorm_key=unnorm_key)
+        # Exports that predate the record were written without a crop setting: no crop.
+        crop = config.get("image_preprocessing", {}).get("center_crop_scale")
+        return cls(model, tokenizer, stats, ActionConfig(**config["actions"]), device, unnorm_key=unnorm_key,
+                   center_crop_scale=crop)
 
     @torch.no_grad()
     def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:
         """Unnormalised action: shape (D,), or (T, D) for action chunks."""
-        pixels = to_pixels(image, self.model.image_size).unsqueeze(0).to(self.device)
+        pixels = self.pixels(image).unsqueeze(0).to(self.device)
         ids = self.prompts.prompt_ids(self.prompts.robot_prompt(instruction))
         result = decode_action(self.model, pixels, ids, self.grammar)
         self.last_decode = result
         normalized = self.action_tokenizer.decode(result.ids, chunk=self.actions.chunk if self.actions.chunk > 1 else None)
         action = self.normalizer.unnormalize(np.asarray(normalized, dtype=np.float64))
         return np.asarray(action, dtype=np.float32)
+
+    def pixels(self, image: np.ndarray | Image.Image) -> torch.Tensor:
+        """uint8 (3, S, S) model input: training's pixel path, with its random crop replaced by the centre crop."""
+        if self.center_crop_scale is not None:
+            image = center_crop(Image.fromarray(np.asarray(image)).convert("RGB"), self.center_crop_scale)
+        return to_pixels(image, self.model.image_size)
 
     def __call__(self, observation: dict[str, Any]) -> np.ndarray:
         """Simulator-style call: {"image": HxWx3 uint8, "instruction": str} -> action."""

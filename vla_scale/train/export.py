@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from vla_scale.config import config_to_dict
+from vla_scale.data.augment import inference_preprocessing
 from vla_scale.errors import CheckpointError, ConfigError, ModelLoadError
 from vla_scale.models.export import save_export
 from vla_scale.models.loading import build_vla
@@ -94,4 +95,5 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "fp32", fo
     stats = json.loads((ckpt_dir / "action_stats.json").read_text())
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     return save_export(model, tokenizer, stats, config_to_dict(cfg)["actions"], out, dtype=torch_dtype,
-                       overwrite=force, config_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+                       overwrite=force, config_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+                       image_preprocessing=inference_preprocessing(cfg.data.augment))

@@ -235,13 +235,17 @@ class Trainer:
         last_ckpt = Path(last_ckpt) if last_ckpt else None
         watchdog = HangWatchdog(t.hang_timeout_s)
         wall0 = time.time() - float(counters.get("wall_time_s", 0.0))
+        overlong = torch.zeros(2, dtype=torch.float64)  # truncated, dropped samples since the last log line
         meter.start()
         try:
             for step in range(start + 1, t.steps + 1):
                 watchdog.arm()  # a step (with its checkpoint) that hangs becomes a traceback and an exit
                 data_state = self.loader.state_dict()
+                micro_batches = self.loader.next_step()
+                for mb in micro_batches:  # samples over data.max_length (data.overlong), counted per log line
+                    overlong += torch.stack([mb["truncated"].sum(), mb["dropped"].sum()]).double()
                 try:
-                    result = self.strategy.train_step(self.loader.next_step())
+                    result = self.strategy.train_step(micro_batches)
                 except TrainingError:
                     # on_nonfinite=stop: the weights were not updated; save the state before this
                     # step (with the data position captured before it, so a resume retries this
@@ -258,8 +262,10 @@ class Trainer:
                                result.sample_choices)
                 val_row = self._validate(step, bar) if self._validation_due(step) else {}
                 if step % t.log_every == 0 or step == t.steps or val_row:
+                    truncated, dropped = self.strategy.all_reduce_sum(overlong.to(self.strategy.device)).tolist()
+                    overlong.zero_()
                     row = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
-                           "skipped": float(result.skipped),
+                           "skipped": float(result.skipped), "data/truncated": truncated, "data/dropped": dropped,
                            **per_source.compute(reduce=self.strategy.all_reduce_sum),
                            **{f"perf/{k}": v for k, v in meter.summary().items()}, **val_row}
                     per_source.reset()

@@ -35,6 +35,7 @@ import torch
 
 from vla_scale.actions import ActionNormalizer
 from vla_scale.config.schema import Config
+from vla_scale.data.augment import inference_preprocessing
 from vla_scale.data.pipeline import SampleProcessor, collate, write_synthetic_source
 from vla_scale.data.prompts import PromptBuilder
 from vla_scale.data.schema import ROBOT_TASK
@@ -88,7 +89,10 @@ class Validator:
         self.names = names
         self.tasks = {n: task[n] for n in names}
         processor = SampleProcessor(cfg, prompts, stats, names)
-        processor.augment = False  # validation sees what inference sees
+        # Validation sees what the exported policy sees: no random augmentation, and the centre crop
+        # the export records when training augmented.
+        processor.augment = False
+        processor.center_crop_scale = inference_preprocessing(cfg.data.augment)["center_crop_scale"]
         self.batches: dict[str, list[dict[str, torch.Tensor]]] = {}
         self.samples: dict[str, list[dict[str, Any]]] = {}
         micro = cfg.train.micro_batch_size

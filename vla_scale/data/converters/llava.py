@@ -15,6 +15,10 @@ library's `JSONDecoder.raw_decode` over a sliding buffer), so memory holds one
 record and one image, never the whole file. --skip-bad granularity here is
 the SAMPLE (record): a record without an image, with a missing or undecodable
 image file, or with unpaired turns is skipped and counted.
+With `max_tokens` and `tokenizer` (the model's folder), each record is
+tokenized with the training prompt and the summary's `max_tokens` entry counts
+those longer than the limit (they are still written: `data.overlong` decides
+at training time whether they are truncated, dropped or an error).
 This module never modifies the source files.
 """
 from __future__ import annotations
@@ -161,10 +165,12 @@ def _image_path(record: dict, images: Path, where: str) -> Path:
 def convert_llava(src: str | Path, out: str | Path, *, task: str, images: str | Path | None = None,
                   dataset_name: str | None = None, skip_bad: bool = False, overwrite: bool = False,
                   size_limit: int | str | None = DEFAULT_SIZE_LIMIT, compression: str | None = None,
-                  progress: bool = True, callback: ProgressCallback | None = None) -> dict[str, Any]:
+                  progress: bool = True, callback: ProgressCallback | None = None, max_tokens: int | None = None,
+                  tokenizer: str | Path | None = None) -> dict[str, Any]:
     """Convert a LLaVA-style JSON/JSONL file plus its image folder to vision-language shards; returns the summary.
 
     task: "vqa", "spatial" or "affordance" (the co-training source this data feeds).
+    max_tokens, tokenizer: count the records whose training text is longer than max_tokens.
     """
     from tqdm.auto import tqdm
 
@@ -176,10 +182,15 @@ def convert_llava(src: str | Path, out: str | Path, *, task: str, images: str | 
     image_dir = Path(images) if images is not None else src.parent
     if not image_dir.is_dir():
         raise DataError(f"image folder {image_dir} does not exist (pass --images DIR)")
+    length = _token_counter(max_tokens, tokenizer)
     check_output(out, overwrite)
     name = dataset_name_for(src, dataset_name)
     meta = {"kind": "llava", "source": str(src.resolve()), "images": str(image_dir.resolve()), "dataset": name,
             "task": task}
+    over: dict[str, Any] = {"limit": max_tokens, "tokenizer": str(tokenizer), "over": 0, "longest": 0,
+                            "examples": []}
+    if length is not None:
+        meta["max_tokens"] = over  # the writer keeps this same dict: the counts reach conversion.json
     with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta) as writer, \
             tqdm(unit="sample", desc=f"convert {name}", disable=not progress) as bar:
         for i, record in enumerate(iter_json_records(src)):
@@ -197,7 +208,29 @@ def convert_llava(src: str | Path, out: str | Path, *, task: str, images: str | 
                 writer.skip(e.reason, str(e), samples=1)
                 continue
             writer.write(vl_sample(image=image, turns=turns, task=task, dataset=name, where=where), where=where)
+            if length is not None:
+                n = length(turns)
+                over["longest"] = max(over["longest"], n)
+                if n > max_tokens:
+                    over["over"] += 1
+                    if len(over["examples"]) < 5:
+                        over["examples"].append(f"{where}: {n} tokens")
             bar.update(1)
             if callback is not None:
                 callback(writer.summary)
     return writer.summary
+
+
+def _token_counter(max_tokens: int | None, tokenizer: str | Path | None):
+    """turns -> training text length in tokens (BOS, prompt tag, turns, EOS), or None when not asked."""
+    if max_tokens is None and tokenizer is None:
+        return None
+    if max_tokens is None or tokenizer is None:
+        raise DataError("--max-tokens and --tokenizer go together: the count needs the model's tokenizer folder")
+    if max_tokens < 1:
+        raise DataError(f"--max-tokens must be at least 1, got {max_tokens}")
+    from vla_scale.data.prompts import PromptBuilder
+    from vla_scale.models.loading import load_tokenizer
+
+    prompts = PromptBuilder(load_tokenizer(tokenizer), None, max_length=1 << 62)
+    return lambda turns: len(prompts.build_vl_turns(turns).input_ids)
