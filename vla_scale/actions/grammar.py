@@ -60,6 +60,7 @@ class ActionGrammar:
         self.done = len(self._rows) - 1
         self._allowed = [tuple(sorted(row)) for row in self._rows]
         self._next = [tuple(row[t] for t in allowed) for row, allowed in zip(self._rows, self._allowed)]
+        self._has_choice = [len(allowed) > 1 for allowed in self._allowed]
         self._tables = None
 
     # -- stepping ---------------------------------------------------------
@@ -106,10 +107,12 @@ class ActionGrammar:
         Forced tokens (the point, separators, fixed digits, EOS) carry no information about what the
         model learned; token accuracy is measured on the others.
         """
+        rows, has_choice = self._rows, self._has_choice  # runs per training sample: no per-token method calls
         state, out = self.start, []
         for token_id in ids:
-            out.append(len(self._allowed[state]) > 1)
-            state = self.advance(state, token_id)
+            out.append(has_choice[state])
+            nxt = rows[state].get(token_id)
+            state = nxt if nxt is not None else self.advance(state, token_id)  # advance raises the named error
         return out
 
     def allowed_ids(self, prefix_ids: Iterable[int]) -> list[int]:

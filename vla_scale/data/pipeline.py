@@ -235,7 +235,8 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
         ids[i, :n] = torch.tensor(s["input_ids"])
         labels[i, :n] = torch.tensor(s["labels"])
         mask[i, :n] = 1
-        choice[i, :n] = torch.tensor(s["choice"]) if s.get("choice") is not None else labels[i, :n] != IGNORE_INDEX
+        choice[i, :n] = torch.from_numpy(np.asarray(s["choice"], dtype=bool)) if s.get("choice") is not None \
+            else labels[i, :n] != IGNORE_INDEX
     return {"pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": ids,
             "attention_mask": mask, "labels": labels, "choice_mask": choice,
             "source": torch.tensor([s["source"] for s in samples]),
