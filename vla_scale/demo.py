@@ -29,6 +29,19 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+def _verdict(val: dict[str, float]) -> str:
+    """What the held-out numbers say, without flattering them."""
+    gap = val.get("val/reliance/robot/loss_gap", 0.0)
+    l1, base = val.get("val/l1/robot", float("nan")), val.get("val/l1_baseline/robot", float("nan"))
+    grip, majority = val.get("val/gripper_acc/robot", float("nan")), val.get("val/gripper_acc_baseline/robot", 0.0)
+    parts = [f"held-out action error {l1:.3f} {'beats' if l1 < base else 'does not beat'} the mean-action "
+             f"baseline {base:.3f}",
+             f"gripper {grip:.0%} {'beats' if grip > majority else 'does not beat'} the majority {majority:.0%}",
+             (f"swapping images raises the held-out loss by {gap:.3f}: the policy uses the image" if gap > 0.01 else
+              "swapping images changes nothing: the policy ignores the image (train longer before trusting it)")]
+    return "; ".join(parts)
+
+
 def run_demo(workdir: Path, steps: int = 2000) -> dict:
     from vla_scale.data.synthetic import make_samples
     from vla_scale.models.tiny import build_tiny_llava
@@ -81,9 +94,5 @@ def run_demo(workdir: Path, steps: int = 2000) -> dict:
     _say(f"decoding: {d.forward_passes} LLM forward passes for {len(d.ids)} action tokens (forced tokens skipped)")
     val = {k: v for k, v in read_metrics(run_dir / "metrics.jsonl")[-1].items() if k.startswith("val/")}
     _say(format_validation(steps, val))
-    gap = val.get("val/reliance/robot/loss_gap", 0.0)
-    _say(("the policy reads the image: swapping images raises its held-out loss by "
-          f"{gap:.3f}" if gap > 0.01 else "the policy does not rely on the image yet (no vision-reliance gap): "
-          "train longer (--steps) before trusting it")
-         + f"; done in {time.time() - t0:.0f} s")
+    _say(_verdict(val) + f"; done in {time.time() - t0:.0f} s")
     return {"losses": losses, "export": str(export), "validation": val}
