@@ -4,6 +4,16 @@
     for each step: loader.next_step() -> strategy.train_step() -> metrics
                    -> checkpoint every N steps (atomic) -> final checkpoint
 
+The objective of a step is the same at any micro-batch size, accumulation and
+world size: the summed answer-token loss of the global batch over its answer-token
+count (counted from the labels before the backward passes; see
+`vla_scale.train.strategy`). Per-source losses in the log follow the same rule,
+and `acc/<source>` counts only the positions where the action grammar leaves a
+choice. Every rank's slice of a batch holds the co-training mix in proportion
+(`vla_scale.data.streaming_dataset`). With `train.val_every`, held-out sets are
+validated (action error against the mean-action baseline, vision reliance;
+`vla_scale.train.validation`) without touching the training state.
+
 A checkpoint holds everything needed to continue exactly: the strategy's
 files (trainable weights, optimizer, scheduler), the data-loader state, the
 RNG states per rank, the resolved config, the action statistics, the
