@@ -1,7 +1,5 @@
 """The training loop: loss falls, checkpoints resume exactly, bad resumes fail clearly."""
-import json
 import math
-import shutil
 
 import pytest
 import torch

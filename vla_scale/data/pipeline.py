@@ -24,7 +24,6 @@ world size (the trainer normalises the loss by the global answer-token count).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
