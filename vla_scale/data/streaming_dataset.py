@@ -28,6 +28,7 @@ import numpy as np
 
 from vla_scale.data.mixture import mixing_permutation
 from vla_scale.data.streaming_compat import import_streaming
+from vla_scale.errors import DataError
 
 _streaming = import_streaming()
 
@@ -58,7 +59,8 @@ def generate_work_rank_mixed(dataset: Any, world: Any, epoch: int, sample_in_epo
     if (streams != streams[0]).any():
         # stratified lays out every global batch the same way (source portions in stream order);
         # one permutation then serves them all. Anything else means streaming changed underneath us.
-        raise RuntimeError("streaming's stratified batches differ in layout; rank_mixed cannot mix them")
+        raise DataError("mosaicml-streaming's stratified batches differ in layout from batch to batch, which "
+                        "rank_mixed batching does not expect; use the tested streaming version (0.13)")
     perm = mixing_permutation(streams[0], ranks, rank_batch // micro)
     rows[full] = rows[full][:, perm]
     return rows.reshape(-1, workers, nodes, ranks_per_node, rank_batch).transpose(2, 3, 1, 0, 4)
