@@ -16,8 +16,8 @@ from PIL import Image
 from vla_scale.errors import DataError
 
 
-def to_pixels(image: np.ndarray | Image.Image, size: int) -> torch.Tensor:
-    """uint8 (H, W, 3) -> uint8 (3, size, size), bilinear resize."""
+def rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    """The image as a uint8 (H, W, 3) array; DataError for anything else."""
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     image = np.asarray(image)
@@ -25,6 +25,12 @@ def to_pixels(image: np.ndarray | Image.Image, size: int) -> torch.Tensor:
         raise DataError(f"expected an RGB image of shape (H, W, 3), got {image.shape}")
     if image.dtype != np.uint8:
         raise DataError(f"expected a uint8 image, got {image.dtype}")
+    return image
+
+
+def to_pixels(image: np.ndarray | Image.Image, size: int) -> torch.Tensor:
+    """uint8 (H, W, 3) -> uint8 (3, size, size), bilinear resize."""
+    image = rgb_array(image)
     if image.shape[0] != size or image.shape[1] != size:
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

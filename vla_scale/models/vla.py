@@ -80,6 +80,22 @@ class LLMInputs:
         mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(embeds.shape[:2])], dim=1)
         return LLMInputs(torch.cat([self.embeds, embeds], dim=1), mask, None, self.prefix_len)
 
+    @staticmethod
+    def left_padded(rows: Sequence["LLMInputs"]) -> "LLMInputs":
+        """Inference inputs of different lengths as one batch, padded on the left (labels dropped).
+
+        Every row then ends at the same column, so decoding appends columns to all rows at once;
+        `VLACore.llm_kwargs` gives each row the positions it has alone, and the pads attend nowhere.
+        """
+        width = max(r.embeds.shape[1] for r in rows)
+        embeds, masks, prefix = [], [], []
+        for r in rows:
+            pad = width - r.embeds.shape[1]
+            embeds.append(F.pad(r.embeds, (0, 0, pad, 0)))
+            masks.append(F.pad(r.attention_mask, (pad, 0)))
+            prefix.append(r.prefix_len + pad)  # the prefix is counted in columns, pads included
+        return LLMInputs(torch.cat(embeds), torch.cat(masks), None, torch.cat(prefix))
+
 
 def param_numel(p: torch.nn.Parameter) -> int:
     """A parameter's full size, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
@@ -171,21 +187,23 @@ class VLACore(nn.Module):
         parts = [image, bos] if self.layout.image_first else [bos, image]
         return torch.cat([*parts, values[:, 1:]], dim=1)
 
-    def llm_kwargs(self, inputs: LLMInputs, past: int = 0) -> dict[str, Any]:
-        """Keyword arguments for the LLM (or its decoder) over `inputs`, after `past` cached positions.
+    def llm_kwargs(self, inputs: LLMInputs, past_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """Keyword arguments for the LLM (or its decoder) over `inputs`, after a KV cache whose columns
+        are `past_mask` (B, P): 1 where the cache holds a real token, 0 where it holds padding.
 
-        A prefix-LM layout gets an explicit 4-D mask (prefix both ways, the rest causal, padding
-        masked); with a cache the new positions are causal over everything before, which is the
-        default, so only position ids are given.
+        Position ids count real tokens only, so a left-padded row (batched inference) sits at the
+        positions it has alone, and a right-padded one (training) is unchanged. A prefix-LM layout's
+        first pass gets an explicit 4-D mask (prefix both ways, the rest causal, padding masked);
+        with a cache the new positions are causal over everything before, which is what the LLM
+        builds from a 2-D padding mask.
         """
         embeds = inputs.embeds
         n = embeds.shape[1]
-        positions = torch.arange(past, past + n, device=embeds.device) + self.layout.position_offset
-        kwargs: dict[str, Any] = {"inputs_embeds": embeds, "position_ids": positions.unsqueeze(0)}
-        if past:
-            return kwargs
-        if not self.layout.prefix_lm:
-            kwargs["attention_mask"] = inputs.attention_mask
+        full = inputs.attention_mask if past_mask is None else torch.cat([past_mask, inputs.attention_mask], dim=1)
+        positions = (full.long().cumsum(1) - 1).clamp(min=0)[:, -n:] + self.layout.position_offset
+        kwargs: dict[str, Any] = {"inputs_embeds": embeds, "position_ids": positions}
+        if past_mask is not None or not self.layout.prefix_lm:
+            kwargs["attention_mask"] = full
             return kwargs
         i = torch.arange(n, device=embeds.device)
         causal = i[None, :] <= i[:, None]  # (query, key)

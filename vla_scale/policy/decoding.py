@@ -14,7 +14,10 @@ the weights are.
 
 The prompt (image included) is fed in one prefill pass with the layout's
 attention (bidirectional over the prefix for PaliGemma); every later token
-is causal over the cache, as the answer was in training.
+is causal over the cache, as the answer was in training. A batch of
+observations decodes together (`constrained_greedy_batch`): prompts are
+left-padded, every row keeps its own grammar state, and one sequence is the
+batch of one, so the batched and single-observation paths are one code.
 """
 from __future__ import annotations
 
@@ -29,14 +32,35 @@ from vla_scale.models.vla import LLMInputs
 @dataclass
 class DecodeResult:
     ids: list[int]  # decoded ids, EOS included
-    forward_passes: int  # LLM forward passes, prefill included
+    forward_passes: int  # LLM forward passes this sequence took part in, prefill included
     choices: int  # positions where a token was chosen (not forced)
     choice_logits: list[torch.Tensor] | None = None  # (V,) at each choice, when asked for (tests, debugging)
 
 
+@dataclass
+class BatchDecodeResult:
+    rows: list[DecodeResult]  # per sequence, as if it had been decoded alone
+    forward_passes: int  # batched LLM forward passes, prefill included (the longest row's count)
+
+
 @torch.no_grad()
 def constrained_greedy(core, prompt: LLMInputs, grammar, max_tokens: int = 4096, keep_logits: bool = False) -> DecodeResult:
-    """Decode one sequence (batch 1) after `prompt` (`LLMInputs` from `core.embed`) under `grammar`.
+    """Decode one sequence after `prompt` (batch-1 `LLMInputs` from `core.embed`): `constrained_greedy_batch`
+    with one row."""
+    return constrained_greedy_batch(core, [prompt], grammar, max_tokens, keep_logits).rows[0]
+
+
+@torch.no_grad()
+def constrained_greedy_batch(core, prompts: list[LLMInputs], grammar, max_tokens: int = 4096,
+                             keep_logits: bool = False) -> BatchDecodeResult:
+    """Decode one sequence after each of `prompts` (batch-1 `LLMInputs` from `core.embed`, any lengths) under
+    `grammar`, each row in its own grammar state, over one batched KV cache.
+
+    The prompts are left-padded (`LLMInputs.left_padded`) so that all rows end at the same column. At each
+    pass every unfinished row feeds the tokens appended since its last pass (its forced run and its last
+    choice, as the single-row decoder would), right-aligned and left-padded to the widest row; finished rows
+    feed only padding. So each row makes exactly the choices, passes and forced runs it makes alone; only
+    fp32 rounding differs between the batched and the single-row pass.
 
     `keep_logits`: also return the full logits at every choice (costs a V-wide product each).
     """
@@ -45,64 +69,88 @@ def constrained_greedy(core, prompt: LLMInputs, grammar, max_tokens: int = 4096,
     decoder = core.decoder()
     embed = core.llm.get_input_embeddings()
     head = core.llm.get_output_embeddings()
+    device = prompts[0].embeds.device
+    b = len(prompts)
     cache = DynamicCache()
-    state = grammar.start
-    out: list[int] = []
-    pending: list[int] = []
-    forwards = choices = 0
-    hidden = None
-    past = 0
-    kept: list[torch.Tensor] | None = [] if keep_logits else None
-    device = prompt.embeds.device
-    # One (1, K) row of allowed ids per grammar state, built once on the device (padded with -1).
-    rows = grammar.allowed_table().to(device)
+    cache_mask = None  # (B, columns in the cache): 1 where a row holds a real token
+    states = [grammar.start] * b
+    out: list[list[int]] = [[] for _ in range(b)]
+    pending: list[list[int]] = [[] for _ in range(b)]
+    passes, choices = [0] * b, [0] * b
+    kept: list[list[torch.Tensor]] | None = [[] for _ in range(b)] if keep_logits else None
+    # Each grammar state's allowed ids, built once on the device (padded with -1): row r gathers its state's.
+    table = grammar.allowed_table().to(device)
     # The Triton kernel takes up to MAX_ALLOWED ids per row; wider grammars (the 256-bin baseline)
     # use the gathered-row PyTorch path, which still never forms V-wide logits.
-    backend = "torch" if rows.shape[1] > MAX_ALLOWED else None
-    while not grammar.is_done(state):
-        forced = grammar.forced(state)
-        if forced is not None:
-            out.append(forced)
-            pending.append(forced)
-            state = grammar.advance(state, forced)
-            continue
-        # A real choice: bring the LLM up to date with everything appended since its last pass.
-        if pending or hidden is None:
-            new = embed(torch.tensor([pending], device=device)) if pending else None
-            if hidden is None:  # prefill: the prompt, then any forced tokens, in one pass
-                inputs = prompt if new is None else prompt.extended(new)
-                kwargs = core.llm_kwargs(inputs)
-            else:
-                kwargs = core.llm_kwargs(LLMInputs(new, torch.ones(new.shape[:2], dtype=torch.long, device=device), None,
-                                                     prompt.prefix_len), past=past)
-            step = kwargs["inputs_embeds"].shape[1]
-            hidden = decoder(**kwargs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-            past += step
-            forwards += 1
-            pending = []
+    backend = "torch" if table.shape[1] > MAX_ALLOWED else None
+    while True:
+        for r in range(b):  # jump-forward: forced tokens are appended without a model step
+            while not grammar.is_done(states[r]) and (forced := grammar.forced(states[r])) is not None:
+                out[r].append(forced)
+                pending[r].append(forced)
+                states[r] = grammar.advance(states[r], forced)
+        active = [r for r in range(b) if not grammar.is_done(states[r])]
+        if not active:
+            break
+        # A real choice in some row: bring the LLM up to date with everything appended since its last pass.
+        if cache_mask is None:  # prefill: each prompt, then its forced tokens, in one pass
+            inputs = LLMInputs.left_padded([p.extended(embed(torch.tensor([pending[r]], device=device)))
+                                            if pending[r] else p for r, p in enumerate(prompts)])
+        else:
+            width = max(len(pending[r]) for r in active)
+            ids = torch.zeros((b, width), dtype=torch.long)
+            mask = torch.zeros((b, width), dtype=torch.long)
+            for r in active:
+                ids[r, width - len(pending[r]):] = torch.tensor(pending[r])
+                mask[r, width - len(pending[r]):] = 1
+            inputs = LLMInputs(embed(ids.to(device)), mask.to(device), None, prompts[0].prefix_len)
+        kwargs = core.llm_kwargs(inputs, past_mask=cache_mask)
+        hidden = decoder(**kwargs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        cache_mask = inputs.attention_mask if cache_mask is None else torch.cat([cache_mask, inputs.attention_mask], 1)
+        for r in active:
+            passes[r] += 1
+            pending[r] = []
+        rows = torch.tensor(active, device=device)
+        h = hidden.index_select(0, rows)
         if kept is not None:
-            kept.append(core.head_logits(hidden)[0].float())
+            logits = core.head_logits(h).float()
+            for i, r in enumerate(active):
+                kept[r].append(logits[i])
+        allowed = table.index_select(0, torch.tensor([states[r] for r in active], device=device))
         # The grammar's ids are valid by construction: skip the per-call input validation.
-        token = int(constrained_argmax(hidden.to(head.weight.dtype), head.weight, rows[state:state + 1],
-                                       bias=getattr(head, "bias", None), validate=False, backend=backend)[0])
-        choices += 1
-        out.append(token)
-        pending.append(token)
-        state = grammar.advance(state, token)
-        if len(out) > max_tokens:
-            raise RuntimeError(f"action grammar did not terminate within {max_tokens} tokens")
-    return DecodeResult(out, forwards, choices, kept)
+        tokens = constrained_argmax(h.to(head.weight.dtype), head.weight, allowed,
+                                    bias=getattr(head, "bias", None), validate=False, backend=backend).tolist()
+        for r, token in zip(active, tokens):
+            choices[r] += 1
+            out[r].append(token)
+            pending[r].append(token)
+            states[r] = grammar.advance(states[r], token)
+            if len(out[r]) > max_tokens:
+                raise RuntimeError(f"action grammar did not terminate within {max_tokens} tokens")
+    rows_out = [DecodeResult(out[r], passes[r], choices[r], None if kept is None else kept[r]) for r in range(b)]
+    return BatchDecodeResult(rows_out, max(passes))
+
+
+@torch.no_grad()
+def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], grammar,
+                   keep_logits: bool = False) -> BatchDecodeResult:
+    """The policy's whole decode for a batch of observations: image tokens of `pixels` (B, C, H, W), each
+    prompt of `prompt_ids` (BOS first, any lengths) placed by the model's layout, then constrained greedy
+    decoding of all rows at once.
+
+    The one home of this sequence: `VLAPolicy` and the trainer's validation both call it (through
+    `decode_action` for one observation), so what validation reports is what the policy does.
+    """
+    core = model.core
+    images = model.image_tokens(pixels)
+    prompts = []
+    for r, row in enumerate(prompt_ids):
+        ids = torch.tensor([row], device=pixels.device)
+        prompts.append(core.embed(ids, torch.ones_like(ids), images[r:r + 1]))
+    return constrained_greedy_batch(core, prompts, grammar, keep_logits=keep_logits)
 
 
 @torch.no_grad()
 def decode_action(model, pixels: torch.Tensor, prompt_ids: list[int], grammar, keep_logits: bool = False) -> DecodeResult:
-    """The policy's whole decode for one observation: image tokens of `pixels` (1, C, H, W), the prompt
-    `prompt_ids` (BOS first) placed by the model's layout, then constrained greedy decoding.
-
-    The one home of this sequence: `VLAPolicy` and the trainer's validation both call it, so what
-    validation reports is what the policy does.
-    """
-    core = model.core
-    ids = torch.tensor([prompt_ids], device=pixels.device)
-    return constrained_greedy(core, core.embed(ids, torch.ones_like(ids), model.image_tokens(pixels)), grammar,
-                              keep_logits=keep_logits)
+    """`decode_actions` for one observation: `pixels` (1, C, H, W), `prompt_ids` one prompt."""
+    return decode_actions(model, pixels, [prompt_ids], grammar, keep_logits).rows[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -22,11 +22,11 @@ from vla_scale.actions import ActionNormalizer
 from vla_scale.actions.factory import make_action_tokenizer
 from vla_scale.config.schema import ActionConfig
 from vla_scale.data.augment import center_crop
-from vla_scale.data.images import to_pixels
+from vla_scale.data.images import rgb_array, to_pixels
 from vla_scale.data.prompts import PromptBuilder
-from vla_scale.errors import ConfigError
+from vla_scale.errors import ConfigError, DataError
 from vla_scale.models.export import load_export
-from vla_scale.policy.decoding import DecodeResult, decode_action
+from vla_scale.policy.decoding import BatchDecodeResult, DecodeResult, decode_actions
 
 
 def select_stats(stats: dict, unnorm_key: str | None) -> tuple[str | None, dict]:
@@ -59,7 +59,8 @@ class VLAPolicy:
         self.action_tokenizer = make_action_tokenizer(actions, tokenizer)
         self.grammar = self.action_tokenizer.grammar(tokenizer.eos_token_id, chunk=actions.chunk)
         self.prompts = PromptBuilder(tokenizer, self.action_tokenizer, max_length)
-        self.last_decode: DecodeResult | None = None
+        self.last_decode: DecodeResult | None = None  # the last predict_action's decode
+        self.last_batch_decode: BatchDecodeResult | None = None  # the last call's, per row
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
@@ -77,19 +78,45 @@ class VLAPolicy:
 
     @torch.no_grad()
     def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:
-        """Unnormalised action: shape (D,), or (T, D) for action chunks."""
-        pixels = self.pixels(image).unsqueeze(0).to(self.device)
-        ids = self.prompts.prompt_ids(self.prompts.robot_prompt(instruction))
-        result = decode_action(self.model, pixels, ids, self.grammar)
-        self.last_decode = result
-        normalized = self.action_tokenizer.decode(result.ids, chunk=self.actions.chunk if self.actions.chunk > 1 else None)
-        action = self.normalizer.unnormalize(np.asarray(normalized, dtype=np.float64))
-        return np.asarray(action, dtype=np.float32)
+        """Unnormalised action: shape (D,), or (T, D) for action chunks (`predict_actions` with one row)."""
+        action = self.predict_actions([image], [instruction])[0]
+        self.last_decode = self.last_batch_decode.rows[0]
+        return action
+
+    @torch.no_grad()
+    def predict_actions(self, images: Sequence[np.ndarray | Image.Image], instructions: Sequence[str]) -> np.ndarray:
+        """Unnormalised actions for a batch of observations: shape (B, D), or (B, T, D) for action chunks.
+
+        One batched prefill and one batched constrained decode; each row gets the action that
+        `predict_action` gives it alone (`decoding.constrained_greedy_batch`).
+        """
+        if isinstance(instructions, str):  # list("pick up") would be one instruction per character
+            raise DataError("predict_actions: instructions is one string; pass a list with one instruction per image")
+        images, instructions = list(images), list(instructions)
+        if len(images) != len(instructions):
+            raise DataError(f"predict_actions: {len(images)} images but {len(instructions)} instructions; "
+                            "pass one instruction per image")
+        if not images:
+            raise DataError("predict_actions: no observations given (empty images and instructions)")
+        pixels = []
+        for i, image in enumerate(images):
+            try:
+                pixels.append(self.pixels(image))
+            except DataError as err:
+                raise DataError(f"predict_actions: images[{i}]: {err}") from None
+        ids = [self.prompts.prompt_ids(self.prompts.robot_prompt(text)) for text in instructions]
+        result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar)
+        self.last_batch_decode = result
+        chunk = self.actions.chunk if self.actions.chunk > 1 else None
+        normalized = np.asarray([self.action_tokenizer.decode(row.ids, chunk=chunk) for row in result.rows],
+                                dtype=np.float64)
+        return np.asarray(self.normalizer.unnormalize(normalized), dtype=np.float32)
 
     def pixels(self, image: np.ndarray | Image.Image) -> torch.Tensor:
         """uint8 (3, S, S) model input: training's pixel path, with its random crop replaced by the centre crop."""
+        image = rgb_array(image)  # a malformed image is named before the crop could misread it
         if self.center_crop_scale is not None:
-            image = center_crop(Image.fromarray(np.asarray(image)).convert("RGB"), self.center_crop_scale)
+            image = center_crop(Image.fromarray(image), self.center_crop_scale)
         return to_pixels(image, self.model.image_size)
 
     def __call__(self, observation: dict[str, Any]) -> np.ndarray:
