@@ -1,0 +1,202 @@
+"""Scripted experts for the built-in tasks, and writing their demonstrations as robot shards.
+
+An expert reads the privileged `SceneView` (object centres, pads, what is
+held) and returns the next 7-D action in the convention the model trains on
+([dx, dy, dz, droll, dpitch, dyaw, gripper], gripper 1 = closed), each delta
+within the MuJoCo backend's per-step limits. Each expert is a short list of
+phases (move above, descend, close, lift, carry, ...) whose targets are
+recomputed from the current scene every step, so a cube that slid a little
+is still reached.
+
+Experts exist to produce demonstrations and to prove every task solvable;
+they must never be used as a policy under evaluation, and nothing here
+writes anything but complete shard folders (ShardWriter's atomic close).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from vla_scale.data.schema import robot_sample
+from vla_scale.data.writer import ShardWriter
+from vla_scale.eval.backend import ACTION_DIM, Backend, SceneView
+from vla_scale.eval.tasks import get_task
+
+MAX_STEP = 0.018  # metres per step: just inside the backend's 0.02 limit
+CARRY_Z = 0.12  # grasp-point height for moving above other cubes (they are 4 cm tall)
+NEAR_GAP = 0.062  # centre to centre: two yawed cubes (corners 28 mm out) never touch, well under NEAR_DISTANCE
+REACHED = 0.002  # metres: a phase's target counts as reached within this
+# Phase: (view -> target end-effector position, gripper command, steps to hold after reaching the target)
+Phase = tuple[Callable[[SceneView], np.ndarray], float, int]
+
+
+def _above(xy: np.ndarray, z: float) -> np.ndarray:
+    return np.array([xy[0], xy[1], z])
+
+
+def _pick_then_place(place_xyz: Callable[[SceneView], np.ndarray]) -> list[Phase]:
+    """Grasp the goal object and release it with its centre at `place_xyz(view)`."""
+    obj = lambda v: v.objects[v.goal["object"]]  # noqa: E731
+    return [
+        (lambda v: _above(obj(v)[:2], CARRY_Z), 0.0, 0),
+        (lambda v: obj(v).copy(), 0.0, 0),
+        (lambda v: v.ee_pos.copy(), 1.0, 5),
+        (lambda v: _above(v.ee_pos[:2], CARRY_Z), 1.0, 0),
+        (lambda v: _above(place_xyz(v)[:2], CARRY_Z), 1.0, 0),
+        (lambda v: place_xyz(v) + [0, 0, 0.004], 1.0, 2),  # released 4 mm up: it drops onto its support
+        (lambda v: v.ee_pos.copy(), 0.0, 5),
+        (lambda v: _above(v.ee_pos[:2], CARRY_Z), 0.0, 0),
+    ]
+
+
+def _pad_place(v: SceneView) -> np.ndarray:
+    return _above(v.pads[v.goal["target"]].center, v.table_z + v.object_half)
+
+
+def _stack_place(v: SceneView) -> np.ndarray:
+    base = v.objects[v.goal["target"]]
+    return _above(base[:2], base[2] + 2 * v.object_half)
+
+
+def _near_place(v: SceneView) -> np.ndarray:
+    """Beside the target cube along the gripper's x axis (the side away from other cubes and the edge).
+
+    Only along x: the open fingers reach 52 mm from the centre along y, so a cube set down beside
+    its neighbour along y would have the fingers knock the neighbour away when they open."""
+    other = v.objects[v.goal["target"]][:2]
+    best, best_clear = None, -1.0
+    for sign in (1.0, -1.0):
+        p = other + np.array([sign * NEAR_GAP, 0.0])
+        clear = min([np.linalg.norm(p - q[:2]) for n, q in v.objects.items() if n != v.goal["object"]]
+                    + [0.3 - np.max(np.abs(p))])  # keep away from the edge of the reachable area
+        if clear > best_clear:
+            best, best_clear = p, clear
+    return _above(best, v.table_z + v.object_half)
+
+
+class PushExpert:
+    """Closed fingers as a pusher, steered every step along the line from the cube to the pad centre."""
+
+    BEHIND = 0.045  # start of the push: half a (yawed) cube plus the closed fingers' half width plus a gap
+    # While pushing, the grasp point aims this far behind the cube centre plus one step ahead: about the
+    # contact distance (20-28 mm half cube plus 10 mm of finger). Aiming deeper (28 mm) rammed the cube
+    # and spun it off the line (27/100 episodes succeeded); 45 mm pushed too little near the pad.
+    CONTACT = 0.04
+    DONE = 0.02  # stop with the cube centre this close to the pad centre (the pad's half side is 50 mm)
+
+    def __init__(self) -> None:
+        self.phase = 0
+        self.direction: np.ndarray | None = None
+
+    def act(self, v: SceneView) -> tuple[np.ndarray, bool]:
+        obj = v.objects[v.goal["object"]]
+        goal = v.pads[v.goal["target"]].center
+        to_goal = goal - obj[:2]
+        dist = float(np.linalg.norm(to_goal))
+        d = to_goal / max(dist, 1e-9)
+        low = v.table_z + v.object_half
+        if self.phase == 0:  # above the start of the push line
+            self.direction = d
+            target = _above(obj[:2] - d * (self.BEHIND + 0.02), CARRY_Z)
+        elif self.phase == 1:
+            target = _above(obj[:2] - self.direction * (self.BEHIND + 0.02), low)
+        elif self.phase == 2:  # push: aim the contact point at the cube, the cube at the pad centre
+            if dist < self.DONE:
+                self.phase = 3
+                return self.act(v)
+            target = _above(obj[:2] - d * self.CONTACT + d * min(dist, MAX_STEP), low)
+            return _toward(v, target, 1.0), False
+        elif self.phase == 3:  # back off before lifting, so the fingers do not drag the cube
+            target = _above(obj[:2] - d * (self.BEHIND + 0.03), low)
+        else:
+            target = _above(v.ee_pos[:2], CARRY_Z)
+        if np.linalg.norm(target - v.ee_pos) < REACHED:
+            self.phase += 1
+            if self.phase > 4:
+                return np.array([0, 0, 0, 0, 0, 0, 1.0]), True
+        return _toward(v, target, 1.0), False
+
+
+def _toward(v: SceneView, target: np.ndarray, gripper: float) -> np.ndarray:
+    delta = target - v.ee_pos
+    n = float(np.linalg.norm(delta))
+    if n > MAX_STEP:
+        delta = delta * (MAX_STEP / n)
+    return np.concatenate([delta, [0.0, 0.0, 0.0, gripper]])
+
+
+class PhaseExpert:
+    def __init__(self, phases: list[Phase]) -> None:
+        self.phases, self.phase, self.held_for, self.target = phases, 0, 0, None
+
+    def act(self, v: SceneView) -> tuple[np.ndarray, bool]:
+        """(action, done): done once the last phase has been reached and held."""
+        if self.phase >= len(self.phases):
+            return np.zeros(ACTION_DIM), True
+        fn, gripper, hold = self.phases[self.phase]
+        if self.target is None or hold == 0:
+            # Holding phases freeze their target when they start ("stay here"); moving phases follow the scene.
+            self.target = fn(v)
+        if np.linalg.norm(self.target - v.ee_pos) < REACHED:
+            if self.held_for >= hold:
+                self.phase, self.held_for, self.target = self.phase + 1, 0, None
+                return self.act(v)
+            self.held_for += 1
+        return _toward(v, self.target, gripper), False
+
+
+def make_expert(task: str) -> Any:
+    """A fresh expert for one episode of `task` (an object with act(view) -> (action, done))."""
+    get_task(task)  # unknown names are a ConfigError
+    if task == "push":
+        return PushExpert()
+    place = {"pick_place": _pad_place, "move_near": _near_place, "stack": _stack_place}[task]
+    return PhaseExpert(_pick_then_place(place))
+
+
+def run_expert(backend: Backend, task: str, seed: int, on_step: Callable[[Any, np.ndarray, int], None] | None = None
+               ) -> bool:
+    """One expert episode; `on_step(observation, action, step)` sees each observation before its action.
+    Returns whether the task succeeded when the expert finished (or the episode length ran out)."""
+    obs = backend.reset(task, seed)
+    expert = make_expert(task)
+    for t in range(get_task(task).episode_length):
+        action, done = expert.act(backend.scene())
+        if done:
+            break
+        if on_step is not None:
+            on_step(obs, action, t)
+        obs = backend.step(action)
+    return backend.success()
+
+
+def write_demonstrations(out_dir: str | Path, task: str, episodes: int, seed: int, *, image_size: int = 128,
+                         overwrite: bool = False) -> dict[str, Any]:
+    """Run the expert for `episodes` episodes (seeds seed, seed+1, ...) and write every step of each
+    successful one as a robot sample (primary camera image, instruction, 7-D action, state). Episode
+    indices count the written episodes (0, 1, ...); a failed episode is skipped, and its seed named in
+    the summary's skip examples. Returns ShardWriter's summary (also saved beside the shards)."""
+    from vla_scale.eval.mujoco_backend import MujocoBackend
+
+    dataset = f"mujoco_{task}"
+    with MujocoBackend(cameras=("primary",), image_size=image_size) as backend, \
+            ShardWriter(out_dir, overwrite=overwrite, metadata={"source": dataset, "seed": seed}) as writer:
+        written = 0
+        for e in range(episodes):
+            rows: list[dict[str, Any]] = []
+
+            def keep(obs, action, t, e=written):
+                rows.append(robot_sample(image=obs.images["primary"], instruction=obs.instruction,
+                                         action=action.astype(np.float32), state=obs.state, dataset=dataset,
+                                         episode=e, step=t, where=f"{dataset} seed {seed + e} step {t}"))
+
+            if run_expert(backend, task, seed + e, keep):
+                for row in rows:
+                    writer.write(row)
+                written += 1
+            else:
+                writer.skip("expert_failed", f"{dataset}: the expert failed on seed {seed + e}", samples=len(rows),
+                            episodes=1)
+    return writer.summary

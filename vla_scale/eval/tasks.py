@@ -1,0 +1,99 @@
+"""Evaluation tasks, independent of any simulator.
+
+A task is a name, instruction templates, an episode length, a way to pick
+its slots (which object, which target) from a seeded generator, and a
+success predicate written only in terms of the geometry in `SceneView`
+(object centres, pads, table height, what the gripper holds). Backends
+build the scene; tasks judge it.
+
+This module must never import a simulator or read pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from vla_scale.errors import ConfigError
+from vla_scale.eval.backend import SceneView
+
+# An object counts as resting when its centre is within this of its resting height
+# (objects are cubes; a settled cube sits at table_z + half, contacts allow ~1 mm of penetration).
+REST_TOL = 0.01
+NEAR_DISTANCE = 0.08  # metres between centres: about two cube widths, never touching the target required
+
+
+def _resting_on(view: SceneView, name: str, surface_z: float) -> bool:
+    return abs(view.objects[name][2] - (surface_z + view.object_half)) < REST_TOL and view.held != name
+
+
+def _on_pad(view: SceneView) -> bool:
+    obj, pad = view.goal["object"], view.pads[view.goal["target"]]
+    xy = view.objects[obj][:2]
+    return bool(np.all(np.abs(xy - pad.center) <= pad.half)) and _resting_on(view, obj, view.table_z)
+
+
+def _near(view: SceneView) -> bool:
+    obj, other = view.goal["object"], view.goal["target"]
+    d = float(np.linalg.norm(view.objects[obj][:2] - view.objects[other][:2]))
+    return d < NEAR_DISTANCE and _resting_on(view, obj, view.table_z) and _resting_on(view, other, view.table_z)
+
+
+def _stacked(view: SceneView) -> bool:
+    obj, base = view.goal["object"], view.goal["target"]
+    top, bottom = view.objects[obj], view.objects[base]
+    aligned = bool(np.all(np.abs(top[:2] - bottom[:2]) < view.object_half))
+    return aligned and _resting_on(view, base, view.table_z) and _resting_on(view, obj, bottom[2] + view.object_half)
+
+
+def _object_and_pad(rng: np.random.Generator, objects: Sequence[str], pads: Sequence[str]) -> dict[str, str]:
+    return {"object": str(rng.choice(objects)), "target": str(rng.choice(pads))}
+
+
+def _two_objects(rng: np.random.Generator, objects: Sequence[str], pads: Sequence[str]) -> dict[str, str]:
+    a, b = rng.choice(len(objects), size=2, replace=False)
+    return {"object": objects[int(a)], "target": objects[int(b)]}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    templates: tuple[str, ...]  # str.format templates over the goal slots
+    episode_length: int  # control steps
+    sample_goal: Callable[[np.random.Generator, Sequence[str], Sequence[str]], dict[str, str]]
+    predicate: Callable[[SceneView], bool]
+
+    def instruction(self, goal: dict[str, str], rng: np.random.Generator) -> str:
+        return self.templates[int(rng.integers(len(self.templates)))].format(**goal)
+
+    def success(self, view: SceneView) -> bool:
+        return bool(self.predicate(view))
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("pick_place",
+         ("pick up the {object} block and place it on the {target} pad",
+          "put the {object} block on the {target} pad",
+          "move the {object} cube onto the {target} pad"),
+         200, _object_and_pad, _on_pad),
+    Task("push",
+         ("push the {object} block into the {target} area",
+          "slide the {object} cube onto the {target} pad"),
+         200, _object_and_pad, _on_pad),
+    Task("move_near",
+         ("move the {object} block next to the {target} block",
+          "put the {object} cube near the {target} cube"),
+         200, _two_objects, _near),
+    Task("stack",
+         ("stack the {object} block on top of the {target} block",
+          "put the {object} cube on the {target} cube"),
+         200, _two_objects, _stacked),
+)}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown evaluation task {name!r}; built-in tasks: {', '.join(TASKS)}") from None
