@@ -78,8 +78,8 @@ def run(style: str, llm_hidden: int, llm_layers: int, repeats: int, device: str)
             pixels = to_pixels(image, model.image_size).unsqueeze(0).to(policy.device)
             ids = torch.tensor([policy.prompts.prompt_ids(policy.prompts.robot_prompt(instruction))],
                                device=policy.device)
-            embeds, mask, _ = core.embed(ids, torch.ones_like(ids), model.image_tokens(pixels))
-            core.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n_tokens,
+            inputs = core.embed(ids, torch.ones_like(ids), model.image_tokens(pixels))
+            core.llm.generate(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, max_new_tokens=n_tokens,
                               min_new_tokens=n_tokens, do_sample=False, use_cache=True,
                               pad_token_id=policy.tokenizer.pad_token_id)
 

@@ -202,6 +202,10 @@ class VLACore(nn.Module):
         full = inputs.attention_mask if past_mask is None else torch.cat([past_mask, inputs.attention_mask], dim=1)
         positions = (full.long().cumsum(1) - 1).clamp(min=0)[:, -n:] + self.layout.position_offset
         kwargs: dict[str, Any] = {"inputs_embeds": embeds, "position_ids": positions}
+        if past_mask is not None and bool(full.all()):
+            # Nothing padded (always so for one row): causal over the cache is the LLM's default, and
+            # building a mask over the whole cache at every decode step is most of a small model's step.
+            return kwargs
         if past_mask is not None or not self.layout.prefix_lm:
             kwargs["attention_mask"] = full
             return kwargs
