@@ -42,7 +42,7 @@ from vla_scale.data.schema import ROBOT_TASK
 from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.errors import DataError
 from vla_scale.models.vla import IGNORE_INDEX, VisionLanguageActionModel
-from vla_scale.policy.decoding import decode_action
+from vla_scale.policy.decoding import decode_actions
 
 
 def validation_dirs(cfg: Config, rank: int = 0) -> list[Path]:
@@ -74,6 +74,10 @@ def _read(folder: Path, limit: int) -> list[dict[str, Any]]:
     finally:
         del ds
         gc.collect()
+
+
+def _answer_start(labels: list[int]) -> int:
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
 
 
 class Validator:
@@ -111,6 +115,11 @@ class Validator:
         chunk = cfg.actions.chunk
         self.chunk = chunk if chunk > 1 else None
         self.grammar = prompts.action_tokenizer.grammar(prompts.tokenizer.eos_token_id, chunk=self.chunk)
+        # The held-out actions as the model is asked to write them (decoded from their label tokens), once.
+        decode, d = prompts.action_tokenizer.decode, cfg.actions.dim
+        self.targets = {n: np.asarray([decode(s["labels"][_answer_start(s["labels"]):], chunk=self.chunk)
+                                       for s in self.samples[n]], np.float64).reshape(len(self.samples[n]), -1, d)
+                        for n in robot}
 
     # -------------------------------------------------------------- evaluation
 
@@ -128,23 +137,18 @@ class Validator:
             tokens += float(out.sample_tokens.sum())
         return loss_sum / max(tokens, 1.0)
 
-    def _decode(self, model: VisionLanguageActionModel, sample: dict[str, Any], pixels: torch.Tensor,
-                device) -> np.ndarray:
-        answer_at = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
-        result = decode_action(model, pixels.to(device)[None], sample["input_ids"][:answer_at], self.grammar)
-        return np.asarray(self.prompts.action_tokenizer.decode(result.ids, chunk=self.chunk), np.float64)
-
-    def _actions(self, model, name: str, device, shuffled: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _predict(self, model, name: str, device, shuffled: bool) -> np.ndarray:
+        """Decoded normalised actions (N, T, D) for a held-out set, micro-batch by micro-batch, through
+        the policy's batched decoder; `shuffled`: each sample with the next sample's image."""
         samples = self.samples[name]
-        n = len(samples)
-        preds, targets = [], []
-        for i, s in enumerate(samples):
-            image = samples[(i + 1) % n]["pixels"] if shuffled else s["pixels"]
-            preds.append(self._decode(model, s, image, device))
-            answer = [label for label in s["labels"] if label != IGNORE_INDEX]
-            targets.append(np.asarray(self.prompts.action_tokenizer.decode(answer, chunk=self.chunk), np.float64))
-        d = self.cfg.actions.dim
-        return np.stack(preds).reshape(n, -1, d), np.stack(targets).reshape(n, -1, d)
+        n, micro, out = len(samples), self.cfg.train.micro_batch_size, []
+        for k in range(0, n, micro):
+            rows = samples[k:k + micro]
+            images = [samples[(k + i + 1) % n]["pixels"] if shuffled else s["pixels"] for i, s in enumerate(rows)]
+            prompts = [s["input_ids"][:_answer_start(s["labels"])] for s in rows]
+            result = decode_actions(model, torch.stack(images).to(device), prompts, self.grammar)
+            out += [self.prompts.action_tokenizer.decode(r.ids, chunk=self.chunk) for r in result.rows]
+        return np.asarray(out, np.float64).reshape(n, -1, self.cfg.actions.dim)
 
     @torch.no_grad()
     def run(self, model: VisionLanguageActionModel, device: torch.device) -> dict[str, float]:
@@ -161,8 +165,9 @@ class Validator:
                 row[f"val/loss_shuffled/{name}"] = self._loss(model, batches, device, shuffled=True)
                 cont = self.normalizers[name].mask  # True: a normalised (continuous) dimension
                 grip = ~cont
-                pred, target = self._actions(model, name, device, shuffled=False)
-                pred_s, _ = self._actions(model, name, device, shuffled=True)
+                target = self.targets[name]
+                pred = self._predict(model, name, device, shuffled=False)
+                pred_s = self._predict(model, name, device, shuffled=True)
                 mean = self.mean_action[name]
                 if cont.any():
                     per_dim = np.abs(pred - target).mean(axis=(0, 1))
