@@ -93,8 +93,8 @@ def test_actions_are_clipped_to_the_documented_limit(physics):
 
 
 def test_bad_requests_are_config_errors_naming_the_problem(physics):
-    with pytest.raises(ConfigError, match="perturbation"):
-        physics.reset("pick_place", 0, perturbation="lighting")
+    with pytest.raises(ConfigError, match="unknown perturbation variant .sunset."):
+        physics.reset("pick_place", 0, perturbation="sunset")
     with pytest.raises(ConfigError, match="unknown evaluation task 'fly'"):
         physics.reset("fly", 0)
     physics.reset("pick_place", 0)

@@ -156,6 +156,16 @@ def make_expert(task: str) -> Any:
     return PhaseExpert(_pick_then_place(place))
 
 
+class SceneExpert:
+    """The `Backend.expert()` of backends that expose `scene()`: the task's expert, reading the scene."""
+
+    def __init__(self, backend: Backend, task: str) -> None:
+        self.backend, self.inner = backend, make_expert(task)
+
+    def act(self) -> tuple[np.ndarray, bool]:
+        return self.inner.act(self.backend.scene())
+
+
 def run_expert(backend: Backend, task: str, seed: int, on_step: Callable[[Any, np.ndarray, int], None] | None = None
                ) -> bool:
     """One expert episode; `on_step(observation, action, step)` sees each observation before its action.

@@ -23,13 +23,14 @@ pair always gives the same scene and the same pixels.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from vla_scale.errors import ConfigError
-from vla_scale.eval.backend import (ACTION_DIM, Backend, Observation, Pad, SceneView, check_perturbation)
-from vla_scale.eval.tasks import NEAR_DISTANCE, Task, get_task
+from vla_scale.eval.backend import ACTION_DIM, UNPERTURBED, Backend, Expert, Observation, Pad, SceneView
+from vla_scale.eval.perturbations import SUITES, check_variant
+from vla_scale.eval.tasks import NEAR_DISTANCE, TASKS, Task, get_task
 
 MAX_TRANSLATION = 0.02  # metres per control step (1 m/s at 50 Hz)
 MAX_ROTATION = 0.1  # radians per control step, per axis
@@ -147,6 +148,20 @@ def _sample_apart(rng: np.random.Generator, n: int, gap: float, avoid: Sequence[
 class MujocoBackend(Backend):
     """The tabletop scene. `cameras=()` turns rendering off (physics only, for fast expert checks)."""
 
+    name = "mujoco"
+
+    @classmethod
+    def suites(cls) -> dict[str, tuple[str, ...]]:
+        return dict(SUITES)
+
+    @classmethod
+    def tasks(cls, suite: str) -> tuple[str, ...]:
+        return tuple(TASKS)
+
+    @classmethod
+    def episode_length(cls, task: str) -> int:
+        return get_task(task).episode_length
+
     def __init__(self, *, cameras: Sequence[str] = ("primary",), image_size: int = 128) -> None:
         import mujoco
 
@@ -183,8 +198,10 @@ class MujocoBackend(Backend):
         self._closed = False
 
     # -- episode ---------------------------------------------------------------------------
-    def reset(self, task: str, seed: int, perturbation: Any = None) -> Observation:
-        check_perturbation(perturbation)
+    def reset(self, task: str, seed: int, perturbation: str | None = None) -> Observation:
+        variant = check_variant(perturbation)
+        if variant != UNPERTURBED:
+            raise ConfigError(f"perturbation variant {variant!r} is not implemented yet")
         spec = get_task(task)
         mj, m, d = self._mj, self.model, self.data
         rng = np.random.default_rng(seed)
@@ -260,6 +277,13 @@ class MujocoBackend(Backend):
                 d.eq_active[w] = 1
                 self._held = i
                 return
+
+    def expert(self) -> Expert:
+        from vla_scale.eval.experts import SceneExpert
+
+        if self._task is None:
+            raise RuntimeError("expert() before reset()")
+        return SceneExpert(self, self._task.name)
 
     def success(self) -> bool:
         if self._task is None:
