@@ -1,0 +1,6 @@
+import torch
+import isaacgym.gymapi as gymapi
+
+def wrap_tensor(gym_tensor: gymapi.Tensor, offsets: tuple[int, ...] | None = None,
+                counts: tuple[int, ...] | None = None) -> torch.Tensor: ...
+def unwrap_tensor(torch_tensor: torch.Tensor) -> gymapi.Tensor: ...
