@@ -194,7 +194,9 @@ class IsaacGymBackend(Backend):
         return get_task(task).episode_length
 
     def __init__(self, *, cameras: Sequence[str] = ("primary",), image_size: int = 128, device_id: int = 0,
-                 graphics_device_id: int | None = None) -> None:
+                 graphics_device_id: int | None = None, gpu_pipeline: bool = True) -> None:
+        """All arguments are plain values (picklable, for spawn workers). `gpu_pipeline=False` keeps the state
+        tensors in CPU memory (PhysX still runs on `device_id`) and reads images with get_camera_image."""
         unknown = set(cameras) - set(CAMERAS)
         if unknown:
             raise ConfigError(f"unknown camera(s) {sorted(unknown)}; the Isaac Gym tabletop has 'primary' and 'wrist'")
@@ -203,7 +205,8 @@ class IsaacGymBackend(Backend):
         _import_isaacgym()
         self.cameras = tuple(cameras)
         self.image_size = image_size
-        self.device = torch.device(f"cuda:{device_id}")
+        self.gpu_pipeline = gpu_pipeline
+        self.device = torch.device(f"cuda:{device_id}" if gpu_pipeline else "cpu")
         self._urdf_dir = tempfile.TemporaryDirectory(prefix="vla_scale_isaacgym_")
         self._gym = gymapi.acquire_gym()
         self._sim = self._create_sim(device_id, device_id if graphics_device_id is None else graphics_device_id)
@@ -236,7 +239,7 @@ class IsaacGymBackend(Backend):
         params.substeps = PHYSICS_SUBSTEPS
         params.up_axis = gymapi.UP_AXIS_Z
         params.gravity = gymapi.Vec3(0.0, 0.0, -9.81)
-        params.use_gpu_pipeline = True
+        params.use_gpu_pipeline = self.gpu_pipeline
         params.physx.use_gpu = True
         params.physx.solver_type = 1  # TGS
         params.physx.num_position_iterations = 8
@@ -305,7 +308,7 @@ class IsaacGymBackend(Backend):
             props = gymapi.CameraProperties()
             props.width = props.height = self.image_size
             props.horizontal_fov = fov
-            props.enable_tensors = True
+            props.enable_tensors = self.gpu_pipeline
             cam = gym.create_camera_sensor(env, props)
             if target is not None:
                 gym.set_camera_location(cam, env, gymapi.Vec3(*position), gymapi.Vec3(*target))
@@ -455,6 +458,12 @@ class IsaacGymBackend(Backend):
             gym, sim = self._gym, self._sim
             gym.step_graphics(sim)
             gym.render_all_camera_sensors(sim)
+            if not self.gpu_pipeline:
+                for name, cam in self._camera_handles.items():
+                    # The stub types this as `object`; it is a uint8 numpy array (H, W * 4), RGBA.
+                    rgba = np.asarray(gym.get_camera_image(sim, self._env, cam, gymapi.IMAGE_COLOR), dtype=np.uint8)
+                    images[name] = rgba.reshape(self.image_size, self.image_size, 4)[:, :, :3].copy()
+                return Observation(images=images, instruction=self._instruction, state=state)
             gym.start_access_image_tensors(sim)
             try:
                 for name, cam in self._camera_handles.items():
