@@ -58,8 +58,8 @@ def test_pyright_finds_no_error_in_the_backend_and_checks_only_it():
 
 # (name, exact text in the backend, replacement, a word pyright's error must contain)
 MUTATIONS = [
-    ("misspelled_gym_call", "gym.refresh_actor_root_state_tensor(sim)\n            self._write_root",
-     "gym.refresh_actor_root_state_tensr(sim)\n            self._write_root", "refresh_actor_root_state_tensr"),
+    ("misspelled_gym_call", "gym.refresh_dof_state_tensor(sim)", "gym.refresh_dof_state_tensr(sim)",
+     "refresh_dof_state_tensr"),
     ("missing_argument", "gymtorch.unwrap_tensor(index_tensor), len(indices))",
      "gymtorch.unwrap_tensor(index_tensor))", "arg3"),
     ("wrong_argument_type", "gym.create_env(sim, gymapi.Vec3(-0.5, -0.5, -0.1)",

@@ -333,8 +333,8 @@ class IsaacGymBackend(Backend):
         for i, colour in enumerate(layout.pad_colours):
             gym.set_rigid_body_color(env, self._pad_actors[i], 0, gymapi.MESH_VISUAL, gymapi.Vec3(*PAD_COLOURS[colour]))
 
-        gym.refresh_actor_root_state_tensor(self._sim)
-        root = self._root
+        # Rows are written here and sent with the first physics step's indexed set (one root-state set per
+        # simulate() call: a second set, or a refresh, before simulate() could drop or overwrite this one).
         for i in range(N_OBJECTS):
             q = _quat_from_rpy(np.array([0.0, 0.0, layout.object_yaw[i]]))
             self._write_root(self._cube_idx[i], np.array([*layout.object_xy[i], TABLE_Z + OBJECT_HALF]), q)
@@ -343,10 +343,6 @@ class IsaacGymBackend(Backend):
             self._write_root(self._pad_idx[i], np.array([*layout.pad_xy[i], z]), np.array([1.0, 0.0, 0.0, 0.0]))
         self._ee_pos, self._ee_quat = HOME.copy(), np.array([1.0, 0.0, 0.0, 0.0])
         self._write_root(self._gripper_idx, self._ee_pos, self._ee_quat)
-        indices = torch.tensor([*self._cube_idx, *self._pad_idx, self._gripper_idx], dtype=torch.int32,
-                               device=self.device)
-        gym.set_actor_root_state_tensor_indexed(self._sim, gymtorch.unwrap_tensor(root),
-                                                gymtorch.unwrap_tensor(indices), len(indices))
         self._dofs[:, 0] = FINGER_OPEN
         self._dofs[:, 1] = 0.0
         gym.set_dof_state_tensor(self._sim, gymtorch.unwrap_tensor(self._dofs))
@@ -358,8 +354,9 @@ class IsaacGymBackend(Backend):
         self._object_names = list(layout.object_colours)
         self._pads = layout.pads()
         self._held, self._held_rel, self._closed = None, None, False
-        for _ in range(5):  # let contacts settle before the first observation, as the MuJoCo backend does
-            self._advance(self._ee_pos, self._ee_quat)
+        placed = [*self._cube_idx, *self._pad_idx]
+        for k in range(5):  # let contacts settle before the first observation, as the MuJoCo backend does
+            self._advance(self._ee_pos, self._ee_quat, placed if k == 0 else [])
         return self._observe()
 
     def step(self, action: np.ndarray) -> Observation:
@@ -383,18 +380,22 @@ class IsaacGymBackend(Backend):
         self._advance(pos, quat)
         return self._observe()
 
-    def _advance(self, pos: np.ndarray, quat: np.ndarray) -> None:
+    def _advance(self, pos: np.ndarray, quat: np.ndarray, placed: Sequence[int] = ()) -> None:
         """One control step: move the gripper (and what it holds) from its pose to (pos, quat) over the
-        physics steps, writing their root states before each (see the module docstring)."""
+        physics steps, writing their root states before each (see the module docstring). `placed`: actors
+        whose rows of the root-state tensor were written by reset, sent along with the first step's set.
+
+        Only the written rows are sent (indexed set), so the rest of the tensor need not be fresh; it is
+        refreshed once, after the last physics step, for scene() and the grasp test to read."""
         gym, sim = self._gym, self._sim
         start = self._ee_pos
         n = self._steps_per_control
         velocity = (pos - start) / CONTROL_DT
-        indices = [self._gripper_idx] + ([] if self._held is None else [self._cube_idx[self._held]])
-        index_tensor = torch.tensor(indices, dtype=torch.int32, device=self.device)
+        moving = [self._gripper_idx] + ([] if self._held is None else [self._cube_idx[self._held]])
         for k in range(n):
             p = start + (pos - start) * (k + 1) / n
-            gym.refresh_actor_root_state_tensor(sim)
+            indices = moving + list(placed) if k == 0 else moving
+            index_tensor = torch.tensor(indices, dtype=torch.int32, device=self.device)
             self._write_root(self._gripper_idx, p, quat, velocity)
             if self._held is not None and self._held_rel is not None:
                 rel_pos, rel_quat = self._held_rel

@@ -4,7 +4,8 @@ Nothing moves unless written: root states written through the tensor API stay wh
 gravity, no contacts), and each finger reaches its position target at the next simulate(). Cameras return
 black images. Calls are checked for the argument types the real API takes (stub signatures), and the URDF
 given to load_asset is parsed. It proves the backend's bookkeeping (layout, teleported gripper, attached
-grasp, tensor indexing), never Isaac Gym's behaviour.
+grasp, tensor indexing), never Isaac Gym's behaviour. It also holds the backend to one root-state set per
+simulate() and no refresh between a set and the simulate() that applies it.
 """
 import os
 import xml.etree.ElementTree as ET
@@ -67,6 +68,7 @@ class Gym:
         self.actors = []  # (pose, dof count, name)
         self.calls = []
         self.sim = None
+        self.pending_root_set = False
 
     def create_sim(self, compute_device, graphics_device, type, params):
         assert type == SIM_PHYSX and isinstance(params, SimParams) and params.up_axis == UP_AXIS_Z
@@ -150,6 +152,7 @@ class Gym:
         return len(self.dofs)
 
     def refresh_actor_root_state_tensor(self, sim):
+        assert not self.pending_root_set, "refresh between a root-state set and the simulate() that applies it"
         return True
 
     def refresh_dof_state_tensor(self, sim):
@@ -158,6 +161,8 @@ class Gym:
     def set_actor_root_state_tensor_indexed(self, sim, root, indices, count):
         import torch
 
+        assert not self.pending_root_set, "a second root-state set before simulate()"
+        self.pending_root_set = True
         assert indices.torch.dtype == torch.int32 and len(indices.torch) == count and root.torch.shape[1] == 13
         self.root[indices.torch.long()] = root.torch[indices.torch.long()]
         self.calls.append(("set_root", indices.torch.tolist()))
@@ -172,6 +177,7 @@ class Gym:
         return True
 
     def simulate(self, sim):
+        self.pending_root_set = False
         self.dofs[:, 0] = self.targets
 
     def fetch_results(self, sim, wait):
