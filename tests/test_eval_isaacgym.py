@@ -38,9 +38,9 @@ def _pyright(*args: str, cwd: Path = ROOT) -> dict:
     proc = subprocess.run([sys.executable, "-m", "pyright", "--outputjson", "--pythonpath", sys.executable,
                            "-p", str(ROOT / "pyrightconfig.json"), *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=PYRIGHT_TIMEOUT)
-    try:
-        return json.loads(proc.stdout)
-    except json.JSONDecodeError:
+    try:  # pyright may print a line of its own after the JSON (e.g. about a missing venv)
+        return json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])[0]
+    except (ValueError, json.JSONDecodeError):
         pytest.fail(f"pyright gave no JSON (exit {proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
 
 

@@ -59,7 +59,9 @@ before torch, or `import isaacgym` raises ImportError. This module imports
 nothing from either at import time; the constructor imports isaacgym first
 and torch after it, and raises a ConfigError if torch was imported before.
 In a worker process, construct this backend before anything imports torch
-(or `import isaacgym` at the very top of the entry script).
+(or `import isaacgym` at the very top of the entry script). On its first
+import gymtorch compiles a small C++ extension with torch's cpp_extension
+(so a C++ compiler must be present).
 """
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ if TYPE_CHECKING:  # bound for real by _import_isaacgym(), in that order
 PHYSICS_DT = 0.005  # seconds per Isaac Gym simulate() call (PhysX, 2 substeps each)
 PHYSICS_SUBSTEPS = 2
 TABLE_HALF = (0.4, 0.4, 0.02)  # the MuJoCo table's half sizes
-PAD_THICKNESS = 0.001  # pads protrude 0.5 mm above the table (they collide with nothing)
+PAD_THICKNESS = 0.001  # pads lie on the table, 1 mm thick (they collide with nothing)
 # Collision filter bits (two shapes collide only if their filters share no bit): every cube has its own bit
 # (cubes collide with each other, the table and the gripper); pads carry every bit (they collide with nothing).
 CUBE_BIT = [1 << i for i in range(N_OBJECTS)]
