@@ -8,8 +8,11 @@ newer). What is checked, in CI, is that every gymapi/gymtorch call here
 exists and takes the arguments given: pyright checks this file against the
 `isaacgym-stubs` package (gymapi) and the project's own stub for gymtorch
 (typings/isaacgym/gymtorch.pyi); see pyrightconfig.json and
-tests/test_eval_isaacgym.py. Physics behaviour (grasps holding, pushes
-pushing, experts succeeding) is untested here.
+tests/test_eval_isaacgym.py. The same test runs this backend's own code
+(layout, teleported gripper, attached grasp, tensor indexing, images) end
+to end on tests/fake_isaacgym, a physics-free stand-in for gymapi and
+gymtorch; that proves the bookkeeping, not Isaac Gym's behaviour. Physics
+(grasps holding, pushes pushing, experts succeeding in PhysX) is untested.
 
 Everything simulator-independent is shared with the MuJoCo backend and
 tested through it: the tasks and their success predicates (`tasks`), the
@@ -47,7 +50,8 @@ batched runner would need, but only one environment is created.
 
 Cameras are camera sensors read through the tensor API
 (`get_camera_image_gpu_tensor`, wrapped by `gymtorch.wrap_tensor`, under
-`start_access_image_tensors`): "primary" looks at the table from where the
+`start_access_image_tensors`; with `gpu_pipeline=False`, through
+`get_camera_image`): "primary" looks at the table from where the
 MuJoCo camera does, "wrist" is attached to the palm. Pixels are not
 claimed to match the MuJoCo backend's or to be bit-identical across runs.
 
@@ -55,7 +59,7 @@ Perturbation variants other than "none" raise a ConfigError: they are
 implemented only in the MuJoCo backend.
 
 Import order (a real Isaac Gym rule): isaacgym's modules must be imported
-before torch, or `import isaacgym` raises ImportError. This module imports
+before torch, or importing them raises ImportError. This module imports
 nothing from either at import time; the constructor imports isaacgym first
 and torch after it, and raises a ConfigError if torch was imported before.
 In a worker process, construct this backend before anything imports torch
