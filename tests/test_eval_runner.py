@@ -189,3 +189,21 @@ def test_the_cli_evaluates_and_prints_where_the_report_is(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vla_scale.cli", "eval", "--policy", "random", "--suite", "mars"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown mujoco suite 'mars'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_worker_that_dies_mid_run_is_an_error_naming_it_and_no_process_is_left_behind():
+    import multiprocessing
+    import signal
+
+    plan = _short(MujocoBackend.plan("in_distribution", None, 2, seed=0), 15)
+    killed = []
+
+    def kill_one(result):
+        if not killed:
+            victim = multiprocessing.active_children()[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            killed.append(victim.pid)
+
+    with pytest.raises(EvalError, match=r"evaluation worker \d died \(exit code -9\)"):
+        run_episodes("mujoco", plan, RandomPolicy(), envs=2, progress=kill_one)
+    assert killed and multiprocessing.active_children() == []
