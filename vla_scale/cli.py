@@ -81,6 +81,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vla_scale.eval.evaluate import evaluate
+    from vla_scale.eval.runner import backend_class
+
+    if args.list_suites:
+        cls = backend_class(args.backend)
+        for suite, variants in cls.suites().items():
+            print(f"{suite}: variants {', '.join(variants)}; tasks {', '.join(cls.tasks(suite))}")
+        return 0
+    out = args.out
+    if out is None:
+        name = "expert" if args.policy == "expert" else "random" if args.policy == "random" \
+            else Path(args.policy).resolve().name
+        out = Path("eval_out") / f"{name}-{args.backend}-{args.suite}"
+    backend_kwargs = {}
+    if args.image_size is not None:
+        backend_kwargs["image_size"] = args.image_size
+    if args.cameras is not None:
+        backend_kwargs["cameras"] = tuple(_csv(args.cameras) or ())
+    report = evaluate(policy=args.policy, backend=args.backend, suite=args.suite, tasks=_csv(args.task),
+                      episodes=args.episodes, envs=args.envs, seed=args.seed, out=out, gifs=args.gifs,
+                      execute=args.execute, backend_kwargs=backend_kwargs, device=args.device, camera=args.camera,
+                      progress=not args.no_progress, overwrite=args.overwrite, max_steps=args.max_steps)
+    o = report["summary"]["overall"]
+    lo, hi = o["ci95"]
+    print(f"success {100 * o['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({o['successes']}/{o['n']}), "
+          f"variant mean {100 * o['variant_mean']:.1f}%")
+    print(f"report: {Path(report['path']) / 'report.md'}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -213,6 +244,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="demo_out", help="where everything is written (default: ./demo_out)")
     d.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000, about 2-3 min on 2 cores)")
     d.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="evaluate a policy in simulation: success with intervals, a report, GIFs",
+                        description="Run a policy on a simulator suite: for each perturbation variant of the suite and "
+                                    "each task, EPISODES seeded episodes, on ENVS parallel environment processes with "
+                                    "one batched policy call per step (action chunks run open-loop). Writes "
+                                    "report.json, report.md, success.png (Wilson 95%% intervals) and GIFs to --out. "
+                                    "Backends: mujoco (built in), libero (pip install .[libero]), isaacgym "
+                                    "(needs NVIDIA's Isaac Gym; never run on our machines).")
+    ev.add_argument("--policy", required=True, metavar="EXPORT_DIR|expert|random",
+                    help="an export folder (`vla-scale export`), 'expert' (scripted, privileged) or 'random'")
+    ev.add_argument("--backend", default="mujoco", choices=("mujoco", "libero", "isaacgym"))
+    ev.add_argument("--suite", default="in_distribution",
+                    help="mujoco: in_distribution, visual (or one of its variants), novel_objects, language; "
+                         "libero: libero_spatial, libero_object, libero_goal, libero_10 and the LIBERO-PRO suites "
+                         "(--list-suites shows them)")
+    ev.add_argument("--task", default=None, help="comma-separated task names (default: all of the suite's)")
+    ev.add_argument("--episodes", type=_positive_int, default=10, help="episodes per task and variant (default 10)")
+    ev.add_argument("--envs", type=_positive_int, default=1, help="parallel environment processes (default 1)")
+    ev.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
+    ev.add_argument("--out", default=None, help="report folder (default eval_out/POLICY-BACKEND-SUITE)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    ev.add_argument("--gifs", type=int, default=1, help="rollouts recorded as GIFs per task and variant (default 1)")
+    ev.add_argument("--execute", type=_positive_int, default=None,
+                    help="steps of an action chunk run before replanning (default: the whole chunk)")
+    ev.add_argument("--max-steps", type=_positive_int, default=None,
+                    help="cap every episode's steps (smoke tests; not comparable with a full evaluation)")
+    ev.add_argument("--image-size", type=int, default=None, help="rendered image size (backend default otherwise)")
+    ev.add_argument("--cameras", default=None, help="comma-separated cameras to render (backend default otherwise)")
+    ev.add_argument("--camera", default=None, help="the camera the model sees (default: the first rendered)")
+    ev.add_argument("--device", default=None, help="policy device: cpu or cuda (default: cuda when available)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--list-suites", action="store_true", help="list the backend's suites and tasks, then exit")
+    ev.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plan", help="per-GPU memory of a config under ZeRO-3, without weights",
                         description="Build the config's model on the meta device (no weights, no memory; the "

@@ -38,3 +38,7 @@ class DataError(VLAScaleError, ValueError):
 
 class TrainingError(VLAScaleError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss with `on_nonfinite: stop`)."""
+
+
+class EvalError(VLAScaleError, RuntimeError):
+    """An evaluation cannot go on (a simulator worker died, a policy returned a malformed action)."""
