@@ -97,6 +97,9 @@ class Backend(abc.ABC):
     """One simulated environment. Not thread-safe; one episode at a time."""
 
     name: ClassVar[str] = "backend"
+    # False when the simulator cannot share a process with the policy (Isaac Gym must be imported before
+    # torch): the runner then uses a spawned worker even for one environment.
+    in_process_ok: ClassVar[bool] = True
 
     @classmethod
     @abc.abstractmethod

@@ -186,6 +186,7 @@ class IsaacGymBackend(Backend):
     """The tabletop in Isaac Gym: one sim, one environment. See the module docstring (never run for real)."""
 
     name = "isaacgym"
+    in_process_ok = False  # isaacgym must be imported before torch: the runner always spawns a worker
 
     @classmethod
     def suites(cls) -> dict[str, tuple[str, ...]]:

@@ -4,7 +4,8 @@
 (from `Backend.plan`) and returns one `EpisodeResult` per episode, in the
 order given. How it runs:
 
-- With `envs=1` the backend lives in this process. With `envs=K>1` each
+- With `envs=1` the backend lives in this process (unless it cannot share
+  a process with torch: Isaac Gym; then one worker). With `envs=K>1` each
   of K worker processes (multiprocessing "spawn": forking a process that
   holds a GL context hangs) owns one backend, built from the backend's
   registered name and picklable keyword arguments.
@@ -392,7 +393,8 @@ def run_episodes(backend: str, episodes: Sequence[Episode], policy: Any, *, envs
         raise ConfigError(f"envs must be at least 1, got {envs}")
     if execute is not None and execute < 1:
         raise ConfigError(f"execute must be at least 1 step of a chunk, got {execute}")
-    backend_class(backend)  # an unknown or unavailable backend fails here, before any process starts
+    cls = backend_class(backend)  # an unknown or unavailable backend fails here, before any process starts
+    in_process = envs == 1 and cls.in_process_ok
     kwargs = dict(backend_kwargs or {})
     expert = bool(getattr(policy, "in_worker", False))
     record = record or (lambda ep: False)
@@ -405,7 +407,7 @@ def run_episodes(backend: str, episodes: Sequence[Episode], policy: Any, *, envs
     pool: list[_Env] = []
     try:
         for slot in range(count):  # start every worker, then wait: their imports overlap
-            pool.append(_Env(backend, kwargs, in_process=(envs == 1), slot=slot))
+            pool.append(_Env(backend, kwargs, in_process=in_process, slot=slot))
         for env in pool:
             env.wait_ready()
 
