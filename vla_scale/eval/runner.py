@@ -335,7 +335,7 @@ class _Env:
             raise EvalError(f"evaluation worker {self.slot} gave no answer in {WORKER_TIMEOUT_S:.0f} s")
         try:
             status, *payload = self.conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):  # the worker's end closed: it died
             self.process.join(5)
             raise EvalError(f"evaluation worker {self.slot} died (exit code {self.process.exitcode})"
                             f"{'' if self.episode is None else ' during episode ' + self.episode.key}") from None
