@@ -318,6 +318,7 @@ class MujocoBackend(Backend):
         self._goal: dict[str, str] = {}
         self._instruction = ""
         self._object_names: list[str] = []
+        self._object_shapes: list[str] = []
         self._pads: dict[str, Pad] = {}
         self._held: int | None = None
         self._closed = False
@@ -374,7 +375,7 @@ class MujocoBackend(Backend):
         d.ctrl[:] = FINGER_OPEN
         d.mocap_pos[0] = HOME
         d.mocap_quat[0] = [1, 0, 0, 0]
-        self._task, self._object_names = spec, names
+        self._task, self._object_names, self._object_shapes = spec, names, shapes
         self._pads = {c: Pad(c, np.array(xy), PAD_HALF) for c, xy in zip(pad_colours, pad_xy)}
         self._held, self._closed = None, False
         for _ in range(5 * self._substeps):  # let contacts settle before the first observation
