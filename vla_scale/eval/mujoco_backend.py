@@ -17,9 +17,32 @@ Rendering is offscreen (set MUJOCO_GL=egl on a headless Linux machine before
 `mujoco` is imported; llvmpipe is enough). Shadows are off: on the software
 renderer they cost about 20x per frame. Never fork a process after a
 renderer exists (GL contexts hang across fork): use spawn for parallel
-environments. All randomness (colours, placements, goal, instruction)
+environments. The base scene (colours, placements, goal, instruction)
 comes from one numpy Generator seeded by `reset`'s seed, so a (task, seed)
 pair always gives the same scene and the same pixels.
+
+Perturbations (`reset(task, seed, variant)`; names, suites and ranges in
+`perturbations.py`): a variant's own parameters come from a second
+Generator seeded by (seed, variant index), so the base scene never
+changes with the variant. MuJoCo cannot add geoms after compiling, so the
+model holds everything any variant needs, inactive by default: builtin
+textures and materials (table and background), a back wall and floor
+parked 50 m below the table, three distractor bodies resting on a shelf
+under the table. A variant writes model arrays at reset (geom_rgba,
+geom_matid, geom_pos, geom_type, geom_condim, geom_friction, light_diffuse,
+light_dir, light_pos, cam_pos, cam_quat) and data.qpos of the distractors;
+every reset first restores those arrays to their compiled values.
+`<statistic>` is pinned to the values of the scene without these props,
+so unperturbed episodes render exactly as before they existed. Novel
+objects change the cube geoms' type (cylinder, sphere: same 2 cm
+half-height, so `object_half` and the predicates hold); their mass and
+inertia stay the cube's. Spheres get rolling friction (condim 6) so they
+slide to a stop instead of rolling away.
+
+MuJoCo versions: only arrays and enums present in 3.1 are used. Before
+3.3 MuJoCo finds a single contact per convex pair unless the multiccd
+flag is on, so the constructor enables it when `mjENBL_MULTICCD` exists
+(later versions always do this and have no such flag).
 """
 from __future__ import annotations
 
@@ -181,6 +204,11 @@ def _scene_xml(image_size: int) -> str:
     {objects}
     {distractors}
   </worldbody>
+  <!-- The fingers overlap the palm. MuJoCo 4.0 made no contacts between them (parent and child bodies);
+       3.1.6 did (seen: 10 extra contacts; presumably because the palm's body is a mocap body, which counts
+       as welded to the world, and the world is exempt from parent filtering). Their friction held the
+       fingers open and 19 of 20 pushes failed on 3.1.6. The exclusion changes nothing on 4.0. -->
+  <contact><exclude body1="ee" body2="finger_l"/><exclude body1="ee" body2="finger_r"/></contact>
   <equality>{welds}</equality>
   <actuator>
     <position name="finger_l" joint="finger_l" kp="200" ctrlrange="0 {FINGER_OPEN}"/>
