@@ -130,7 +130,7 @@ def test_distractors_are_apart_from_the_task_and_never_task_objects(physics):
 
 def test_paraphrase_changes_only_the_instruction_to_a_held_out_one(rendered):
     for task in TASKS:
-        training = set()
+        seen = set()
         for seed in range(8):
             base = rendered.reset(task, seed)
             goal = rendered.scene().goal
@@ -142,8 +142,8 @@ def test_paraphrase_changes_only_the_instruction_to_a_held_out_one(rendered):
             assert para.instruction != base.instruction
             assert para.instruction not in {t.format(**goal) for t in TASKS[task].templates}
             assert rendered.reset(task, seed, PARAPHRASE).instruction == para.instruction
-            training.add(para.instruction)
-        assert len(training) > 1  # the templates and synonyms vary with the seed
+            seen.add(para.instruction)
+        assert len(seen) > 1  # the templates and synonyms vary with the seed
 
 
 def test_no_paraphrase_equals_a_training_instruction_for_any_goal():

@@ -52,7 +52,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vla_scale.errors import ConfigError
-from vla_scale.eval.backend import ACTION_DIM, UNPERTURBED, Backend, Expert, Observation, Pad, SceneView
+from vla_scale.eval.backend import ACTION_DIM, Backend, Expert, Observation, Pad, SceneView
 from vla_scale.eval.perturbations import NOVEL_OBJECTS, PARAPHRASE, SUITES, VARIANTS, check_variant
 from vla_scale.eval.tasks import NEAR_DISTANCE, TASKS, Task, get_task
 
@@ -185,7 +185,8 @@ def _scene_xml(image_size: int) -> str:
   <asset>{_textures()}</asset>
   <worldbody>
     <light name="sun" pos="0 0 1.5" dir="0 0 -1" directional="true" castshadow="false" diffuse="0.8 0.8 0.8"/>
-    <geom name="table" type="box" size="0.4 0.4 0.02" pos="0 0 {TABLE_Z - 0.02}" rgba="0.55 0.4 0.28 1"/>
+    <geom name="table" type="box" size="0.4 0.4 0.02" pos="0 0 {TABLE_Z - 0.02}"
+          rgba="{' '.join(map(str, TABLE_RGBA))}"/>
     {pads}
     <geom name="bg_wall" type="box" size="0.01 2 1.2" pos="{' '.join(map(str, BG_HIDDEN_POS))}"
           contype="0" conaffinity="0" rgba="1 1 1 1"/>
@@ -340,7 +341,6 @@ class MujocoBackend(Backend):
         # Every model array a variant writes, as compiled: `reset` restores them all before applying a
         # variant, so no variant outlives its episode.
         self._defaults = {a: getattr(self.model, a).copy() for a in _PERTURBED_ARRAYS}
-        self._variant = UNPERTURBED
         self._distractors: list[str] = []
         self._task: Task | None = None
         self._goal: dict[str, str] = {}
@@ -376,7 +376,7 @@ class MujocoBackend(Backend):
             instruction = spec.instruction(goal, rng)
         if variant == PARAPHRASE:
             instruction = spec.paraphrase(goal, vrng)
-        self._goal, self._instruction, self._variant = goal, instruction, variant
+        self._goal, self._instruction = goal, instruction
 
         for a, value in self._defaults.items():  # undo whatever the previous episode's variant changed
             getattr(m, a)[:] = value
