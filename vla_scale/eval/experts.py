@@ -166,11 +166,12 @@ class SceneExpert:
         return self.inner.act(self.backend.scene())
 
 
-def run_expert(backend: Backend, task: str, seed: int, on_step: Callable[[Any, np.ndarray, int], None] | None = None
-               ) -> bool:
-    """One expert episode; `on_step(observation, action, step)` sees each observation before its action.
-    Returns whether the task succeeded when the expert finished (or the episode length ran out)."""
-    obs = backend.reset(task, seed)
+def run_expert(backend: Backend, task: str, seed: int, on_step: Callable[[Any, np.ndarray, int], None] | None = None,
+               *, variant: str | None = None) -> bool:
+    """One expert episode under the perturbation `variant` (None: unperturbed); `on_step(observation, action,
+    step)` sees each observation before its action. Returns whether the task succeeded when the expert
+    finished (or the episode length ran out)."""
+    obs = backend.reset(task, seed, variant)
     expert = make_expert(task)
     for t in range(get_task(task).episode_length):
         action, done = expert.act(backend.scene())

@@ -10,8 +10,9 @@ This module must never import a simulator or read pixels.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -56,16 +57,48 @@ def _two_objects(rng: np.random.Generator, objects: Sequence[str], pads: Sequenc
     return {"object": objects[int(a)], "target": objects[int(b)]}
 
 
+# Held-out synonyms for the `paraphrase` variant (language suite): never used by a training template.
+COLOUR_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "red": ("crimson", "scarlet"), "green": ("emerald",), "blue": ("azure", "cobalt"),
+    "yellow": ("golden", "lemon"), "purple": ("violet",), "orange": ("amber", "tangerine"),
+    "white": ("ivory", "snow white"), "black": ("ebony", "jet black"), "grey": ("silver", "ash grey")}
+# The object noun after a slot in a training template ("the {object} block"), replaced by the shape's noun
+# for objects that are not cubes (novel_objects).
+_OBJECT_NOUN = re.compile(r"\{(object|target)\} (block|cube)\b")
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
-    templates: tuple[str, ...]  # str.format templates over the goal slots
+    templates: tuple[str, ...]  # str.format templates over the goal slots (the training instructions)
     episode_length: int  # control steps
     sample_goal: Callable[[np.random.Generator, Sequence[str], Sequence[str]], dict[str, str]]
     predicate: Callable[[SceneView], bool]
+    # Held-out templates (the language suite): other verbs and nouns ("mat", "square", "box"), never a
+    # training template, so no paraphrase equals a training instruction for any goal.
+    paraphrases: tuple[str, ...] = ()
 
-    def instruction(self, goal: dict[str, str], rng: np.random.Generator) -> str:
-        return self.templates[int(rng.integers(len(self.templates)))].format(**goal)
+    def instruction(self, goal: dict[str, str], rng: np.random.Generator,
+                    nouns: Mapping[str, str] | None = None) -> str:
+        """A training template (one draw from `rng`) filled with the goal; `nouns` (slot -> noun, e.g.
+        {"object": "cylinder"}) replaces the template's "block"/"cube" after that slot."""
+        template = self.templates[int(rng.integers(len(self.templates)))]
+        if nouns:
+            template = _OBJECT_NOUN.sub(lambda m: f"{{{m[1]}}} {nouns.get(m[1], m[2])}", template)
+        return template.format(**goal)
+
+    def paraphrase(self, goal: dict[str, str], rng: np.random.Generator) -> str:
+        """A held-out template filled with the goal, each colour replaced by a held-out synonym with
+        probability 1/2 (draws from `rng`: the template, then per slot in sorted order a coin and a synonym)."""
+        template = self.paraphrases[int(rng.integers(len(self.paraphrases)))]
+        words = {}
+        for slot in sorted(goal):
+            word = goal[slot]
+            synonyms = COLOUR_SYNONYMS.get(word, ())
+            if rng.random() < 0.5 and synonyms:
+                word = synonyms[int(rng.integers(len(synonyms)))]
+            words[slot] = word
+        return template.format(**words)
 
     def success(self, view: SceneView) -> bool:
         return bool(self.predicate(view))
@@ -76,19 +109,28 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          ("pick up the {object} block and place it on the {target} pad",
           "put the {object} block on the {target} pad",
           "move the {object} cube onto the {target} pad"),
-         200, _object_and_pad, _on_pad),
+         200, _object_and_pad, _on_pad,
+         ("place the {object} cube onto the {target} mat",
+          "grab the {object} box and set it down on the {target} mat",
+          "lift the {object} cube and drop it onto the {target} square")),
     Task("push",
          ("push the {object} block into the {target} area",
           "slide the {object} cube onto the {target} pad"),
-         200, _object_and_pad, _on_pad),
+         200, _object_and_pad, _on_pad,
+         ("shove the {object} cube over to the {target} mat",
+          "nudge the {object} box across the table onto the {target} square")),
     Task("move_near",
          ("move the {object} block next to the {target} block",
           "put the {object} cube near the {target} cube"),
-         200, _two_objects, _near),
+         200, _two_objects, _near,
+         ("place the {object} cube beside the {target} box",
+          "set the {object} box down close to the {target} cube")),
     Task("stack",
          ("stack the {object} block on top of the {target} block",
           "put the {object} cube on the {target} cube"),
-         200, _two_objects, _stacked),
+         200, _two_objects, _stacked,
+         ("place the {object} cube on top of the {target} box",
+          "set the {object} box onto the {target} cube so it rests there")),
 )}
 
 
