@@ -207,3 +207,11 @@ def test_a_worker_that_dies_mid_run_is_an_error_naming_it_and_no_process_is_left
     with pytest.raises(EvalError, match=r"evaluation worker \d died \(exit code -9\)"):
         run_episodes("mujoco", plan, RandomPolicy(), envs=2, progress=kill_one)
     assert killed and multiprocessing.active_children() == []
+
+
+def test_wilson_interval_is_exact_at_the_ends_and_always_holds_the_estimate():
+    for n in range(1, 60):
+        assert wilson(n, n)[1] == 1.0 and wilson(0, n)[0] == 0.0
+        for k in range(n + 1):
+            lo, hi = wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0

@@ -28,7 +28,9 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    # Exact at the ends (the closed form gives 1 - 1e-16 for n/n): the interval always contains the estimate.
+    return (0.0 if successes == 0 else min(lo, p)), (1.0 if successes == n else max(hi, p))
 
 
 def cell(results: Iterable[Any]) -> dict[str, Any]:

@@ -124,7 +124,7 @@ def bar_chart(report: dict[str, Any], path: Path) -> None:
         lo = np.array([cells[n]["ci95"][0] for n in names])
         hi = np.array([cells[n]["ci95"][1] for n in names])
         colours = ["#4c72b0"] * (len(names) - 1) + ["#dd8452"] if title == "per task" else ["#55a868"] * len(names)
-        ax.bar(range(len(names)), rates, color=colours, yerr=[rates - lo, hi - rates], capsize=4)
+        ax.bar(range(len(names)), rates, color=colours, yerr=[np.maximum(rates - lo, 0), np.maximum(hi - rates, 0)], capsize=4)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("success rate")
