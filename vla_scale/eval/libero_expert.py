@@ -1,0 +1,100 @@
+"""A scripted pick-and-place expert for LIBERO tasks whose goal is one `In`/`On` predicate.
+
+Privileged: it reads the simulator (the goal object's body position, the target region's site or
+the target object's body position, and the end effector's position) and returns actions in our
+convention ([dx, dy, dz, droll, dpitch, dyaw, gripper], metres, gripper 1 = close), never rotating
+the gripper. Phases: move above the object, descend to its body origin, close, lift, carry above
+the target, lower, open. Each phase's target is recomputed every step; each phase has a step cap so
+a stuck phase moves on instead of stalling the episode.
+
+Which tasks it can script: those whose task-file goal is a single `(In|On, object, target)` with a
+movable object, i.e. all of `libero_object` (and its LIBERO-PRO variants, whose goals keep that
+form); it was checked to succeed there (see tests/test_eval_libero.py). Single-predicate goals of
+other suites (e.g. libero_spatial's bowl on the plate) are attempted but were not checked. Goals
+with several predicates or other predicates (opening drawers, turning on the stove: much of
+libero_goal and libero_10) raise ConfigError.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vla_scale.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vla_scale.eval.libero_backend import LiberoBackend
+
+ABOVE = 0.12  # metres above the object's origin to approach it from
+CARRY = 0.20  # metres above the target site/body to carry the object at
+RELEASE = 0.10  # metres above the target to open the gripper at
+GAIN = 1.5  # command = GAIN x position error (the controller moves about a quarter of it per step)
+MAX_CMD = 0.04  # metres per step, inside the backend's 0.05 limit
+REACHED = 0.01  # metres: a moving phase ends within this of its target
+
+
+class LiberoPickPlaceExpert:
+    """Made by `LiberoBackend.expert()` right after a reset; `act()` -> (action, done)."""
+
+    def __init__(self, backend: "LiberoBackend") -> None:
+        env = backend.env.env
+        goal = env.parsed_problem["goal_state"]
+        if len(goal) != 1 or len(goal[0]) != 3 or goal[0][0].lower() not in ("in", "on"):
+            raise ConfigError(f"the libero expert scripts only single In/On goals; task {backend._task!r} "
+                              f"has goal {goal}")
+        _, obj, target = goal[0]
+        if obj not in env.objects_dict:
+            raise ConfigError(f"the libero expert cannot pick {obj!r} (not a movable object) in task {backend._task!r}")
+        self.backend = backend
+        self._sim = env.sim
+        self._obj_body = env.obj_body_id[obj]
+        if target in env.object_sites_dict:
+            self._target = ("site", self._sim.model.site_name2id(target))
+        elif target in env.obj_body_id:
+            self._target = ("body", env.obj_body_id[target])
+        else:
+            raise ConfigError(f"the libero expert cannot find the target {target!r} of task {backend._task!r}")
+        # (name, gripper command, step cap, hold steps after reaching)
+        self._phases = [("above", 0.0, 60), ("descend", 0.0, 40), ("close", 1.0, 12), ("lift", 1.0, 40),
+                        ("carry", 1.0, 80), ("lower", 1.0, 30), ("open", 0.0, 10)]
+        self._phase = 0
+        self._steps = 0
+        self._grasp_xy: np.ndarray | None = None
+
+    def _object(self) -> np.ndarray:
+        return np.array(self._sim.data.body_xpos[self._obj_body])
+
+    def _target_pos(self) -> np.ndarray:
+        kind, idx = self._target
+        return np.array(self._sim.data.site_xpos[idx] if kind == "site" else self._sim.data.body_xpos[idx])
+
+    def _goal(self, name: str, ee: np.ndarray) -> np.ndarray | None:
+        """The phase's end-effector target, or None for a phase that holds position."""
+        if name == "above":
+            return self._object() + [0, 0, ABOVE]
+        if name == "descend":
+            return self._object()
+        if name == "lift":
+            return np.array([ee[0], ee[1], self._target_pos()[2] + CARRY])
+        if name == "carry":
+            return self._target_pos() + [0, 0, CARRY]
+        if name == "lower":
+            return self._target_pos() + [0, 0, RELEASE]
+        return None
+
+    def act(self) -> tuple[np.ndarray, bool]:
+        while self._phase < len(self._phases):
+            name, grip, cap = self._phases[self._phase]
+            ee = self.backend.eef_pos
+            goal = self._goal(name, ee)
+            reached = goal is not None and np.linalg.norm(goal - ee) < REACHED
+            if self._steps >= cap or reached:
+                self._phase, self._steps = self._phase + 1, 0
+                continue
+            self._steps += 1
+            action = np.zeros(7)
+            if goal is not None:
+                action[:3] = np.clip(GAIN * (goal - ee), -MAX_CMD, MAX_CMD)
+            action[6] = grip
+            return action, False
+        return np.zeros(7), True
