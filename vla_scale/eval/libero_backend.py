@@ -347,6 +347,10 @@ class LiberoBackend(Backend):
                                 o["robot0_gripper_qpos"]]).astype(np.float32)
         sim = self._env.env.sim
         images = {}
+        if self.cameras:
+            # robosuite renders into whichever GL context is current; another renderer in this
+            # process (a second backend, a mujoco.Renderer) may have made its own current since.
+            sim._render_context_offscreen.gl_ctx.make_current()
         for cam in self.cameras:
             raw = sim.render(camera_name=CAMERAS[cam], width=self.image_size, height=self.image_size)
             images[cam] = np.ascontiguousarray(raw[::-1, ::-1])
