@@ -220,6 +220,8 @@ def test_missing_package_is_a_config_error_with_the_install_command(monkeypatch)
 def _spawned_episode(kwargs, episode):
     from vla_scale.eval.libero_backend import LiberoBackend as Spawned
 
+    with Spawned(cameras=()) as physics:  # physics first: a later renderer must still work (no segfault)
+        physics.reset_episode(episode)
     with Spawned(**kwargs) as backend:
         obs = backend.reset_episode(episode)
         obs = backend.step(np.zeros(7))
@@ -227,11 +229,14 @@ def _spawned_episode(kwargs, episode):
 
 
 def test_constructed_and_run_in_a_spawned_worker():
-    """As the rollout runner uses it: planned here, built from keyword arguments in a spawn process."""
+    """As the rollout runner uses it: planned here, built from keyword arguments in a spawn process
+    (a crashed worker fails the test instead of hanging it)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     episode = LiberoBackend.plan("libero_object_lan", None, 1, 0)[0]
-    with mp.get_context("spawn").Pool(1) as pool:
-        shapes, instruction, success = pool.apply(_spawned_episode, ({"cameras": ("primary",), "image_size": 128},
-                                                                   episode))
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        shapes, instruction, success = pool.submit(
+            _spawned_episode, {"cameras": ("primary",), "image_size": 128}, episode).result(timeout=300)
     assert shapes == {"primary": (128, 128, 3)}
     assert instruction and instruction != _original_instruction("libero_object", 0)
     assert success is False

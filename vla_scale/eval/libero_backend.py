@@ -255,8 +255,9 @@ class LiberoBackend(Backend):
 
     def _build(self, folder: str, task: str) -> None:
         lib = _libero()
-        if self.cameras:
-            _load_triton_before_gl()
+        # Also without cameras: robosuite may create a GL context even with the offscreen renderer
+        # off, and a later rendering backend in this process must not import triton after that.
+        _load_triton_before_gl()
         from libero.libero.envs import OffScreenRenderEnv
 
         self._close_env()
