@@ -35,8 +35,10 @@ Observations. Cameras are named as in the built-in MuJoCo backend: "primary" is 
 = `image_size` (224 by default, or 256 as OpenVLA renders; 128 for quick tests). LIBERO's renders
 come out upside down (OpenGL row order); they are rotated by 180 degrees (`image[::-1, ::-1]`), as
 openpi and OpenVLA do, which matches the LIBERO training data those projects publish: the far side
-of the scene is at the top and the robot's base at the top centre of the agent view. Note that a
-180-degree rotation of the row-flipped render is the camera's true view mirrored left to right.
+of the scene is at the top and the robot's base at the top centre of the agent view. It is also the
+flip `vla-scale convert hdf5 --flip-images` applies to LIBERO demonstrations. Note that a
+180-degree rotation of the row-flipped render is the camera's true view mirrored left to right
+(tests/test_eval_libero.py checks this against an independent mujoco.Renderer image).
 The state is 8 float32 numbers as openpi builds it: end-effector position (3, metres, world frame),
 end-effector orientation as an axis-angle vector (3, radians), and the two gripper finger joint
 positions (2). (The MuJoCo backend's state has a quaternion there instead; a policy must be trained
