@@ -60,7 +60,8 @@ and +1 (close) above.
 
 `success()` is the environment's own success check (the task file's goal predicates). `scene()`
 raises NotImplementedError: the privileged `SceneView` geometry (cubes, pads) is the built-in
-MuJoCo tabletop's; LIBERO's scripted expert reads the simulator directly (`LiberoPickPlaceExpert`).
+MuJoCo tabletop's; LIBERO's scripted expert reads the simulator directly (`LiberoPickPlaceExpert`,
+libero_object tasks only; `expert()` raises ConfigError for the other suites' tasks).
 
 Rendering is offscreen through robosuite (set MUJOCO_GL=egl before anything imports mujoco on a
 headless machine). Construct the backend in the process that uses it (spawn workers; never fork
