@@ -144,7 +144,8 @@ def _init_states(folder: str, task: str) -> np.ndarray:
     try:
         return lib["load_initial_states"](path)
     except FileNotFoundError:
-        raise ConfigError(f"libero task {task!r} has no initial states in suite folder {folder!r} ({path}.npz)") from None
+        raise ConfigError(f"libero task {task!r} has no initial states in suite folder {folder!r} "
+                          f"({path}.npz)") from None
 
 
 def _quat_to_axis_angle(q_xyzw: np.ndarray) -> np.ndarray:
@@ -185,7 +186,7 @@ class LiberoBackend(Backend):
 
     `cameras=()` turns rendering off (no offscreen renderer is created: physics only, for expert
     checks). One environment is kept for the task last reset; resetting another task builds a new one
-    (6-15 s on a CPU)."""
+    (2-8 s measured on the 2-core CI machine)."""
 
     name: ClassVar[str] = "libero"
 
