@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Create .venv and install vla-scale into it (editable), keeping the CPU build of torch.
 #   bash install.sh          # the package and its runtime dependencies
-#   bash install.sh --test   # plus the test dependencies
+#   bash install.sh --test   # plus the test dependencies and the LIBERO extra
+#                            # (about 2 GB more; the LIBERO tests need it)
 # Re-running is cheap: pip skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VLA_SCALE_VENV:-.venv}
 PY=${PYTHON:-python3}
 extras=""
-[[ "${1:-}" == "--test" ]] && extras="[test]"
+[[ "${1:-}" == "--test" ]] && extras="[test,libero]"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY" -m venv "$VENV"
