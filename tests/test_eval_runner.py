@@ -15,7 +15,6 @@ from PIL import Image
 
 from vla_scale.errors import ConfigError, EvalError
 from vla_scale.eval import evaluate
-from vla_scale.eval.backend import Episode
 from vla_scale.eval.metrics import summarize, wilson
 from vla_scale.eval.mujoco_backend import MujocoBackend
 from vla_scale.eval.report import REPORT_SCHEMA

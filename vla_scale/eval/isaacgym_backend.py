@@ -78,14 +78,14 @@ from typing import TYPE_CHECKING, Sequence, cast
 import numpy as np
 
 from vla_scale.errors import ConfigError
-from vla_scale.eval.backend import ACTION_DIM, UNPERTURBED, Backend, Expert, Observation, Pad, SceneView
+from vla_scale.eval.backend import ACTION_DIM, UNPERTURBED, Observation, Pad, SceneView
 from vla_scale.eval.layout import sample_layout
 from vla_scale.eval.mujoco_backend import (CONTROL_DT, EE_HIGH, EE_LOW, FINGER_OPEN, GRASP_XY, GRASP_Z, HOME,
                                            MAX_ROTATION, MAX_TRANSLATION, N_OBJECTS, N_PADS, OBJECT_COLOURS,
                                            OBJECT_HALF, PAD_COLOURS, PAD_HALF, TABLE_Z, _quat_from_rpy, _quat_mul,
                                            _yaw)
-from vla_scale.eval.perturbations import SUITES, check_variant
-from vla_scale.eval.tasks import TASKS, Task, get_task
+from vla_scale.eval.perturbations import check_variant
+from vla_scale.eval.tasks import TabletopBackend, get_task
 
 if TYPE_CHECKING:  # bound for real by _import_isaacgym(), in that order
     import isaacgym.gymapi as gymapi
@@ -182,23 +182,11 @@ def _conj(q: np.ndarray) -> np.ndarray:
     return np.array([q[0], -q[1], -q[2], -q[3]])
 
 
-class IsaacGymBackend(Backend):
+class IsaacGymBackend(TabletopBackend):
     """The tabletop in Isaac Gym: one sim, one environment. See the module docstring (never run for real)."""
 
     name = "isaacgym"
     in_process_ok = False  # isaacgym must be imported before torch: the runner always spawns a worker
-
-    @classmethod
-    def suites(cls) -> dict[str, tuple[str, ...]]:
-        return dict(SUITES)
-
-    @classmethod
-    def tasks(cls, suite: str) -> tuple[str, ...]:
-        return tuple(TASKS)
-
-    @classmethod
-    def episode_length(cls, task: str) -> int:
-        return get_task(task).episode_length
 
     def __init__(self, *, cameras: Sequence[str] = ("primary",), image_size: int = 128, device_id: int = 0,
                  graphics_device_id: int | None = None, gpu_pipeline: bool = True) -> None:
@@ -228,7 +216,7 @@ class IsaacGymBackend(Backend):
         self._finger_targets = torch.full((self._gym.get_sim_dof_count(self._sim),), FINGER_OPEN,
                                           dtype=torch.float32, device=self.device)
         self._steps_per_control = round(CONTROL_DT / PHYSICS_DT)
-        self._task: Task | None = None
+        self._task = None
         self._goal: dict[str, str] = {}
         self._instruction = ""
         self._object_names: list[str] = []
@@ -437,18 +425,6 @@ class IsaacGymBackend(Backend):
 
     def _root_pos(self, index: int) -> np.ndarray:
         return self._root[index, :3].cpu().numpy().astype(np.float64)
-
-    def expert(self) -> Expert:
-        from vla_scale.eval.experts import SceneExpert
-
-        if self._task is None:
-            raise RuntimeError("expert() before reset()")
-        return SceneExpert(self, self._task.name)
-
-    def success(self) -> bool:
-        if self._task is None:
-            raise RuntimeError("success() before reset()")
-        return self._task.success(self.scene())
 
     def scene(self) -> SceneView:
         return SceneView(

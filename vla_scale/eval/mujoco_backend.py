@@ -52,9 +52,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vla_scale.errors import ConfigError
-from vla_scale.eval.backend import ACTION_DIM, Backend, Expert, Observation, Pad, SceneView
-from vla_scale.eval.perturbations import NOVEL_OBJECTS, PARAPHRASE, SUITES, VARIANTS, check_variant
-from vla_scale.eval.tasks import NEAR_DISTANCE, TASKS, Task, get_task
+from vla_scale.eval.backend import ACTION_DIM, Observation, Pad, SceneView
+from vla_scale.eval.perturbations import NOVEL_OBJECTS, PARAPHRASE, VARIANTS, check_variant
+from vla_scale.eval.tasks import NEAR_DISTANCE, TabletopBackend, get_task
 
 MAX_TRANSLATION = 0.02  # metres per control step (1 m/s at 50 Hz)
 MAX_ROTATION = 0.1  # radians per control step, per axis
@@ -278,22 +278,10 @@ def _random_colour(rng: np.random.Generator, saturation: tuple[float, float], va
     return np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(*saturation), rng.uniform(*value)))
 
 
-class MujocoBackend(Backend):
+class MujocoBackend(TabletopBackend):
     """The tabletop scene. `cameras=()` turns rendering off (physics only, for fast expert checks)."""
 
     name = "mujoco"
-
-    @classmethod
-    def suites(cls) -> dict[str, tuple[str, ...]]:
-        return dict(SUITES)
-
-    @classmethod
-    def tasks(cls, suite: str) -> tuple[str, ...]:
-        return tuple(TASKS)
-
-    @classmethod
-    def episode_length(cls, task: str) -> int:
-        return get_task(task).episode_length
 
     def __init__(self, *, cameras: Sequence[str] = ("primary",), image_size: int = 128) -> None:
         import mujoco
@@ -342,7 +330,7 @@ class MujocoBackend(Backend):
         # variant, so no variant outlives its episode.
         self._defaults = {a: getattr(self.model, a).copy() for a in _PERTURBED_ARRAYS}
         self._distractors: list[str] = []
-        self._task: Task | None = None
+        self._task = None
         self._goal: dict[str, str] = {}
         self._instruction = ""
         self._object_names: list[str] = []
@@ -551,18 +539,6 @@ class MujocoBackend(Backend):
                 d.eq_active[w] = 1
                 self._held = i
                 return
-
-    def expert(self) -> Expert:
-        from vla_scale.eval.experts import SceneExpert
-
-        if self._task is None:
-            raise RuntimeError("expert() before reset()")
-        return SceneExpert(self, self._task.name)
-
-    def success(self) -> bool:
-        if self._task is None:
-            raise RuntimeError("success() before reset()")
-        return self._task.success(self.scene())
 
     def scene(self) -> SceneView:
         d = self.data

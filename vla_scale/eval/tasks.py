@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from vla_scale.errors import ConfigError
-from vla_scale.eval.backend import SceneView
+from vla_scale.eval.backend import Backend, Expert, SceneView
 
 # An object counts as resting when its centre is within this of its resting height
 # (objects are cubes; a settled cube sits at table_z + half, contacts allow ~1 mm of penetration).
@@ -139,3 +139,38 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise ConfigError(f"unknown evaluation task {name!r}; built-in tasks: {', '.join(TASKS)}") from None
+
+
+class TabletopBackend(Backend):
+    """The built-in tabletop in any simulator (MuJoCo, Isaac Gym): this module's tasks and
+    `perturbations.SUITES`, success judged on `scene()` by the task's predicate, the scripted experts.
+    Subclasses set `self._task` in `reset`."""
+
+    _task: Task | None = None
+
+    @classmethod
+    def suites(cls) -> dict[str, tuple[str, ...]]:
+        from vla_scale.eval.perturbations import SUITES
+
+        return dict(SUITES)
+
+    @classmethod
+    def tasks(cls, suite: str) -> tuple[str, ...]:
+        return tuple(TASKS)
+
+    @classmethod
+    def episode_length(cls, task: str) -> int:
+        return get_task(task).episode_length
+
+    def expert(self) -> Expert:
+        from vla_scale.eval.experts import SceneExpert
+
+        if self._task is None:
+            raise RuntimeError("expert() before reset()")
+        return SceneExpert(self, self._task.name)
+
+    def success(self) -> bool:
+        if self._task is None:
+            raise RuntimeError("success() before reset()")
+        return self._task.success(self.scene())
+
