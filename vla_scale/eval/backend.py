@@ -67,6 +67,15 @@ class SceneView:
     goal: dict[str, str] = field(default_factory=dict)  # task slots, e.g. {"object": "red", "target": "white"}
 
 
+def check_action(action: np.ndarray) -> np.ndarray:
+    """One action as 7 finite float64 numbers, or a ConfigError showing what was given."""
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    if a.shape != (ACTION_DIM,) or not np.all(np.isfinite(a)):
+        raise ConfigError(f"an action must be 7 finite numbers [dx, dy, dz, droll, dpitch, dyaw, gripper], "
+                          f"got {np.asarray(action).tolist()}")
+    return a
+
+
 UNPERTURBED = "none"  # the variant name of the unperturbed task
 
 

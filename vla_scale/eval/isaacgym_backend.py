@@ -78,7 +78,7 @@ from typing import TYPE_CHECKING, Sequence, cast
 import numpy as np
 
 from vla_scale.errors import ConfigError
-from vla_scale.eval.backend import ACTION_DIM, UNPERTURBED, Observation, Pad, SceneView
+from vla_scale.eval.backend import check_action, UNPERTURBED, Observation, Pad, SceneView
 from vla_scale.eval.layout import sample_layout
 from vla_scale.eval.mujoco_backend import (CONTROL_DT, EE_HIGH, EE_LOW, FINGER_OPEN, GRASP_XY, GRASP_Z, HOME,
                                            MAX_ROTATION, MAX_TRANSLATION, N_OBJECTS, N_PADS, OBJECT_COLOURS,
@@ -357,10 +357,7 @@ class IsaacGymBackend(TabletopBackend):
     def step(self, action: np.ndarray) -> Observation:
         if self._task is None:
             raise RuntimeError("step() before reset()")
-        a = np.asarray(action, dtype=np.float64).reshape(-1)
-        if a.shape != (ACTION_DIM,) or not np.all(np.isfinite(a)):
-            raise ConfigError(f"an action must be 7 finite numbers [dx, dy, dz, droll, dpitch, dyaw, gripper], "
-                              f"got {np.asarray(action).tolist()}")
+        a = check_action(action)
         pos = np.clip(self._ee_pos + np.clip(a[:3], -MAX_TRANSLATION, MAX_TRANSLATION), EE_LOW, EE_HIGH)
         q = _quat_mul(_quat_from_rpy(np.clip(a[3:6], -MAX_ROTATION, MAX_ROTATION)), self._ee_quat)
         quat = q / np.linalg.norm(q)

@@ -52,7 +52,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vla_scale.errors import ConfigError
-from vla_scale.eval.backend import ACTION_DIM, Observation, Pad, SceneView
+from vla_scale.eval.backend import check_action, Observation, Pad, SceneView
 from vla_scale.eval.perturbations import NOVEL_OBJECTS, PARAPHRASE, VARIANTS, check_variant
 from vla_scale.eval.tasks import NEAR_DISTANCE, TabletopBackend, get_task
 
@@ -499,10 +499,7 @@ class MujocoBackend(TabletopBackend):
     def step(self, action: np.ndarray) -> Observation:
         if self._task is None:
             raise RuntimeError("step() before reset()")
-        a = np.asarray(action, dtype=np.float64).reshape(-1)
-        if a.shape != (ACTION_DIM,) or not np.all(np.isfinite(a)):
-            raise ConfigError(f"an action must be 7 finite numbers [dx, dy, dz, droll, dpitch, dyaw, gripper], "
-                              f"got {np.asarray(action).tolist()}")
+        a = check_action(action)
         d = self.data
         d.mocap_pos[0] = np.clip(d.mocap_pos[0] + np.clip(a[:3], -MAX_TRANSLATION, MAX_TRANSLATION), EE_LOW, EE_HIGH)
         q = _quat_mul(_quat_from_rpy(np.clip(a[3:6], -MAX_ROTATION, MAX_ROTATION)), d.mocap_quat[0])
