@@ -533,7 +533,7 @@ def test_a_single_process_gets_a_world_of_one_and_a_partial_launch_env_is_an_err
 
 
 def test_an_unknown_strategy_is_a_config_error(tmp_path):
-    from vla_scale.train.strategy import make_strategy
+    from vla_scale.train.strategies import make_strategy
 
     cfg = _cfg(tmp_path)
     cfg.train.strategy = "fsdp"  # past validation, as a programmatic caller could

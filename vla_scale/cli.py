@@ -124,6 +124,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan = plan_memory(cfg, args.gpus, args.nodes, gpu_memory_gib=args.gpu_memory,
                            text_tokens=args.text_tokens, config_path=args.config)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
+    if plan.batch_error is not None:
+        # The memory plan is still worth reading; the exit status says the run would not start.
+        print(f"vla-scale plan: error: {plan.batch_error}", file=sys.stderr)
+        return 2
     return 0
 
 

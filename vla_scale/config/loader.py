@@ -226,6 +226,14 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}"
         )
+    ga = t.gradient_accumulation
+    if ga != "auto" and (not isinstance(ga, int) or ga < 1):
+        raise ConfigError(f"train.gradient_accumulation={ga!r}: use 'auto' (derived from the world size) or a "
+                          "positive integer")
+    if isinstance(ga, int) and t.global_batch_size % (t.micro_batch_size * ga):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size x train.gradient_accumulation = {t.micro_batch_size} x {ga}; "
+                          "use train.gradient_accumulation=auto to derive it from the world size")
     if t.steps <= 0:
         raise ConfigError(f"train.steps must be positive, got {t.steps}")
     if len(t.betas) != 2:

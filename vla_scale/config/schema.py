@@ -8,7 +8,7 @@ reference documentation of every key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 
 @dataclass
@@ -169,9 +169,12 @@ class TrainConfig:
     steps: int = 1000
     # Samples per optimizer step over all ranks.
     global_batch_size: int = 32
-    # Samples per forward/backward on one rank; accumulation steps =
-    # global_batch_size / (micro_batch_size * world_size).
+    # Samples per forward/backward on one rank.
     micro_batch_size: int = 32
+    # Micro-batches per rank per optimizer step: "auto" derives it from the world size,
+    # global_batch_size / (micro_batch_size x ranks), so a config runs on any world size that
+    # divides; an int must agree with the two sizes and the world size (vla_scale.train.batching).
+    gradient_accumulation: Union[int, str] = "auto"
     lr: float = 2e-5
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])

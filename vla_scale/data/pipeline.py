@@ -45,6 +45,7 @@ from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.data.synthetic import make_samples
 from vla_scale.errors import DataError
 from vla_scale.models.vla import IGNORE_INDEX
+from vla_scale.train.batching import resolve_accumulation
 
 log = logging.getLogger(__name__)
 
@@ -308,9 +309,9 @@ class CoTrainingLoader:
     def __init__(self, cfg: Config, prompts: PromptBuilder, stats: dict[str, dict[str, Any]], dirs: list[Path],
                  rank: int = 0, world_size: int = 1):
         t = cfg.train
-        if t.global_batch_size % (t.micro_batch_size * world_size):
-            raise DataError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                            f"micro_batch_size x world_size = {t.micro_batch_size} x {world_size}")
+        # Each rank's slice of a global batch is cut into `resolve_accumulation` micro-batches; a world
+        # size that cannot divide the batch is an error naming the nearest valid settings.
+        resolve_accumulation(t, world_size)
         _check_world(rank, world_size)
         streaming = import_streaming()
         self.cfg = cfg

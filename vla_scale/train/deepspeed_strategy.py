@@ -88,6 +88,7 @@ from vla_scale.config.schema import Config
 from vla_scale.errors import CheckpointError, ConfigError, TrainingError
 from vla_scale.models.vla import VisionLanguageActionModel
 from vla_scale.train import distributed
+from vla_scale.train.batching import resolve_accumulation
 from vla_scale.train.checkpoint import TMP_MARK, fsync_files, read_metadata
 from vla_scale.train.schedule import build_scheduler
 from vla_scale.train.strategy import StepResult, Strategy, answer_tokens, make_optimizer, trainable_parameters
@@ -99,7 +100,7 @@ log = logging.getLogger(__name__)
 _OWNED_KEYS = {
     "train_batch_size": "train.global_batch_size",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x ranks)",
+    "gradient_accumulation_steps": "train.gradient_accumulation",
     "optimizer": "train.lr, train.betas, train.eps, train.weight_decay",
     "scheduler": "train.schedule, train.warmup_steps, train.min_lr_ratio",
 }
@@ -127,10 +128,7 @@ def build_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -
     if d.stage != 3:
         raise ConfigError(f"deepspeed.stage={d.stage}: this strategy is ZeRO-3 only (the frozen encoders are kept "
                           "out of a ZeRO-3 engine); use train.strategy=single for one device")
-    if t.global_batch_size % (t.micro_batch_size * world_size):
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size x ranks = {t.micro_batch_size} x {world_size}")
-    gas = t.global_batch_size // (t.micro_batch_size * world_size)
+    gas = resolve_accumulation(t, world_size)
     generated: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

@@ -79,6 +79,7 @@ from torch import nn
 
 from vla_scale.config.schema import Config, ModelConfig
 from vla_scale.errors import ConfigError, ModelLoadError
+from vla_scale.train.batching import resolve_accumulation
 
 GIB = 2 ** 30
 # Share of the GPU's memory the plan may use; the rest is for the CUDA context,
@@ -429,10 +430,11 @@ class MemoryPlan:
     tokenizer_length: int
     tokenizer_assumed: bool
     micro_batch: int
+    global_batch: int
     text_tokens: int
     seq_len: int
     answer_tokens: int
-    grad_accumulation: float
+    grad_accumulation: int | None  # micro-batches per rank per step on this world; None: the batch cannot divide
     gradient_checkpointing: bool
     scores_stored: bool
     # model states
@@ -458,6 +460,7 @@ class MemoryPlan:
     logits_bytes: float
     deepspeed_estimate_bytes: int | None
     notes: list[str] = field(default_factory=list)
+    batch_error: str | None = None  # why train.* batch sizes cannot run on this world (vla_scale.train.batching)
     min_gpus: int | None = None  # fewest ranks whose peak fits at this micro-batch (None: more than 4096)
 
     # -- derived ------------------------------------------------------------
@@ -530,7 +533,10 @@ class MemoryPlan:
         w = self.world
         lines = [f"vla-scale plan: {self.config}",
                  f"world {w} = {self.gpus_per_node} GPU(s) x {self.nodes} node(s), ZeRO-3, "
-                 f"{self.precision}, {self.gpu_memory_bytes / GIB:.0f} GiB per GPU", "",
+                 f"{self.precision}, {self.gpu_memory_bytes / GIB:.0f} GiB per GPU",
+                 (f"batch: global {self.global_batch} = micro-batch {self.micro_batch} x accumulation "
+                  f"{self.grad_accumulation} x world {w}" if self.batch_error is None else
+                  f"batch: CANNOT RUN ON THIS WORLD: {self.batch_error}"), "",
                  "Parameters (built on the meta device)",
                  f"  {'component':<40}{'params':>14}  {'state':<10} from"]
         where = lambda k: _short_path(self.origins.get(k, ""))  # noqa: E731
@@ -595,7 +601,7 @@ class MemoryPlan:
             lines += ["", "Frozen encoders: on one rank, inside or outside the engine costs the same memory and "
                           "no communication"]
         elif c.frozen:
-            accum = max(self.grad_accumulation, 1)
+            accum = self.grad_accumulation or 1
             lines += ["", "Frozen encoders: outside the ZeRO-3 engine (this design) vs inside it",
                       f"  outside: {self.frozen_bytes / GIB:.2f} GiB per rank (replicated), no communication",
                       f"  inside:  {self.frozen_inside_bytes / GIB:.2f} GiB per rank (partitioned) but all-gathered "
@@ -647,10 +653,12 @@ def estimate(counts: ParameterCounts, cfg: Config, gpus_per_node: int, nodes: in
         notes.append(f"train.strategy is {cfg.train.strategy!r}: this plan is for ZeRO-3; the single-process "
                      f"strategy keeps the same 16 B/param on one GPU (fp32 weights + grads + Adam), without "
                      f"ZeRO buffers")
-    accum = cfg.train.global_batch_size / (b * world)
-    if accum < 1 or accum != int(accum):
-        notes.append(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of micro-batch {b} "
-                     f"x world {world}")
+    accum: int | None = None
+    batch_error = None
+    try:
+        accum = resolve_accumulation(cfg.train, world)
+    except ConfigError as e:
+        batch_error = str(e)
     if tokenizer_assumed:
         notes.append("no tokenizer folder: assumed it holds vocab_size tokens, plus what load_tokenizer adds (2 "
                      "prompt tokens, and a pad token when the config has none); a tokenizer smaller than "
@@ -662,7 +670,8 @@ def estimate(counts: ParameterCounts, cfg: Config, gpus_per_node: int, nodes: in
         config=config_name, gpus_per_node=gpus_per_node, nodes=nodes, world=world,
         gpu_memory_bytes=int(gpu_memory_gib * GIB), precision="bf16" if bf16 else "fp32", counts=counts,
         origins=dict(origins or {}), vocab_before=vocab_before, tokenizer_length=tokenizer_length,
-        tokenizer_assumed=tokenizer_assumed, micro_batch=b, text_tokens=text_tokens, seq_len=s,
+        tokenizer_assumed=tokenizer_assumed, micro_batch=b, global_batch=cfg.train.global_batch_size,
+        text_tokens=text_tokens, seq_len=s,
         answer_tokens=answer, grad_accumulation=accum, gradient_checkpointing=cfg.model.gradient_checkpointing,
         scores_stored=scores,
         params_bytes=vb * P / world,
@@ -683,7 +692,7 @@ def estimate(counts: ParameterCounts, cfg: Config, gpus_per_node: int, nodes: in
         logits_bytes=b * answer * counts.vocab * (vb + (4 if bf16 else 0) + 4),
         deepspeed_estimate_bytes=(deepspeed_zero3_estimate(P, counts.largest_layer, gpus_per_node, nodes)
                                   if cross_check else None),
-        notes=notes,
+        notes=notes, batch_error=batch_error,
     )
     return plan
 

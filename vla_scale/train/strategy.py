@@ -6,7 +6,8 @@ process group and the checkpoint files of the trainable part.
 `SingleProcessStrategy` is the debugging/CPU path and the numerical
 reference; `DeepSpeedStrategy` (`vla_scale.train.deepspeed_strategy`)
 implements the same interface over `model.core` only, with ZeRO-3. No
-strategy ever gives the frozen encoders to an optimizer.
+strategy ever gives the frozen encoders to an optimizer. This module never
+imports another strategy: `vla_scale.train.strategies.make_strategy` picks one.
 
 The objective of one optimizer step is the same for every strategy and every
 way of cutting the global batch (micro-batch size, accumulation steps, ranks):
@@ -44,7 +45,7 @@ from typing import Any, Callable
 import torch
 
 from vla_scale.config.schema import Config
-from vla_scale.errors import CheckpointError, ConfigError, TrainingError
+from vla_scale.errors import CheckpointError, TrainingError
 from vla_scale.models.vla import VisionLanguageActionModel, count_answer_tokens
 from vla_scale.train.schedule import build_scheduler
 
@@ -247,13 +248,3 @@ class SingleProcessStrategy(Strategy):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.model.core.state_dict().items()}
-
-
-def make_strategy(cfg: Config) -> Strategy:
-    if cfg.train.strategy == "single":
-        return SingleProcessStrategy(cfg)
-    if cfg.train.strategy == "deepspeed":
-        from vla_scale.train.deepspeed_strategy import DeepSpeedStrategy  # imports DeepSpeed: only when asked
-
-        return DeepSpeedStrategy(cfg)
-    raise ConfigError(f"train.strategy={cfg.train.strategy!r} is not one of ['single', 'deepspeed']")

@@ -62,7 +62,8 @@ from vla_scale.train.checkpoint import (
 )
 from vla_scale.train.distributed import HangWatchdog
 from vla_scale.train.metrics import MetricsLogger, PerSourceAccumulator, ThroughputMeter
-from vla_scale.train.strategy import Strategy, make_strategy
+from vla_scale.train.strategies import make_strategy
+from vla_scale.train.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
