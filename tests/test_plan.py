@@ -200,7 +200,8 @@ def _build_tiny(cfg):
 
 @pytest.mark.parametrize("layout", ["llava_siamese", "paligemma_siamese", "parts_paired"])
 def test_meta_model_counts_equal_the_real_model(layout, tiny_llava, tiny_paligemma, tiny_parts):
-    """The meta-device build must count exactly what `build_vla` builds (same classes, same resize)."""
+    """The meta-device build is what `build_vla` builds: both hand their parts to `assemble_vla`, so every
+    parameter has the same name and shape, and the counts agree."""
     if layout == "llava_siamese":
         cfg = load_config(TINY_PRESET, [f"model.source={tiny_llava}"])
     elif layout == "paligemma_siamese":
@@ -210,7 +211,11 @@ def test_meta_model_counts_equal_the_real_model(layout, tiny_llava, tiny_paligem
                                         f"model.encoders.0.path={tiny_parts['dinov2']}",
                                         f"model.encoders.1.path={tiny_parts['siglip']}"])
     real = _build_tiny(cfg)
-    counts = count_parameters(build_meta_model(cfg.model))
+    meta = build_meta_model(cfg.model)
+    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}  # noqa: E731
+    assert shapes(meta.vla) == shapes(real)
+    assert all(p.is_meta for p in meta.vla.parameters())  # no weights were read or allocated
+    counts = count_parameters(meta)
     numel = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert counts.frozen_encoders == {n: numel(e) for n, e in real.frozen.encoders.items()}
     assert counts.trainable_encoders == {n: numel(e) for n, e in real.core.encoders.items()}

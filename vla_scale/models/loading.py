@@ -107,7 +107,10 @@ def _causal_lm_from_parts(text_config, decoder: nn.Module, lm_head: nn.Module) -
         llm = AutoModelForCausalLM.from_config(text_config)
     llm.model = decoder
     llm.lm_head = lm_head
-    leftover = [n for n, t in list(llm.named_parameters()) + list(llm.named_buffers()) if t.is_meta]
+    # Anything not from the VLM is a placeholder left over (compared by identity: in the planner the
+    # VLM itself is on the meta device).
+    taken = {id(t) for m in (decoder, lm_head) for t in [*m.parameters(), *m.buffers()]}
+    leftover = [n for n, t in list(llm.named_parameters()) + list(llm.named_buffers()) if id(t) not in taken]
     if leftover:
         raise ModelLoadError(f"could not take the LLM out of the source VLM: {leftover[:3]} were not found")
     return llm
@@ -176,6 +179,16 @@ def load_source_vlm(folder: str | Path, source_type: str, attn: str) -> SourcePa
                                 dtype=torch.float32)
     except OSError as e:
         raise ModelLoadError(f"cannot load the {source_type} VLM from {folder}: {str(e).splitlines()[0]}") from None
+    return take_apart_source(m, cfg, folder, source_type)
+
+
+def take_apart_source(m: nn.Module, cfg: Any, folder: Path, source_type: str,
+                      measure_image_scale: bool = True) -> SourceParts:
+    """A LLaVA or PaliGemma model (with weights, or on the meta device for `vla-scale plan`) as `SourceParts`.
+
+    `measure_image_scale=False` skips the forward that measures PaliGemma's image-token scale (a
+    meta-device model has no values to measure; the scale is a number, not a parameter).
+    """
     tower, proj, decoder, head = _take_apart(m)
     llm = _causal_lm_from_parts(cfg.text_config, decoder, head)
     if source_type == "llava":
@@ -190,12 +203,13 @@ def load_source_vlm(folder: str | Path, source_type: str, attn: str) -> SourcePa
                            "patch" if cfg.vision_feature_select_strategy == "default" else "full",
                            layer, False, folder, "llava")
     # PaliGemma: last_hidden_state (post-layernorm), one linear, and (transformers 4.x) / sqrt(hidden).
-    scale = _paligemma_image_scale(m, tower, proj, cfg.text_config.hidden_size, folder)
+    scale = (_paligemma_image_scale(m, tower, proj, cfg.text_config.hidden_size, folder) if measure_image_scale
+             else 1.0 / math.sqrt(cfg.text_config.hidden_size))
     return SourceParts(tower, [proj.linear], None, scale, llm, "full", -1, True, folder, "paligemma")
 
 
-def load_tokenizer(folder: str | Path, llm: nn.Module | None = None):
-    """The LLM's tokenizer with our prompt tokens added (and embeddings resized to match)."""
+def load_tokenizer(folder: str | Path):
+    """The LLM's tokenizer with our prompt tokens added (`assemble_vla` resizes the embeddings to its length)."""
     from transformers import AutoTokenizer
 
     try:
@@ -214,8 +228,6 @@ def load_tokenizer(folder: str | Path, llm: nn.Module | None = None):
         # starts with one fixed token; EOS (<|endoftext|>) serves, as document separators do.
         log.info("tokenizer in %s has no BOS token; using EOS %r to start sequences", folder, tok.eos_token)
         tok.bos_token = tok.eos_token
-    if llm is not None:
-        resize_embeddings(llm, len(tok))
     return tok
 
 
@@ -266,7 +278,24 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
                                                        dtype=torch.float32)
         except OSError as e:
             raise ModelLoadError(f"cannot load the LLM from {cfg.llm}: {str(e).splitlines()[0]}") from None
+    encoder_models = [None if ec.path is None else
+                      load_vision_model(require_folder(ec.path, f"model.encoders.{i}.path"), attn)
+                      for i, ec in enumerate(cfg.encoders)]
+    tok_folder = cfg.tokenizer or (cfg.source if source is not None else cfg.llm)
+    tokenizer = load_tokenizer(require_folder(tok_folder, "model.tokenizer" if cfg.tokenizer else
+                                              ("model.source" if source is not None else "model.llm")))
+    return assemble_vla(cfg, llm, source, encoder_models, len(tokenizer)), tokenizer
 
+
+def assemble_vla(cfg: ModelConfig, llm: nn.Module, source: SourceParts | None,
+                 encoder_models: list[nn.Module | None], vocab_size: int) -> VisionLanguageActionModel:
+    """The VLA from its parts: the one place where encoders, projector and LLM become a model.
+
+    `encoder_models[i]` is the vision model of `cfg.encoders[i]` when it has a `path`, None for a copy of
+    the source's tower; `vocab_size` is the tokenizer's length (the embeddings are resized to it).
+    `build_vla` calls this with loaded weights, `vla_scale.train.plan.build_meta_model` with
+    shapes on the meta device, so the planner counts exactly what training builds.
+    """
     encoders: list[VisionEncoder] = []
     n_copies = sum(ec.path is None for ec in cfg.encoders)
     if n_copies and (source is None or source.vision_tower is None):
@@ -283,7 +312,7 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
             encoders.append(_encoder(model, ec.name, ec.trainable, ec.feature_layer, ec.post_layernorm, select,
                                      source.folder))
         else:
-            model = load_vision_model(require_folder(ec.path, f"model.encoders.{i}.path"), attn)
+            model = encoder_models[i]
             select = "patch" if ec.select == "auto" else ec.select
             encoders.append(_encoder(model, ec.name, ec.trainable, ec.feature_layer, ec.post_layernorm, select,
                                      Path(ec.path)))
@@ -316,9 +345,7 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
     else:
         projector = Projector(in_dims, [*pc.hidden_dims, llm_hidden], pc.activation, 1.0, pc.fused_kernel)
 
-    tok_folder = cfg.tokenizer or (cfg.source if source is not None else cfg.llm)
-    tokenizer = load_tokenizer(require_folder(tok_folder, "model.tokenizer" if cfg.tokenizer else
-                                              ("model.source" if source is not None else "model.llm")), llm)
+    resize_embeddings(llm, vocab_size)
     if cfg.gradient_checkpointing:
         # The LLM and every trained encoder: a trained DINOv2 ViT-L holds about as many activations
         # as the checkpointed Llama-2-7B at 32 x 512 tokens (vla-scale plan). Frozen encoders run
@@ -338,4 +365,4 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
     log.info("VLA built: %d image tokens, frozen %.2fM params (%s), trainable %.2fM params",
              num_tokens, vla.frozen_parameter_count() / 1e6, ",".join(frozen.encoders.keys()) or "none",
              vla.trainable_parameter_count() / 1e6)
-    return vla, tokenizer
+    return vla

@@ -174,103 +174,66 @@ class MetaModel:
 def build_meta_model(mc: ModelConfig, config_dir: Path | None = None) -> MetaModel:
     """The VLA `build_vla` would build from `mc`, with shapes only.
 
-    Mirrors `vla_scale.models.loading.build_vla` (same classes, same
-    assembly) but builds every Hugging Face model with `from_config` under
-    `torch.device("meta")`.
+    Only where the parts come from differs from `vla_scale.models.loading.build_vla`: every Hugging
+    Face model is built with `from_config` under `torch.device("meta")` (from the weights folder's
+    config.json or the architecture JSON), then handed to the same `take_apart_source` and
+    `assemble_vla` that training uses.
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from vla_scale.models.loading import load_tokenizer, resize_embeddings
-    from vla_scale.models.projector import Projector
-    from vla_scale.models.vision import (EncoderSpec, VisionEncoder, check_same_patch_grid, count_prefix_tokens,
-                                         image_stats)
-    from vla_scale.models.vla import FrozenEncoders, VisionLanguageActionModel, VLACore
+    from vla_scale.models.loading import assemble_vla, load_tokenizer, take_apart_source
 
     if not mc.encoders:
         raise ModelLoadError("model.encoders is empty: list at least one vision encoder")
     origins: dict[str, str] = {}
     with torch.device("meta"):
-        source_cfg = None
-        source_type = mc.source_type
-        if source_type == "parts":
+        source = None
+        if mc.source_type == "parts":
             llm_cfg, origins["llm"] = load_arch(mc.llm, mc.llm_arch, "model.llm", "model.llm_arch", config_dir)
+            llm = AutoModelForCausalLM.from_config(llm_cfg)
         else:
             source_cfg, origins["llm"] = load_arch(mc.source, mc.llm_arch, "model.source", "model.llm_arch",
                                                    config_dir)
             found = getattr(source_cfg, "model_type", "")
-            if source_type == "auto":
-                source_type = found
+            source_type = found if mc.source_type == "auto" else mc.source_type
             if source_type not in ("llava", "paligemma") or found != source_type:
                 raise ModelLoadError(f"{origins['llm']}: model_type {found!r} does not match "
                                      f"model.source_type={mc.source_type!r} (expected llava or paligemma)")
-            llm_cfg = source_cfg.text_config
-        llm = AutoModelForCausalLM.from_config(llm_cfg)
+            if source_type == "llava":
+                from transformers import LlavaForConditionalGeneration as Cls
+            else:
+                from transformers import PaliGemmaForConditionalGeneration as Cls
+            source = take_apart_source(Cls(source_cfg), source_cfg, Path(mc.source), source_type,
+                                       measure_image_scale=False)
+            llm, llm_cfg = source.llm, source_cfg.text_config
+            for ec in mc.encoders:
+                if ec.path is None:
+                    origins[ec.name] = f"{origins['llm']} (vision tower)"
         vocab_before = llm.get_input_embeddings().weight.shape[0]
 
-        encoders = []
+        towers: list[nn.Module | None] = []
         for i, ec in enumerate(mc.encoders):
             if ec.path is None:
-                if source_cfg is None:
-                    raise ModelLoadError(f"model.encoders.{i}.path is null but there is no source VLM tower to copy")
-                vcfg, folder = source_cfg.vision_config, Path(mc.source) if mc.source else None
-                origins[ec.name] = f"{origins['llm']} (vision tower)"
-                if source_type == "llava":
-                    src_select = "patch" if source_cfg.vision_feature_select_strategy == "default" else "full"
-                else:
-                    src_select = "full"
-                select = src_select if ec.select == "auto" else ec.select
-            else:
-                vcfg, origins[ec.name] = load_arch(ec.path, ec.arch, f"model.encoders.{i}.path",
-                                                   f"model.encoders.{i}.arch", config_dir)
-                vcfg, folder = _vision_config(vcfg), Path(ec.path)
-                select = "patch" if ec.select == "auto" else ec.select
-            model = AutoModel.from_config(copy.deepcopy(vcfg))  # encoders trim their own config
-            mean, std = image_stats(folder if folder is not None and folder.is_dir() else None,
-                                    getattr(model.config, "model_type", ""))
-            spec = EncoderSpec(name=ec.name, trainable=ec.trainable, feature_layer=ec.feature_layer,
-                               post_layernorm=ec.post_layernorm, num_prefix_tokens=count_prefix_tokens(model, select),
-                               image_mean=mean, image_std=std)
-            encoders.append(VisionEncoder(model, spec))
-        num_tokens = check_same_patch_grid(encoders, mc.image_size)
+                towers.append(None)
+                continue
+            vcfg, origins[ec.name] = load_arch(ec.path, ec.arch, f"model.encoders.{i}.path",
+                                               f"model.encoders.{i}.arch", config_dir)
+            towers.append(AutoModel.from_config(copy.deepcopy(_vision_config(vcfg))))  # encoders trim their config
+        origins["projector"] = (f"{origins['llm']} (projector, first weight split over {len(mc.encoders)})"
+                                if mc.projector.init == "source" else "new (random init)")
 
-        in_dims = [e.feature_dim for e in encoders]
-        pc = mc.projector
-        if pc.init == "source":
-            if source_cfg is None:
-                raise ConfigError("model.projector.init: source_type 'parts' has no source projector; use 'random'")
-            if any(ec.path is not None for ec in mc.encoders):
-                raise ModelLoadError("projector.init: source needs every encoder to be a copy of the source tower "
-                                     "(path: null); use init: random for paired encoders")
-            origins["projector"] = f"{origins['llm']} (projector, first weight split over {len(in_dims)})"
-            if source_type == "llava":
-                width = int(llm_cfg.hidden_size)
-                projector = Projector(in_dims, [width, width], pc.activation, 1.0, pc.fused_kernel)
-            else:
-                projector = Projector(in_dims, [int(source_cfg.vision_config.projection_dim)], None,
-                                      1.0 / math.sqrt(llm_cfg.hidden_size), pc.fused_kernel)
-        else:
-            origins["projector"] = "new (random init)"
-            llm_hidden = llm.get_input_embeddings().weight.shape[1]
-            projector = Projector(in_dims, [*pc.hidden_dims, llm_hidden], pc.activation, 1.0, pc.fused_kernel)
-
-        tok_folder = mc.tokenizer or (mc.source if source_cfg is not None else mc.llm)
+        tok_folder = mc.tokenizer or (mc.source if source is not None else mc.llm)
         tokenizer_length, assumed, tokenizer_error = 0, True, None
         if tok_folder and any((Path(tok_folder) / f).is_file() for f in _TOKENIZER_FILES):
             try:
-                tokenizer_length, assumed = len(load_tokenizer(tok_folder, llm)), False
+                tokenizer_length, assumed = len(load_tokenizer(tok_folder)), False
             except ModelLoadError as e:
                 # Training would stop here; the plan still says what memory it would need.
                 tokenizer_error = str(e)
         if assumed:
             # As `load_tokenizer` would: two prompt tokens, plus a pad token when the LLM has none.
             tokenizer_length = int(llm_cfg.vocab_size) + 2 + (getattr(llm_cfg, "pad_token_id", None) is None)
-            resize_embeddings(llm, tokenizer_length)
-
-        for e in encoders:
-            e.requires_grad_(e.spec.trainable)
-        frozen = FrozenEncoders([e for e in encoders if not e.spec.trainable])
-        core = VLACore([e for e in encoders if e.spec.trainable], projector, llm, [e.spec.name for e in encoders])
-        vla = VisionLanguageActionModel(frozen, core, mc.image_size, num_tokens)
+        vla = assemble_vla(mc, llm, source, towers, tokenizer_length)
     return MetaModel(vla, origins, vocab_before, llm.get_input_embeddings().weight.shape[0], tokenizer_length,
                      assumed, tokenizer_error)
 
