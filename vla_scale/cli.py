@@ -116,13 +116,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import contextlib
 
     from vla_scale.config import load_config
+    from vla_scale.config.presets import resolve_config
     from vla_scale.train.plan import plan_memory
 
-    cfg = load_config(args.config, args.overrides)
+    config_path = resolve_config(args.config)  # a preset name becomes the installed file (arch JSONs beside it)
+    cfg = load_config(config_path, args.overrides)
     # Libraries log to stdout when imported (DeepSpeed does); keep stdout for the plan itself.
     with contextlib.redirect_stdout(sys.stderr):
         plan = plan_memory(cfg, args.gpus, args.nodes, gpu_memory_gib=args.gpu_memory,
-                           text_tokens=args.text_tokens, config_path=args.config)
+                           text_tokens=args.text_tokens, config_path=config_path)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
     if plan.batch_error is not None:
         # The memory plan is still worth reading; the exit status says the run would not start.
@@ -198,6 +200,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vla_scale.config.presets import preset_names
+
+    config_help = f"YAML config file, or the name of a preset shipped with vla-scale: {', '.join(preset_names())}"
     p = argparse.ArgumentParser(
         prog="vla-scale",
         description="Train vision-language-action models from pretrained VLMs without losing what they knew "
@@ -213,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Several ranks (train.strategy=deepspeed, ZeRO-3): launch with "
                                    "`torchrun --nproc-per-node N -m vla_scale.cli train CONFIG ...` (NCCL on GPU, "
                                    "gloo on CPU); without a launcher it runs as a world of one.")
-    t.add_argument("config", help="YAML config file")
+    t.add_argument("config", help=config_help)
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     t.add_argument("--resume", default="auto",
                    help="'auto' (latest complete checkpoint of the run, if any; default), 'none', or a checkpoint path")
@@ -292,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "for the micro-batch, with and without activation checkpointing, cross-checked "
                                     "against DeepSpeed's own estimator. Overrides come before the options, e.g. "
                                     "vla-scale plan configs/openvla_plus_7b.yaml train.micro_batch_size=16 --gpus 8")
-    pl.add_argument("config", help="YAML config file")
+    pl.add_argument("config", help=config_help)
     pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted overrides, e.g. train.micro_batch_size=16")
     pl.add_argument("--gpus", type=_positive_int, default=1, help="GPUs per node (default: 1)")

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from vla_scale.config import load_config
+from vla_scale.config.presets import preset_path
 from vla_scale.errors import ConfigError
 
-PRESET = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+PRESET = "tiny"  # a shipped preset: found by name in a checkout and in an installed wheel alike
 
 
 def _say(msg: str) -> None:
@@ -53,8 +54,6 @@ def run_demo(workdir: Path, steps: int = 2000) -> dict:
 
     if steps < 2:
         raise ConfigError(f"--steps must be at least 2 (the demo stops half-way and resumes), got {steps}")
-    if not PRESET.is_file():
-        raise ConfigError(f"the demo preset {PRESET} is missing; run the demo from a checkout of the repository")
     t0 = time.time()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -66,9 +65,9 @@ def run_demo(workdir: Path, steps: int = 2000) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the demo's own folder: every demo starts from step 0
     half = steps // 2
-    cfg = load_config(PRESET, [f"model.source={source}", f"run.output_dir={run_dir}", f"train.steps={steps}",
-                               f"train.checkpoint_every={half}", f"train.warmup_steps={min(4, steps)}",
-                               f"train.val_every={half}"])
+    cfg = load_config(preset_path(PRESET), [f"model.source={source}", f"run.output_dir={run_dir}",
+                                            f"train.steps={steps}", f"train.checkpoint_every={half}",
+                                            f"train.warmup_steps={min(4, steps)}", f"train.val_every={half}"])
     enc = ", ".join(f"{e.name} ({'trained' if e.trainable else 'frozen'})" for e in cfg.model.encoders)
     _say(f"dual encoder: {enc}; mix: " + ", ".join(f"{s.name} {s.weight:g}" for s in cfg.data.sources))
     _say(f"synthetic co-training data is written as MDS shards under {run_dir / 'data'} and streamed from there; "

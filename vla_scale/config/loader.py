@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vla_scale.config.presets import resolve_config
 from vla_scale.config.schema import Config
 from vla_scale.errors import ConfigError
 
@@ -91,12 +92,11 @@ def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Build a `Config` from an optional YAML file and `a.b.c=value` overrides."""
+    """Build a `Config` from an optional YAML file (a path or a shipped preset's name, e.g.
+    "openvla_plus_7b") and `a.b.c=value` overrides."""
     merged = OmegaConf.structured(Config)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_config(path)
         try:
             raw = OmegaConf.load(p)
         except Exception as e:  # yaml syntax errors come in several types

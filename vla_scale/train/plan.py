@@ -77,6 +77,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vla_scale.config.presets import arch_dir
 from vla_scale.config.schema import Config, ModelConfig
 from vla_scale.errors import ConfigError, ModelLoadError
 from vla_scale.train.batching import resolve_accumulation
@@ -90,7 +91,7 @@ MAX_WORLD = 4096
 # DeepSpeed's default optimizer sub-group size (elements), when the config has none.
 DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
 # Where bare architecture names ("llama2_7b") are looked up, after the config file's own arch/ folder.
-ARCH_DIR = Path(__file__).resolve().parents[2] / "configs" / "arch"
+ARCH_DIR = arch_dir()
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
