@@ -200,9 +200,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vla_scale.config.presets import preset_names
-
-    config_help = f"YAML config file, or the name of a preset shipped with vla-scale: {', '.join(preset_names())}"
+    config_help = ("YAML config file, or the name of a preset shipped with vla-scale (e.g. openvla_plus_7b, "
+                   "pi0_plus_3b, tiny: the files in the repository's configs/)")
     p = argparse.ArgumentParser(
         prog="vla-scale",
         description="Train vision-language-action models from pretrained VLMs without losing what they knew "

@@ -28,7 +28,12 @@ _SUFFIX = ".yaml"
 
 def preset_dir() -> Path:
     """The installed `configs/` folder (the checkout's, under an editable install)."""
-    folder = resources.files(PRESETS_PACKAGE)
+    try:
+        folder = resources.files(PRESETS_PACKAGE)
+    except ModuleNotFoundError:
+        raise ConfigError(f"the presets package {PRESETS_PACKAGE} is not installed; an editable install made "
+                          "before the presets were packaged does not map configs/ to it: re-run `bash install.sh` "
+                          "(or pip install -e .), or give the config's path") from None
     # Wheels are installed unpacked, so this is a real folder; a zipped install could not hand
     # preset paths to the arch lookup, and is refused with a clear error rather than half working.
     if not isinstance(folder, Path) or not folder.is_dir():

@@ -90,8 +90,6 @@ USABLE_FRACTION = 0.9
 MAX_WORLD = 4096
 # DeepSpeed's default optimizer sub-group size (elements), when the config has none.
 DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
-# Where bare architecture names ("llama2_7b") are looked up, after the config file's own arch/ folder.
-ARCH_DIR = arch_dir()
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -108,7 +106,8 @@ def resolve_arch(value: str, key: str, config_dir: Path | None = None) -> Path:
     else:
         if config_dir is not None:
             candidates.append(config_dir / "arch" / f"{value}.json")
-        candidates.append(ARCH_DIR / f"{value}.json")
+        if not any(c.is_file() for c in candidates):
+            candidates.append(arch_dir() / f"{value}.json")  # the installed configs/arch/
     for c in candidates:
         if c.is_file():
             return c

@@ -50,6 +50,7 @@ from vla_scale.data.prompts import PromptBuilder
 from vla_scale.errors import CheckpointError, ConfigError, TrainingError
 from vla_scale.models.loading import build_vla
 from vla_scale.models.vla import VisionLanguageActionModel
+from vla_scale.train.batching import resolve_accumulation
 from vla_scale.train.checkpoint import (
     CheckpointManager,
     fsync_files,
@@ -149,6 +150,9 @@ class Trainer:
         self.prompts = PromptBuilder(self.tokenizer, self.action_tokenizer, cfg.data.max_length)
         self.loader, self.stats = build_data(cfg, self.prompts, rank=self.strategy.rank,
                                              world_size=self.strategy.world_size)
+        log.info("batch: global %d = micro-batch %d x accumulation %d x %d rank(s)", cfg.train.global_batch_size,
+                 cfg.train.micro_batch_size, resolve_accumulation(cfg.train, self.strategy.world_size),
+                 self.strategy.world_size)
         self.frozen_record = frozen_encoder_record(self.model, cfg)
         self.validator = None
         if cfg.train.val_every:
