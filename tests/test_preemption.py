@@ -1,0 +1,98 @@
+"""SIGUSR1/SIGTERM stop a run at a step boundary with a checkpoint it resumes from exactly (one process).
+
+Real signals, sent to this process at chosen moments (inside a step, inside a
+checkpoint save) by wrapping the strategy's own methods. The multi-rank and
+SLURM paths (the agreement collective over gloo, the requeue) run in
+tests/test_slurm.py on a real cluster.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from vla_scale.train.checkpoint import CheckpointManager
+from vla_scale.train.metrics import read_metrics
+from vla_scale.train.trainer import Trainer
+
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def _outside_slurm(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # a requeue is tested on the real cluster only
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llava, tmp_path_factory) -> dict[int, float]:
+    from conftest import TINY_PRESET
+    from vla_scale.config import load_config
+
+    cfg = load_config(TINY_PRESET, [f"model.source={tiny_llava}", f"run.output_dir={tmp_path_factory.mktemp('ref')}",
+                                    "train.progress=false", "train.tensorboard=false", "train.warmup_steps=1",
+                                    f"train.steps={STEPS}", "train.checkpoint_every=0"])
+    return Trainer(cfg).fit(resume="none").losses
+
+
+def _signal_at(trainer: Trainer, method: str, sig: signal.Signals, when: int) -> None:
+    """Send `sig` to this process in the middle of the `when`-th call of the strategy's `method`."""
+    original = getattr(trainer.strategy, method)
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if method == "save":
+            original(*args, **kwargs)  # the strategy's files are written; COMPLETE and `latest` come after
+            if calls["n"] == when:
+                os.kill(os.getpid(), sig)
+            return None
+        if calls["n"] == when:
+            os.kill(os.getpid(), sig)
+        return original(*args, **kwargs)
+
+    setattr(trainer.strategy, method, wrapped)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_in_a_step_checkpoints_that_step_and_resumes_exactly(tiny_config, uninterrupted, sig):
+    cfg = tiny_config(f"train.steps={STEPS}", "train.checkpoint_every=0")
+    trainer = Trainer(cfg)
+    _signal_at(trainer, "train_step", sig, when=3)
+    first = trainer.fit(resume="auto")
+    assert first.preempted and not first.requeued and sorted(first.losses) == [1, 2, 3]
+    assert first.last_checkpoint.name == "step_00000003"
+    assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)  # handlers removed again
+    second = Trainer(cfg).fit(resume="auto")
+    assert not second.preempted and sorted(second.losses) == [4, 5, 6]
+    assert {**first.losses, **second.losses} == uninterrupted  # bit-exact in fp32 on CPU
+    rows = read_metrics(first.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+
+
+def test_signal_during_a_save_is_handled_after_it(tiny_config, uninterrupted):
+    cfg = tiny_config(f"train.steps={STEPS}", "train.checkpoint_every=2")
+    trainer = Trainer(cfg)
+    _signal_at(trainer, "save", signal.SIGUSR1, when=1)  # inside the save of step 2
+    first = trainer.fit(resume="auto")
+    # The save of step 2 ran to its end; the flag was agreed on after the next step, which saved and stopped.
+    assert first.preempted and sorted(first.losses) == [1, 2, 3]
+    root = first.run_dir / "checkpoints"
+    manager = CheckpointManager(root)
+    for step in (2, 3):
+        manager.verify(root / f"step_0000000{step}")  # COMPLETE, every listed file present with its size
+    assert manager.latest() == root / "step_00000003"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]  # no temp
+    second = Trainer(cfg).fit(resume="auto")
+    assert {**first.losses, **second.losses} == uninterrupted
+
+
+def test_a_finished_run_ends_without_training(tiny_config):
+    cfg = tiny_config("train.steps=2", "train.checkpoint_every=0")
+    done = Trainer(cfg).fit(resume="auto")
+    rows_before = (done.run_dir / "metrics.jsonl").read_text()
+    again = Trainer(cfg)
+    result = again.fit(resume="auto")  # what the next job of a chain does after the run has finished
+    assert result.losses == {} and result.final_step == 2 and result.last_checkpoint == done.last_checkpoint
+    assert not hasattr(again, "model"), "a finished run must not even build the model"
+    assert (done.run_dir / "metrics.jsonl").read_text() == rows_before
