@@ -97,6 +97,7 @@ start() {
   fi
   # The key stays private to munge; the socket's folder must be open to every job's user.
   mkdir -p "$DIR"/{munge,munge-run,state,spool,log}
+  chmod 755 "$DIR"  # munged (user munge) must reach its folders, also when DIR came from `mktemp -d`
   chown munge:munge "$DIR/munge" "$DIR/munge-run"
   chmod 700 "$DIR/munge"
   chmod 755 "$DIR/munge-run"

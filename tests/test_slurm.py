@@ -52,7 +52,8 @@ def _cluster_problem() -> str | None:
         return "no SLURM here (sbatch is not on the PATH); start one with `bash launch/slurm_local.sh start`"
     ping = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
     if ping.returncode != 0 or not any(s.strip() in ("idle", "mixed", "allocated") for s in ping.stdout.split()):
-        return (f"no SLURM cluster answers (sinfo: {(ping.stderr or ping.stdout).strip()[:200]}); start one with "
+        said = ((ping.stderr or ping.stdout).strip().splitlines() or ["no nodes"])[-1]
+        return (f"no SLURM cluster answers (sinfo: {said}); start one with "
                 "`bash launch/slurm_local.sh start` and export the SLURM_CONF it prints")
     return None
 

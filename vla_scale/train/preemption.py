@@ -15,6 +15,10 @@ trainer reacts the same way to both:
                                    the requeued job runs the same script, and `--resume auto`
                                    continues from that checkpoint
 
+The handlers are in place while the training loop runs. A signal during
+start-up (model build, resume), when there is nothing new to save, ends the
+process as it always did; torchrun or the requeue starts it again.
+
 A signal that arrives during a checkpoint save only sets the flag: the
 save runs to its end (the checkpoint manager writes `COMPLETE`, renames,
 then moves `latest`), and the flag is acted on at the next agreement.
