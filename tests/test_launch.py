@@ -14,6 +14,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,61 @@ def test_local_cluster_script_is_valid_bash():
     script = Path(__file__).resolve().parents[1] / "launch" / "slurm_local.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     assert shutil.which("bash")
+
+
+# ------------------------------------------------------------------------------ the per-node agent
+
+_WAITING_WORKER = '''
+import os, pathlib, signal, sys, time
+got = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+out = pathlib.Path(sys.argv[1])
+(out / f"ready{os.environ['RANK']}").touch()
+deadline = time.time() + float(sys.argv[2])
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+(out / f"got{os.environ['RANK']}").write_text(str(bool(got)))
+'''
+
+
+def _start_and_signal(tmp_path: Path, launcher: list[str], wait_s: float) -> tuple[int, str]:
+    """Start 2 waiting workers under `launcher`, send SIGUSR1 to the launcher; its exit code and stderr."""
+    from vla_scale.train.distributed import free_port
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WAITING_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", *launcher, "--nproc-per-node=2", "--rdzv-backend=c10d",
+                             f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(worker), str(tmp_path), str(wait_s)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for _ in range(600):
+            if all((tmp_path / f"ready{r}").exists() for r in (0, 1)) or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert all((tmp_path / f"ready{r}").exists() for r in (0, 1)), "the workers did not start"
+        os.kill(proc.pid, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
+def test_agent_passes_usr1_to_every_worker_and_survives(tmp_path):
+    rc, err = _start_and_signal(tmp_path, ["vla_scale.launch.agent"], wait_s=60)
+    assert [(tmp_path / f"got{r}").read_text() for r in (0, 1)] == ["True", "True"], err[-2000:]
+    assert rc == 0, err[-2000:]
+    assert "SIGUSR1 forwarded to 2 worker(s)" in err
+
+
+def test_plain_torchrun_dies_of_usr1(tmp_path):
+    """Why the agent exists: torchrun has no SIGUSR1 handler, so the signal kills it and its workers hear nothing."""
+    rc, _ = _start_and_signal(tmp_path, ["torch.distributed.run"], wait_s=3)
+    assert rc == -signal.SIGUSR1
+    deadline = time.time() + 30  # the orphaned workers give up after 3 s
+    while not all((tmp_path / f"got{r}").exists() for r in (0, 1)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [(tmp_path / f"got{r}").read_text() for r in (0, 1)] == ["False", "False"]
