@@ -19,7 +19,8 @@ Usage (the arguments are torchrun's):
         --rdzv-endpoint=HOST:PORT -m vla_scale.cli train CONFIG
 
 This module must never handle any other signal (torchrun's own handlers
-stay in charge of SIGTERM and friends) and never start a process itself.
+stay in charge of SIGTERM and friends: it only reports their end in one
+line) and never start a process itself.
 """
 from __future__ import annotations
 
@@ -48,9 +49,17 @@ def forward_to_children(signum: int, frame: FrameType | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
     signal.signal(signal.SIGUSR1, forward_to_children)
-    torchrun.main(sys.argv[1:] if argv is None else argv)
+    try:
+        torchrun.main(sys.argv[1:] if argv is None else argv)
+    except SignalException as e:
+        # SLURM ends the job's processes with SIGTERM (a requeue, scancel, the time limit); torchrun has
+        # already stopped the workers. One line instead of torchrun's traceback, and the usual exit status.
+        print(f"[vla_scale.launch.agent] stopped by {signal.Signals(e.sigval).name}; workers stopped",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + int(e.sigval))
 
 
 if __name__ == "__main__":

@@ -209,8 +209,9 @@ while not got and time.time() < deadline:
 '''
 
 
-def _start_and_signal(tmp_path: Path, launcher: list[str], wait_s: float) -> tuple[int, str]:
-    """Start 2 waiting workers under `launcher`, send SIGUSR1 to the launcher; its exit code and stderr."""
+def _start_and_signal(tmp_path: Path, launcher: list[str], wait_s: float,
+                      sig: signal.Signals = signal.SIGUSR1) -> tuple[int, str]:
+    """Start 2 waiting workers under `launcher`, send `sig` to the launcher; its exit code and stderr."""
     from vla_scale.train.distributed import free_port
 
     worker = tmp_path / "worker.py"
@@ -227,7 +228,7 @@ def _start_and_signal(tmp_path: Path, launcher: list[str], wait_s: float) -> tup
                 break
             time.sleep(0.1)
         assert all((tmp_path / f"ready{r}").exists() for r in (0, 1)), "the workers did not start"
-        os.kill(proc.pid, signal.SIGUSR1)
+        os.kill(proc.pid, sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -250,3 +251,10 @@ def test_plain_torchrun_dies_of_usr1(tmp_path):
     while not all((tmp_path / f"got{r}").exists() for r in (0, 1)) and time.time() < deadline:
         time.sleep(0.1)
     assert [(tmp_path / f"got{r}").read_text() for r in (0, 1)] == ["False", "False"]
+
+
+def test_agent_ends_on_sigterm_in_one_line(tmp_path):
+    """What a requeue or scancel does to each node's agent: its workers are stopped, no traceback in the log."""
+    rc, err = _start_and_signal(tmp_path, ["vla_scale.launch.agent"], wait_s=60, sig=signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM and "stopped by SIGTERM" in err and "Traceback" not in err, err[-2000:]
+    assert not any((tmp_path / f"got{r}").exists() for r in (0, 1))  # the workers died of torchrun's SIGTERM
