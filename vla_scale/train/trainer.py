@@ -28,6 +28,12 @@ broadcast, so all ranks load the same one. The data-loader state does not
 depend on the world size (every rank draws the same global batch and takes
 its slice), so a run resumes on a different number of ranks with the same
 data order.
+
+Preemption (`vla_scale.train.preemption`): on SIGUSR1/SIGTERM every rank
+finishes its step, all agree by one all-reduce after each step, save that
+step and leave the loop; under SLURM rank 0 then requeues the job. A run
+whose latest checkpoint is already at `train.steps` returns before building
+anything (the later jobs of a chain).
 """
 from __future__ import annotations
 
