@@ -97,3 +97,73 @@ def test_a_finished_run_ends_without_training(tiny_config):
     assert result.losses == {} and result.final_step == 2 and result.last_checkpoint == done.last_checkpoint
     assert not hasattr(again, "model"), "a finished run must not even build the model"
     assert (done.run_dir / "metrics.jsonl").read_text() == rows_before
+
+
+# ------------------------------------------------------------------------------ two ranks, one signalled
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_llava, tmp_path):
+    """Only rank 1 gets SIGUSR1 (2 DeepSpeed ranks under torchrun): the all-reduce makes rank 0 stop too,
+    after the same step, with one complete checkpoint; `--resume auto` then gives an uninterrupted run's losses.
+    Without the agreement, rank 0 would wait in the next step's collective for a peer that had left."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import TINY_PRESET
+    from vla_scale.train.distributed import free_port
+
+    steps = 20
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning",
+               VLA_SCALE_DIST_TIMEOUT_S="120", TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
+               or str(tmp_path / "torch_extensions"))
+
+    def train(run: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+             f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "vla_scale.cli", "train", str(TINY_PRESET),
+             f"model.source={tiny_llava}", f"run.output_dir={tmp_path / run}", f"train.steps={steps}",
+             "train.global_batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=2",
+             "train.checkpoint_every=1000", "train.progress=false", "train.tensorboard=false",
+             "train.strategy=deepspeed", "deepspeed.stage3_param_persistence_threshold=1000",
+             "train.hang_timeout_s=120"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def finish(proc: subprocess.Popen) -> str:
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            pytest.fail(f"timed out:\n{err[-3000:]}")
+        return err
+
+    def losses(run: str) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl")}
+
+    err = finish(train("reference"))
+    reference = losses("reference")
+    assert sorted(reference) == list(range(1, steps + 1)), err[-3000:]
+
+    proc = train("run")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, "the run ended before it was signalled"
+        time.sleep(0.1)
+    rank1 = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGUSR1)
+    err = finish(proc)
+    root = tmp_path / "run" / "checkpoints"
+    stopped = sorted(losses("run"))[-1]
+    assert stopped < steps, f"the run was not stopped:\n{err[-3000:]}"
+    assert (root / "latest").read_text().strip() == f"step_{stopped:08d}"
+    CheckpointManager(root).verify(root / f"step_{stopped:08d}")
+    assert [p.name for p in root.glob("step_*")] == [f"step_{stopped:08d}"]
+
+    err = finish(train("run"))  # the same command again: --resume auto
+    assert losses("run") == reference, err[-3000:]
