@@ -293,7 +293,8 @@ def submit(config: str | os.PathLike[str] | Config, overrides: Sequence[str] = (
         done = subprocess.run([*cmd, str(script)], capture_output=True, text=True)
         if done.returncode != 0:
             already = f" (jobs already submitted: {', '.join(job_ids)})" if job_ids else ""
-            raise LaunchError(f"sbatch {script} failed{already}: {(done.stderr or done.stdout).strip()}")
+            said = "; ".join(line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip())
+            raise LaunchError(f"sbatch {script} failed{already}: {said}")
         job_ids.append(done.stdout.strip().split(";")[0])
     return SlurmSubmission(script, text, job_ids)
 

@@ -182,3 +182,12 @@ def test_a_chain_of_two_jobs_continues_the_run(reference, job_env, tiny_llava, t
     _wait(run_dir, again)
     assert "nothing to train" in _log(run_dir, again)
     assert (run_dir / "metrics.jsonl").read_text() == rows_before
+
+
+def test_sbatch_refusing_the_job_is_one_clear_error(cluster, job_env, tiny_llava, tmp_path):
+    cmd = [sys.executable, "-m", "vla_scale.cli", "launch", "slurm", str(TINY_PRESET), f"model.source={tiny_llava}",
+           f"run.output_dir={tmp_path / 'run'}", *COMMON, *LAUNCH, "--partition", "no_such_partition"]
+    done = subprocess.run(cmd, env=job_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "sbatch" in done.stderr and "no_such_partition" not in done.stdout
+    assert "invalid partition" in done.stderr.lower()
