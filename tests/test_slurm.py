@@ -7,7 +7,7 @@ and 2 DeepSpeed ZeRO-3 ranks over gloo (CPU tasks; no GPUs here), on the tiny
 preset. Where no cluster answers these tests are skipped with the reason;
 with VLA_SCALE_REQUIRE_SLURM=1 (set by .ci/run) that skip is a failure.
 
-    reference   one job, 40 steps, uninterrupted: the losses every other run must reproduce
+    reference   one job, 60 steps, uninterrupted: the losses every other run must reproduce
     preempted   one job; USR1 to its batch shell (`scancel --batch --signal=USR1`, exactly what
                 `--signal=B:USR1@N` sends before the time limit) once 3 steps are logged: it
                 checkpoints, requeues itself, resumes, finishes
@@ -37,7 +37,7 @@ from vla_scale.launch import job_state, wait
 from vla_scale.train.metrics import read_metrics
 from vla_scale.train.preemption import REQUEUE_RECORD
 
-STEPS = 40
+STEPS = 60  # about 10 s of training here: room for the USR1 to arrive mid-run
 JOB_TIMEOUT_S = 300
 COMMON = [
     f"train.steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=2",
