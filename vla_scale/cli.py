@@ -133,6 +133,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from vla_scale.launch import submit
+
+    result = submit(args.config, args.overrides, dry_run=args.dry_run, nodes=args.nodes,
+                    gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node, time=args.time,
+                    partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+                    mem=args.mem, cpus_per_task=args.cpus_per_task, signal_lead_s=args.signal_lead,
+                    chain=args.chain, max_restarts=args.max_restarts, job_name=args.job_name)
+    if args.dry_run:
+        print(result.text, end="")
+        print(f"# dry run: nothing written or submitted (the script would go to {result.script})", file=sys.stderr)
+    else:
+        print(json.dumps({"script": str(result.script), "job_ids": result.job_ids}))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -307,6 +323,42 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text tokens per sample (default: data.max_length, the longest allowed)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per rank) instead of a table")
     pl.set_defaults(func=cmd_plan)
+
+    la = sub.add_parser("launch", help="submit a training run to a cluster scheduler (SLURM)",
+                        description="Submit a training run to a cluster scheduler.")
+    la_sub = la.add_subparsers(dest="scheduler", required=True, metavar="SCHEDULER")
+    ls = la_sub.add_parser("slurm", help="render an sbatch script into the run folder and submit it",
+                           description="Check the config against the allocation (ranks, batch split), write "
+                                       "RUN/slurm/job.sbatch (readable; edit it and `sbatch` it again by hand) and "
+                                       "RUN/slurm/config.yaml, and submit it. The job runs one torchrun agent per "
+                                       "node (c10d rendezvous on the first node); SIGUSR1 before the time limit "
+                                       "makes every rank finish its step, checkpoint and requeue the job, which "
+                                       "resumes from that checkpoint. --chain K submits K jobs, each continuing "
+                                       "the run after the previous one (afterany). Overrides come before the "
+                                       "options, e.g. vla-scale launch slurm configs/openvla_plus_7b.yaml "
+                                       "train.steps=100000 --nodes 8 --gpus-per-node 8 --time 24:00:00")
+    ls.add_argument("config", help="YAML config file")
+    ls.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    ls.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    ls.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one rank each (default 8)")
+    ls.add_argument("--procs-per-node", type=int, default=None,
+                    help="ranks per node on a cluster without GPUs (with --gpus-per-node 0)")
+    ls.add_argument("--time", default="24:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS (default 24:00:00)")
+    ls.add_argument("--partition", default=None)
+    ls.add_argument("--account", default=None)
+    ls.add_argument("--qos", default=None)
+    ls.add_argument("--constraint", default=None)
+    ls.add_argument("--mem", default=None, help="memory per node, e.g. 500G (default: the partition's)")
+    ls.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node for its agent and ranks")
+    ls.add_argument("--signal-lead", type=int, default=300, metavar="SECONDS",
+                    help="send SIGUSR1 this long before the time limit (default 300; SLURM may send it up to "
+                         "60 s earlier)")
+    ls.add_argument("--chain", type=int, default=1, metavar="K", help="submit K jobs that continue one another")
+    ls.add_argument("--max-restarts", type=int, default=3,
+                    help="torchrun's elastic restarts within one job after a rank fails (default 3)")
+    ls.add_argument("--job-name", default=None, help="default: run.name")
+    ls.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    ls.set_defaults(func=cmd_launch)
 
     cv = sub.add_parser("convert", help="convert a dataset (LeRobot, HDF5, LLaVA JSON) to co-training shards",
                         description="Convert KIND at SRC to MDS shards in OUT (readable by plain "

@@ -42,3 +42,7 @@ class TrainingError(VLAScaleError, RuntimeError):
 
 class EvalError(VLAScaleError, RuntimeError):
     """An evaluation cannot go on (a simulator worker died, a policy returned a malformed action)."""
+
+
+class LaunchError(VLAScaleError):
+    """A job cannot be submitted: a malformed launch option, no `sbatch` on the PATH, or SLURM refused it."""

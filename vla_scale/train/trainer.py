@@ -28,6 +28,12 @@ broadcast, so all ranks load the same one. The data-loader state does not
 depend on the world size (every rank draws the same global batch and takes
 its slice), so a run resumes on a different number of ranks with the same
 data order.
+
+Preemption (`vla_scale.train.preemption`): on SIGUSR1/SIGTERM every rank
+finishes its step, all agree by one all-reduce after each step, save that
+step and leave the loop; under SLURM rank 0 then requeues the job. A run
+whose latest checkpoint is already at `train.steps` returns before building
+anything (the later jobs of a chain).
 """
 from __future__ import annotations
 
@@ -63,6 +69,7 @@ from vla_scale.train.checkpoint import (
 )
 from vla_scale.train.distributed import HangWatchdog
 from vla_scale.train.metrics import MetricsLogger, PerSourceAccumulator, ThroughputMeter
+from vla_scale.train.preemption import PreemptionWatch, SlurmJob, requeue_after_preemption
 from vla_scale.train.strategies import make_strategy
 from vla_scale.train.strategy import Strategy
 
@@ -134,6 +141,8 @@ class TrainResult:
     last_checkpoint: Path | None
     losses: dict[int, float]
     final_step: int
+    preempted: bool = False  # stopped early by SIGUSR1/SIGTERM, with a checkpoint (vla_scale.train.preemption)
+    requeued: bool = False  # ...and the SLURM job was requeued to continue
 
 
 class Trainer:
@@ -228,6 +237,10 @@ class Trainer:
         """Train to `train.steps`; `stop_after=k` checkpoints at step k and returns (a planned preemption)."""
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        finished = self._finished_checkpoint() if resume == "auto" else None
+        if finished is not None:  # a later job of a chain, or a requeue after the end: nothing to build or train
+            log.warning("the run in %s is already finished (%s); nothing to train", self.run_dir, finished.name)
+            return TrainResult(self.run_dir, finished, {}, t.steps)
         self._build()
         if self.strategy.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -249,6 +262,9 @@ class Trainer:
         last_ckpt = self.strategy.broadcast_object(str(last_ckpt) if last_ckpt else None)
         last_ckpt = Path(last_ckpt) if last_ckpt else None
         watchdog = HangWatchdog(t.hang_timeout_s)
+        slurm_job = SlurmJob.from_env()
+        preemption = PreemptionWatch().install()  # SIGUSR1/SIGTERM: stop after the step, agreed by all ranks
+        preempted = False
         wall0 = time.time() - float(counters.get("wall_time_s", 0.0))
         overlong = torch.zeros(2, dtype=torch.float64)  # truncated, dropped samples since the last log line
         meter.start()
@@ -284,23 +300,40 @@ class Trainer:
                            **per_source.compute(reduce=self.strategy.all_reduce_sum),
                            **{f"perf/{k}": v for k, v in meter.summary().items()}, **val_row}
                     per_source.reset()
+                    if slurm_job is not None:
+                        row["slurm/restart_count"] = slurm_job.restart_count
                     metrics.log(step, row)
                 if bar is not None:
                     s = meter.summary()
                     bar.set_postfix(loss=f"{result.loss:.4f}", **({"samples/s": f"{s['samples_per_s']:.1f}"}
                                                                   if s.get("samples_per_s") else {}))
                     bar.update(1)
-                if (t.checkpoint_every and step % t.checkpoint_every == 0) or step in (t.steps, stop_after):
+                preempted = preemption.agreed(self.strategy.all_reduce_sum, self.strategy.device)
+                if (t.checkpoint_every and step % t.checkpoint_every == 0) or step in (t.steps, stop_after) \
+                        or preempted:
                     counters["wall_time_s"] = time.time() - wall0
                     last_ckpt = self._write_checkpoint(ckpt, step, counters)
-                if step == stop_after:
+                if step == stop_after or preempted:
                     break
         finally:
             watchdog.cancel()
             if bar is not None:
                 bar.close()
             metrics.close()
-        return TrainResult(self.run_dir, last_ckpt, losses, max(losses, default=start))
+            preemption.uninstall()
+        final_step = max(losses, default=start)
+        requeued = preempted and self.strategy.is_main and requeue_after_preemption(self.run_dir, final_step, t.steps)
+        return TrainResult(self.run_dir, last_ckpt, losses, final_step, preempted, requeued)
+
+    def _finished_checkpoint(self) -> Path | None:
+        """The latest checkpoint if it is at `train.steps` or beyond (rank 0 reads, every rank gets the answer)."""
+        found = None
+        if self.strategy.is_main:
+            latest = CheckpointManager(self.run_dir / "checkpoints").latest()
+            if latest is not None and int(read_metadata(latest)["step"]) >= self.cfg.train.steps:
+                found = str(latest)
+        found = self.strategy.broadcast_object(found)
+        return Path(found) if found is not None else None
 
 
     def _validation_due(self, step: int) -> bool:
