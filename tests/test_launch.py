@@ -24,7 +24,7 @@ import torch
 from conftest import TINY_PRESET
 from vla_scale.cli import main
 from vla_scale.config import load_config
-from vla_scale.errors import ConfigError, LaunchError
+from vla_scale.errors import LaunchError
 from vla_scale.launch import parse_time, submit
 from vla_scale.train.preemption import REQUEUE_RECORD, PreemptionWatch, SlurmJob, requeue_decision
 
