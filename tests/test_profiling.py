@@ -218,8 +218,9 @@ def test_two_rank_deepspeed_profile_under_torchrun(tiny_llava, tmp_path):
     assert summary["world_size"] == 2 and summary["devices"] == 2 and summary["strategy"] == "deepspeed"
     assert summary["tokens_per_s_per_device"] == pytest.approx(summary["tokens_per_s"] / 2, rel=1e-12)
     assert 0 < summary["mfu"] < 1
-    # Communication is measured: our all-reduces and ZeRO-3's gathers and reduce-scatters.
-    assert summary["breakdown_s"]["comm"] > 0
+    # Communication is measured: our all-reduces and ZeRO-3's gathers and reduce-scatters, all on the
+    # step's own thread, so inside the step's wall time.
+    assert 0 < summary["breakdown_s"]["comm"] < summary["step_time_s"]
     for rank in (0, 1):
         trace = json.loads((out / f"trace_rank{rank}.json").read_text())
         names = {e.get("name", "") for e in trace["traceEvents"]}

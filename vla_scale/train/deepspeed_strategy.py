@@ -522,12 +522,12 @@ class DeepSpeedStrategy(Strategy):
 
 def _deepspeed_comm_seconds() -> float | None:
     """Total time of the collectives DeepSpeed's comms logger has recorded so far; None when it is off."""
-    from deepspeed.comm.comm import comms_logger
+    from deepspeed.comm.comm import comms_logger, timers
 
     if not comms_logger.enabled:
         return None
-    # comms_dict: op name -> message size -> [count, latencies in ms, algbw, busbw]
-    return sum(sum(record[1]) for sizes in comms_logger.comms_dict.values() for record in sizes.values()) / 1e3
+    # One timer per logged op name; each accumulates over the run (the logger records the running total).
+    return sum(t.elapsed(reset=False) for t in timers.get_timers().values()) / 1e3  # ms -> s
 
 
 def deepspeed_tag(ckpt_dir: Path) -> str:
