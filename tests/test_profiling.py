@@ -28,7 +28,7 @@ from vla_scale.cli import main as cli_main
 from vla_scale.errors import ConfigError
 from vla_scale.models.vla import count_answer_tokens
 from vla_scale.train.distributed import free_port
-from vla_scale.train.metrics import ModelFlops, read_metrics
+from vla_scale.train.metrics import ModelFlops, ThroughputMeter, peak_flops_per_device, read_metrics
 from vla_scale.train.trainer import Trainer
 
 EXIT_ABORT = "terminate called without an active exception"  # rare DeepSpeed abort at exit (MACHINE.md)
@@ -92,6 +92,32 @@ def test_logged_tokens_per_s_is_the_batches_tokens_over_the_logged_wall_time(tin
     # The save at step 3 is timed in the interval of step 4 (window of line 6), the one at 6 in step 7's.
     assert rows[3]["perf/time/checkpoint_s"] == 0.0
     assert rows[6]["perf/time/checkpoint_s"] > 0 and rows[7]["perf/time/checkpoint_s"] > 0
+
+
+def test_meter_breakdown_averages_phases_and_keeps_overlapping_comm_out_of_the_rest():
+    now = [0.0]
+    meter = ThroughputMeter(warmup_steps=1, clock=lambda: now[0])
+    meter.start()
+    now[0] = 5.0
+    meter.step(4, 100, phases={"forward": 4.0})  # warm-up: left out
+    for t in (7.0, 10.0):  # steps of 2 s and 3 s
+        now[0] = t
+        meter.step(4, 100, phases={"data": 0.5, "forward": 1.0, "backward": 0.5, "comm": 0.75})
+    s = meter.summary()
+    assert s["window_s"] == 5.0 and s["window_steps"] == 2.0 and s["tokens_per_s"] == 200 / 5.0
+    assert s["time/forward_s"] == 1.0 and s["time/comm_s"] == 0.75
+    assert s["time/other_s"] == pytest.approx((5.0 - 2 * 2.0) / 2)  # comm overlaps: not subtracted
+
+
+def test_peak_flops_come_from_the_config_or_the_gpu_table(monkeypatch):
+    assert peak_flops_per_device("cpu") is None
+    assert peak_flops_per_device("cpu", configured=2e11) == 2e11
+    # No GPU here: only the device name is faked, to check the table's order of matching.
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+                       ("NVIDIA GeForce RTX 4090", 165e12), ("Some Future GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops_per_device(torch.device("cuda", 0)) == peak, name
 
 
 def _hand_flops(model, mb) -> float:
