@@ -199,6 +199,14 @@ def test_profile_writes_a_summary_a_chrome_trace_and_a_chart(tiny_llava, tmp_pat
     assert Image.open(out / "breakdown.png").size[0] >= 400
 
 
+def test_profile_explains_itself(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["profile", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--steps" in text and "Chrome trace" in text and "train.peak_flops" in text
+
+
 def test_profile_rejects_too_few_steps(tiny_llava, tmp_path, capsys):
     rc = cli_main(["profile", str(TINY_PRESET), f"model.source={tiny_llava}", f"run.output_dir={tmp_path}",
                    "--steps", "2"])
