@@ -282,6 +282,7 @@ class ModelFlops:
     """
 
     def __init__(self, model: "VisionLanguageActionModel") -> None:
+        from vla_scale.models.vision import VisionEncoder
         from vla_scale.models.vla import param_numel
 
         core = model.core
@@ -290,16 +291,18 @@ class ModelFlops:
         self.image_flops = 0.0
         for encoders, passes in ((core.encoders.values(), 3.0), (model.frozen.encoders.values(), 1.0)):
             for enc in encoders:
+                assert isinstance(enc, VisionEncoder)
                 n = sum(param_numel(p) for p in enc.parameters())
                 t = self.image_tokens + int(enc.spec.num_prefix_tokens)
                 layers, width = _tower_shape(enc.model.config)
                 self.image_flops += passes * (2.0 * n * t + 4.0 * layers * width * t * t)
         self.image_flops += 6.0 * sum(param_numel(p) for p in core.projector.parameters()) * self.image_tokens
-        embed, head = core.llm.get_input_embeddings(), core.llm.get_output_embeddings()
+        llm: Any = core.llm  # a Hugging Face causal LM
+        embed, head = llm.get_input_embeddings(), llm.get_output_embeddings()
         table_ids = {id(p) for p in embed.parameters()} | {id(p) for p in head.parameters()}
-        self.llm_params = sum(param_numel(p) for p in core.llm.parameters() if id(p) not in table_ids)
+        self.llm_params = sum(param_numel(p) for p in llm.parameters() if id(p) not in table_ids)
         self.head_params = sum(param_numel(p) for p in head.parameters())
-        self.llm_layers, self.llm_attn_width = _tower_shape(core.llm.config)
+        self.llm_layers, self.llm_attn_width = _tower_shape(llm.config)
 
     def step_flops(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
         """Model FLOPs of these micro-batches (this rank's share of a step; sum over ranks for the step)."""
