@@ -36,8 +36,9 @@ trainable encoder, projector and LLM blocks; the LM head only at answer
 positions; 2 x frozen-encoder parameters per image token; attention per
 sample length), recomputed here independently from the batches and the
 model's named parameters. The peak: --peak-tflops, else the bf16 table for a
-known GPU; on a CPU, the fp32 matmul FLOP/s measured here with one rank's
-threads (so CPU MFU is "of what a large matmul reaches", not of a data sheet).
+known GPU; otherwise the matmul FLOP/s measured in each worker (CPU: fp32 with
+one rank's threads, so CPU MFU is "of what a large matmul reaches", not of a
+data sheet; an unknown GPU: bf16).
 
 The trainer's own log against this script (framework rows): the trainer logs
 tokens/s and MFU (`perf/*` in metrics.jsonl, every step here); the script
@@ -87,18 +88,24 @@ def _config(args: argparse.Namespace, run_dir: Path, strategy: str):
     ])
 
 
-def _cpu_matmul_flops() -> float:
-    """FLOP/s of a large fp32 matmul with this process's threads: the CPU "peak" MFU is taken against."""
+def _matmul_flops() -> float:
+    """FLOP/s of a large matmul here (CPU: fp32 with this process's threads; GPU: bf16), the "peak" MFU is
+    taken against when the device has no data-sheet figure (any CPU, a GPU missing from the table)."""
     import torch
 
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    cuda = torch.cuda.is_available()
+    n = 8192 if cuda else 1024
+    kw = {"device": "cuda", "dtype": torch.bfloat16} if cuda else {}
+    a, b = torch.randn(n, n, **kw), torch.randn(n, n, **kw)
     best = math.inf
     for _ in range(8):
+        _sync(a.device)
         t0 = time.perf_counter()
         for _ in range(4):
             torch.mm(a, b)
+        _sync(a.device)
         best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * 1024 ** 3 / best
+    return 2 * n ** 3 / best
 
 
 def _sync(device) -> None:
@@ -155,7 +162,7 @@ def worker_framework(args: argparse.Namespace) -> None:
     from vla_scale.train.trainer import Trainer
 
     out = Path(args.out)
-    args.peak_flops = args.peak_flops or _cpu_matmul_flops()  # the parent gives a GPU's; a CPU's is measured
+    args.peak_flops = args.peak_flops or _matmul_flops()  # the parent gives a known GPU's; else measured
     run_dir = out.parent / f"run_{args.mode}_{os.environ.get('WORLD_SIZE', '1')}"
     cfg = _config(args, run_dir, args.strategy)
     trainer = Trainer(cfg)
@@ -242,7 +249,7 @@ def worker_bare(args: argparse.Namespace) -> None:
         if trainer.strategy.is_main:
             json.dump({"step_s": step_times, "loop_s": step_times, "tokens": tokens, "samples": samples,
                        "model_flops_per_step": _model_flops(model, batches[-1]),
-                       "peak_flops": args.peak_flops or _cpu_matmul_flops(),
+                       "peak_flops": args.peak_flops or _matmul_flops(),
                        "world_size": trainer.strategy.world_size, "device": str(device),
                        "trainable_params": model.trainable_parameter_count(),
                        "frozen_params": model.frozen_parameter_count(), "threads": torch.get_num_threads()},
@@ -274,7 +281,7 @@ def worker_bare(args: argparse.Namespace) -> None:
         step_times.append(time.perf_counter() - t0)
     json.dump({"step_s": step_times, "loop_s": step_times, "tokens": tokens, "samples": samples,
                "model_flops_per_step": _model_flops(model, batches[-1]), "world_size": 1,
-               "peak_flops": args.peak_flops or _cpu_matmul_flops(),
+               "peak_flops": args.peak_flops or _matmul_flops(),
                "device": str(device), "trainable_params": model.trainable_parameter_count(),
                "frozen_params": model.frozen_parameter_count(), "threads": torch.get_num_threads()},
               open(out, "w"))
