@@ -8,7 +8,8 @@
   head only at answer positions.
 - `vla-scale profile` writes a summary, a Chrome trace with the forward and
   backward in it, and a chart; also as a 2-rank DeepSpeed job under torchrun
-  (rank 0 writes the summary, every rank its trace).
+  (rank 0 writes the summary, every rank its trace; its tokens/s counts
+  both ranks' tokens, checked against one process drawing the same batches).
 """
 from __future__ import annotations
 
@@ -228,10 +229,10 @@ def test_two_rank_deepspeed_profile_under_torchrun(tiny_llava, tmp_path):
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLA_SCALE_DIST_TIMEOUT_S="120",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions")))
+    batch = ["train.tensorboard=false", "train.global_batch_size=8", "train.micro_batch_size=2"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "vla_scale.cli", "profile", str(TINY_PRESET),
-           f"model.source={tiny_llava}", f"run.output_dir={tmp_path / 'run'}", "train.strategy=deepspeed",
-           "train.tensorboard=false", "train.global_batch_size=8", "train.micro_batch_size=2",
+           f"model.source={tiny_llava}", f"run.output_dir={tmp_path / 'run'}", "train.strategy=deepspeed", *batch,
            "deepspeed.stage3_param_persistence_threshold=1000", "train.peak_flops=1e12", "--steps", "4",
            "--out", str(out)]
     written = lambda: (out / "summary.json").is_file() and (out / "breakdown.png").is_file()  # noqa: E731
@@ -251,6 +252,20 @@ def test_two_rank_deepspeed_profile_under_torchrun(tiny_llava, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["devices"] == 2 and summary["strategy"] == "deepspeed"
     assert summary["tokens_per_s_per_device"] == pytest.approx(summary["tokens_per_s"] / 2, rel=1e-12)
+    # tokens/s counts both ranks' tokens: the global batches do not depend on the world size, so one
+    # process drawing the same steps counts them (steps 2-4; step 1 is warm-up).
+    from vla_scale.actions.factory import make_action_tokenizer
+    from vla_scale.config import load_config
+    from vla_scale.data.pipeline import build_data
+    from vla_scale.data.prompts import PromptBuilder
+    from vla_scale.models.loading import build_vla
+
+    cfg = load_config(TINY_PRESET, [f"model.source={tiny_llava}", f"run.output_dir={tmp_path / 'count'}", *batch])
+    model, tok = build_vla(cfg.model)
+    loader, _ = build_data(cfg, PromptBuilder(tok, make_action_tokenizer(cfg.actions, tok), cfg.data.max_length))
+    per_step = [sum(int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * model.num_image_tokens
+                    for mb in loader.next_step()) for _ in range(4)]
+    assert summary["tokens_per_s"] * summary["wall_s"] == pytest.approx(sum(per_step[1:]), rel=1e-9)
     assert 0 < summary["mfu"] < 1
     # Communication is measured: our all-reduces and ZeRO-3's gathers and reduce-scatters, all on the
     # step's own thread, so inside the step's wall time.
