@@ -30,10 +30,22 @@ Medians over the steps after `--warmup`; each configuration runs
 load on the machine only ever slows a run down.
 
 tokens/s counts every input token (image tokens included), over all ranks.
-MFU (GPU, with --peak-tflops or a known device): model FLOPs per step /
-(step time x devices x peak); model FLOPs = 6 x trainable parameters x tokens
-they process (LLM: `transformer_flops_per_token`, with attention) + 2 x frozen
-encoder parameters x its patch tokens (forward only).
+MFU: model FLOPs / (time x devices x peak), with the formula documented in
+`vla_scale.train.metrics` (6 x trainable parameters per token through the
+trainable encoder, projector and LLM blocks; the LM head only at answer
+positions; 2 x frozen-encoder parameters per image token; attention per
+sample length), recomputed here independently from the batches and the
+model's named parameters. The peak: --peak-tflops, else the bf16 table for a
+known GPU; otherwise the matmul FLOP/s measured in each worker (CPU: fp32 with
+one rank's threads, so CPU MFU is "of what a large matmul reaches", not of a
+data sheet; an unknown GPU: bf16).
+
+The trainer's own log against this script (framework rows): the trainer logs
+tokens/s and MFU (`perf/*` in metrics.jsonl, every step here); the script
+counts tokens and FLOPs itself from the micro-batches each rank hands to
+`train_step` (summed over ranks) and times the same steps with its own clock.
+Both are totals over steps `--warmup`+1..`--steps`; they must agree within 3%
+(`log_vs_bench` in the JSON, checked).
 
 On GPU the model trains in bf16 (autocast for bare/single, DeepSpeed bf16 for
 ZeRO-3) with NCCL; on CPU in fp32 over gloo, with the cores split evenly over
@@ -44,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -54,7 +67,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
+AGREEMENT = 0.03  # the trainer's logged tokens/s and MFU against this script's own count and clock
 
 
 # --------------------------------------------------------------------------- workers (one configuration each)
@@ -69,9 +82,30 @@ def _config(args: argparse.Namespace, run_dir: Path, strategy: str):
         f"train.global_batch_size={args.global_batch}", f"train.micro_batch_size={args.micro_batch}",
         "train.warmup_steps=1", "train.checkpoint_every=0", "train.progress=false", "train.tensorboard=false",
         f"train.strategy={strategy}", "train.log_every=1",
+        *([f"train.peak_flops={args.peak_flops}"] if args.peak_flops else []),
         # Partition everything, as for a large model (the default threshold would keep this one whole).
         "deepspeed.stage3_param_persistence_threshold=0",
     ])
+
+
+def _matmul_flops() -> float:
+    """FLOP/s of a large matmul here (CPU: fp32 with this process's threads; GPU: bf16), the "peak" MFU is
+    taken against when the device has no data-sheet figure (any CPU, a GPU missing from the table)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    n = 8192 if cuda else 1024
+    kw = {"device": "cuda", "dtype": torch.bfloat16} if cuda else {}
+    a, b = torch.randn(n, n, **kw), torch.randn(n, n, **kw)
+    best = math.inf
+    for _ in range(8):
+        _sync(a.device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        _sync(a.device)
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * n ** 3 / best
 
 
 def _sync(device) -> None:
@@ -81,18 +115,44 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _model_flops_per_step(model, samples: int, tokens: int) -> float:
-    from vla_scale.models.vla import param_numel
-    from vla_scale.train.metrics import transformer_flops_per_token
+def _numel(p) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions leave numel() == 0
 
-    core = model.core
-    llm_cfg = core.llm.config
-    n_llm = sum(param_numel(p) for p in core.llm.parameters())  # ZeRO-3 partitions leave numel() == 0
-    patches = model.num_image_tokens * samples
-    seq = tokens / max(samples, 1)
-    llm = tokens * transformer_flops_per_token(n_llm, llm_cfg.num_hidden_layers, llm_cfg.hidden_size, int(seq))
-    trainable_vision = sum(param_numel(p) for n, p in core.named_parameters() if not n.startswith("llm."))
-    return llm + 6.0 * trainable_vision * patches + 2.0 * model.frozen_parameter_count() * patches
+
+def _model_flops(model, micro_batches) -> float:
+    """Model FLOPs of these micro-batches by the documented formula, from named parameters and configs."""
+    core, p = model.core, model.num_image_tokens
+
+    def tower(enc, passes: float) -> float:
+        c = enc.model.config
+        t = p + enc.spec.num_prefix_tokens  # patches + CLS/register tokens
+        width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        return passes * (2 * sum(_numel(x) for x in enc.parameters()) * t + 4 * c.num_hidden_layers * width * t * t)
+
+    per_image = (sum(tower(e, 3.0) for e in core.encoders.values())
+                 + sum(tower(e, 1.0) for e in model.frozen.encoders.values())
+                 + 6 * sum(_numel(x) for x in core.projector.parameters()) * p)
+    named = dict(core.llm.named_parameters())  # a tied head is listed once, as the embedding
+    head_names = [n for n in named if n.startswith("lm_head")] or [n for n in named if "embed_tokens" in n]
+    blocks = sum(_numel(v) for n, v in named.items() if "embed_tokens" not in n and not n.startswith("lm_head"))
+    head = sum(_numel(named[n]) for n in head_names)
+    c = core.llm.config
+    width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    total = 0.0
+    for mb in micro_batches:
+        lengths = mb["attention_mask"].sum(1).double() + p
+        answers = int((mb["labels"][:, 1:] != -100).sum())  # the LM head runs only where the loss is taken
+        total += (mb["input_ids"].shape[0] * per_image + 6 * blocks * float(lengths.sum())
+                  + 12 * c.num_hidden_layers * width * float((lengths ** 2).sum()) + 6 * head * answers)
+    return total
+
+
+def _count(model, micro_batches) -> list[float]:
+    """[samples, tokens (text without padding + image), model FLOPs] of this rank's micro-batches."""
+    samples = sum(mb["input_ids"].shape[0] for mb in micro_batches)
+    tokens = sum(int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * model.num_image_tokens
+                 for mb in micro_batches)
+    return [float(samples), float(tokens), _model_flops(model, micro_batches)]
 
 
 def worker_framework(args: argparse.Namespace) -> None:
@@ -102,10 +162,12 @@ def worker_framework(args: argparse.Namespace) -> None:
     from vla_scale.train.trainer import Trainer
 
     out = Path(args.out)
-    cfg = _config(args, out.parent / f"run_{args.mode}_{os.environ.get('WORLD_SIZE', '1')}", args.strategy)
+    args.peak_flops = args.peak_flops or _matmul_flops()  # the parent gives a known GPU's; else measured
+    run_dir = out.parent / f"run_{args.mode}_{os.environ.get('WORLD_SIZE', '1')}"
+    cfg = _config(args, run_dir, args.strategy)
     trainer = Trainer(cfg)
     strategy = trainer.strategy
-    step_times, loop_marks, tokens, samples = [], [], [], []
+    step_times, loop_marks, tokens, samples, flops = [], [], [], [], []
     inner = strategy.train_step
 
     def timed_train_step(micro_batches):
@@ -115,16 +177,22 @@ def worker_framework(args: argparse.Namespace) -> None:
         _sync(strategy.device)
         step_times.append(time.perf_counter() - t0)
         loop_marks.append(time.perf_counter())
-        tokens.append(result.tokens)
-        samples.append(result.samples)
+        # Counted here from this rank's batches, summed over ranks (a collective: every rank steps).
+        counts = torch.tensor(_count(trainer.model, micro_batches), dtype=torch.float64, device=strategy.device)
+        n_samples, n_tokens, n_flops = strategy.all_reduce_sum(counts).tolist()
+        samples.append(int(n_samples))
+        tokens.append(int(n_tokens))
+        flops.append(n_flops)
         return result
 
     strategy.train_step = timed_train_step  # instance attribute: the trainer calls it unchanged
     trainer.fit(resume="none")
     if strategy.is_main:
-        flops = _model_flops_per_step(trainer.model, samples[-1], tokens[-1])
+        from vla_scale.train.metrics import read_metrics
+
         json.dump({"step_s": step_times, "loop_s": [b - a for a, b in zip(loop_marks, loop_marks[1:])],
-                   "tokens": tokens, "samples": samples, "model_flops_per_step": flops,
+                   "loop_marks": loop_marks, "tokens": tokens, "samples": samples, "flops": flops,
+                   "model_flops_per_step": flops[-1], "log": read_metrics(run_dir), "peak_flops": args.peak_flops,
                    "world_size": strategy.world_size, "device": str(strategy.device),
                    "trainable_params": trainer.model.trainable_parameter_count(),
                    "frozen_params": trainer.model.frozen_parameter_count(),
@@ -180,7 +248,8 @@ def worker_bare(args: argparse.Namespace) -> None:
         step_times = _bare_deepspeed_steps(trainer, batches)
         if trainer.strategy.is_main:
             json.dump({"step_s": step_times, "loop_s": step_times, "tokens": tokens, "samples": samples,
-                       "model_flops_per_step": _model_flops_per_step(model, samples[-1], tokens[-1]),
+                       "model_flops_per_step": _model_flops(model, batches[-1]),
+                       "peak_flops": args.peak_flops or _matmul_flops(),
                        "world_size": trainer.strategy.world_size, "device": str(device),
                        "trainable_params": model.trainable_parameter_count(),
                        "frozen_params": model.frozen_parameter_count(), "threads": torch.get_num_threads()},
@@ -211,7 +280,8 @@ def worker_bare(args: argparse.Namespace) -> None:
         _sync(device)
         step_times.append(time.perf_counter() - t0)
     json.dump({"step_s": step_times, "loop_s": step_times, "tokens": tokens, "samples": samples,
-               "model_flops_per_step": _model_flops_per_step(model, samples[-1], tokens[-1]), "world_size": 1,
+               "model_flops_per_step": _model_flops(model, batches[-1]), "world_size": 1,
+               "peak_flops": args.peak_flops or _matmul_flops(),
                "device": str(device), "trainable_params": model.trainable_parameter_count(),
                "frozen_params": model.frozen_parameter_count(), "threads": torch.get_num_threads()},
               open(out, "w"))
@@ -227,13 +297,14 @@ def _device_name() -> str:
 
 
 def _peak_flops(args: argparse.Namespace) -> float | None:
+    """--peak-tflops, else the package's bf16 table for a known GPU; None on a CPU (the workers measure it)."""
+    import torch
+
+    from vla_scale.train.metrics import peak_flops_per_device
+
     if args.peak_tflops:
         return args.peak_tflops * 1e12
-    name = _device_name()
-    for key, tflops in PEAK_TFLOPS_BF16.items():
-        if key in name:
-            return tflops * 1e12
-    return None  # CPU: MFU is not meaningful here
+    return peak_flops_per_device("cuda") if torch.cuda.is_available() else None
 
 
 def _run_worker(args: argparse.Namespace, mode: str, strategy: str, ranks: int, workdir: Path) -> dict:
@@ -245,6 +316,8 @@ def _run_worker(args: argparse.Namespace, mode: str, strategy: str, ranks: int, 
     common = ["--worker", mode, "--strategy", strategy, "--out", str(out), "--source", str(args.source),
               "--steps", str(args.steps), "--global-batch", str(args.global_batch),
               "--micro-batch", str(args.micro_batch), "--image-size", str(args.image_size)]
+    if args.peak_flops:
+        common += ["--peak-flops", str(args.peak_flops)]
     env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if not torch.cuda.is_available():
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
@@ -274,8 +347,30 @@ def _summarise(name: str, raw: dict, warmup: int, peak: float | None) -> dict:
            "tokens_per_s": tokens / med_loop, "tokens_per_s_per_device": tokens / med_loop / world,
            "samples_per_s": samples / med_loop, "trainable_params": raw["trainable_params"],
            "frozen_params": raw["frozen_params"]}
-    row["mfu"] = raw["model_flops_per_step"] / (med_loop * world * peak) if peak else None
+    peak = peak or raw["peak_flops"]
+    row["peak_flops_per_device"] = peak
+    row["mfu"] = raw["model_flops_per_step"] / (med_loop * world * peak)
+    if raw.get("log"):
+        row["log_vs_bench"] = _log_vs_bench(raw, warmup, peak)
     return row
+
+
+def _log_vs_bench(raw: dict, warmup: int, peak: float) -> dict:
+    """The trainer's logged tokens/s and MFU against this script's count and clock, over the same steps."""
+    first, last = warmup + 1, len(raw["tokens"])  # steps first..last (1-based)
+    rows = [r for r in raw["log"] if first <= r["step"] <= last]
+    assert [r["step"] for r in rows] == list(range(first, last + 1)), "the trainer logged every step here"
+    log_s = sum(r["perf/window_s"] for r in rows)
+    log_tps = sum(r["perf/tokens_per_s"] * r["perf/window_s"] for r in rows) / log_s
+    log_mfu = sum(r["perf/mfu"] * r["perf/window_s"] for r in rows) / log_s
+    bench_s = raw["loop_marks"][last - 1] - raw["loop_marks"][first - 2]  # end of step first-1 .. end of last
+    bench_tps = sum(raw["tokens"][first - 1:last]) / bench_s
+    bench_mfu = sum(raw["flops"][first - 1:last]) / (bench_s * raw["world_size"] * peak)
+    out = {"steps": [first, last], "log_tokens_per_s": log_tps, "bench_tokens_per_s": bench_tps,
+           "log_mfu": log_mfu, "bench_mfu": bench_mfu, "tokens_per_s_diff": log_tps / bench_tps - 1,
+           "mfu_diff": log_mfu / bench_mfu - 1}
+    out["agree"] = abs(out["tokens_per_s_diff"]) <= AGREEMENT and abs(out["mfu_diff"]) <= AGREEMENT
+    return out
 
 
 def _machine() -> dict:
@@ -312,6 +407,7 @@ def main() -> None:
     p.add_argument("--worker", choices=("bare", "framework"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--strategy", default="single", help=argparse.SUPPRESS)
     p.add_argument("--source", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peak-flops", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker is not None:
         import warnings
@@ -361,7 +457,8 @@ def main() -> None:
                                                "trainable_params": rows[0]["trainable_params"],
                                                "frozen_params": rows[0]["frozen_params"]},
               "batch": {"global": args.global_batch, "micro": args.micro_batch}, "steps": args.steps,
-              "warmup": args.warmup, "repeats": args.repeats, "peak_flops_per_device": peak,
+              "warmup": args.warmup, "repeats": args.repeats,
+              "peak_flops_per_device": peak if peak else "CPU: fp32 matmul FLOP/s measured per run (per row)",
               "precision": "bf16" if torch.cuda.is_available() else "fp32", "results": rows}
     dev = "cpu" if not torch.cuda.is_available() else _device_name().replace(" ", "_").lower()
     out = Path(args.out or REPO / "benchmarks" / "results" / f"train_step_{dev}.json")
@@ -387,7 +484,22 @@ def main() -> None:
               f"{pct(r.get('step_overhead')):>9} {pct(r.get('loop_overhead')):>9} {mfu:>6}")
     print("\noverheads: single vs bare PyTorch; bare DeepSpeed vs bare PyTorch (ZeRO-3's own cost); "
           "DeepSpeed strategy vs bare DeepSpeed (what vla-scale adds)")
+    checked = [r for r in rows if r.get("log_vs_bench")]
+    print(f"\nthe trainer's log against this script's count and clock (steps {args.warmup + 1}..{args.steps}, "
+          f"totals; must agree within {100 * AGREEMENT:.0f}%)")
+    head = (f"{'configuration':<30} {'log tok/s':>10} {'bench tok/s':>11} {'diff':>7} {'log MFU':>9} "
+            f"{'bench MFU':>9} {'diff':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in checked:
+        c = r["log_vs_bench"]
+        print(f"{r['name']:<30} {c['log_tokens_per_s']:>10.0f} {c['bench_tokens_per_s']:>11.0f} "
+              f"{pct(c['tokens_per_s_diff']):>7} {100 * c['log_mfu']:>8.3f}% {100 * c['bench_mfu']:>8.3f}% "
+              f"{pct(c['mfu_diff']):>7}")
     print(f"written to {out}")
+    if not all(r["log_vs_bench"]["agree"] for r in checked):
+        raise SystemExit(f"the trainer's logged tokens/s or MFU differs from the benchmark's by more than "
+                         f"{100 * AGREEMENT:.0f}%")
 
 
 if __name__ == "__main__":

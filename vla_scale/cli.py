@@ -49,6 +49,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from vla_scale.config import load_config
+    from vla_scale.train.distributed import shutdown
+    from vla_scale.train.profiling import run_profile
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "profile"
+    summary = run_profile(cfg, args.steps, out, wait=args.wait, warmup=args.warmup, active=args.active)
+    if summary is not None:  # rank 0
+        print(f"written to {out}: summary.json, summary.txt, breakdown.png, {', '.join(summary['traces'])}")
+    shutdown()
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from vla_scale.train.export import export_checkpoint
 
@@ -238,6 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default="auto",
                    help="'auto' (latest complete checkpoint of the run, if any; default), 'none', or a checkpoint path")
     t.set_defaults(func=cmd_train)
+
+    pf = sub.add_parser("profile", help="a short training job that shows throughput, MFU and where a step's time goes",
+                        description="Train CONFIG for --steps steps in a scratch run (OUT/run) with every step "
+                                    "logged and the GPU synchronized around each timed phase, then write to OUT: "
+                                    "summary.json/.txt (samples/s, tokens/s in total and per device, MFU, the "
+                                    "step-time breakdown: data, forward, backward, optimizer, checkpoint, comm; "
+                                    "peak memory), trace_rank<R>.json (a Chrome trace of a few steps from "
+                                    "torch.profiler) and breakdown.png. Any strategy; several ranks with "
+                                    "`torchrun --nproc-per-node N -m vla_scale.cli profile CONFIG "
+                                    "train.strategy=deepspeed ...`. MFU needs the device's peak: known GPUs are in a "
+                                    "table, otherwise pass train.peak_flops=FLOP/s.")
+    pf.add_argument("config", help="YAML config file")
+    pf.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    pf.add_argument("--steps", type=_positive_int, default=10, help="steps to run (default: 10)")
+    pf.add_argument("--out", default=None, help="output folder (default: RUN_OUTPUT_DIR/profile)")
+    pf.add_argument("--wait", type=int, default=1, help="trace schedule: steps skipped first (default: 1)")
+    pf.add_argument("--warmup", type=int, default=1, help="trace schedule: steps profiled, not kept (default: 1)")
+    pf.add_argument("--active", type=_positive_int, default=2, help="trace schedule: steps recorded (default: 2)")
+    pf.set_defaults(func=cmd_profile)
 
     e = sub.add_parser("export", help="write an inference folder from a checkpoint",
                        description="Consolidate a checkpoint (or a run folder's latest checkpoint) into a "

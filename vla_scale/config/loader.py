@@ -236,6 +236,10 @@ def validate(cfg: Config) -> None:
                           "use train.gradient_accumulation=auto to derive it from the world size")
     if t.steps <= 0:
         raise ConfigError(f"train.steps must be positive, got {t.steps}")
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every must be at least 1 (log every N steps), got {t.log_every}")
+    if t.peak_flops is not None and not t.peak_flops > 0:
+        raise ConfigError(f"train.peak_flops must be a positive FLOP/s figure (e.g. 989e12), got {t.peak_flops}")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas needs two values, got {t.betas}")
     if t.warmup_steps < 0:

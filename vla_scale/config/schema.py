@@ -204,6 +204,13 @@ class TrainConfig:
     # longer than this many seconds, e.g. a collective waiting for a dead rank; 0: off.
     # The elastic launcher then restarts the run from its latest checkpoint.
     hang_timeout_s: float = 0.0
+    # Dense peak FLOP/s of one device, for MFU (e.g. 989e12 for an H100 in bf16); null: the
+    # bf16 table of known GPUs (vla_scale.train.metrics), none on CPU (MFU not reported).
+    peak_flops: Optional[float] = None
+    # Synchronize the GPU around each timed phase of a step (forward, backward, optimizer,
+    # communication) so the logged breakdown is device time; costs throughput. `vla-scale
+    # profile` turns it on; off, no extra host syncs are made.
+    sync_timing: bool = False
     tensorboard: bool = True
     progress: bool = True
 

@@ -90,6 +90,7 @@ from vla_scale.models.vla import VisionLanguageActionModel
 from vla_scale.train import distributed
 from vla_scale.train.batching import resolve_accumulation
 from vla_scale.train.checkpoint import TMP_MARK, fsync_files, read_metadata
+from vla_scale.train.metrics import ModelFlops, PhaseTimer
 from vla_scale.train.schedule import build_scheduler
 from vla_scale.train.strategy import StepResult, Strategy, answer_tokens, make_optimizer, trainable_parameters
 
@@ -271,6 +272,11 @@ class DeepSpeedStrategy(Strategy):
                                                     optimizer=optimizer,
                                                     lr_scheduler=self.scheduler, config=self.ds_config,
                                                     dist_init_required=False)
+        self.flops_model = ModelFlops(model)
+        if self.cfg.train.sync_timing:
+            # DeepSpeed's comms logger times each of ZeRO's collectives (blocking it: profiling only); its
+            # total per step is the step's "comm" phase. After initialize, which applies the JSON's setting.
+            deepspeed.comm.configure(enabled=True, prof_all=True, verbose=False)
 
     # ------------------------------------------------------------------ one step
 
@@ -286,14 +292,17 @@ class DeepSpeedStrategy(Strategy):
                                 "disagree)")
         engine.train()
         self.model.core.train()  # the view's children are the core's; this also sets the core's own flag
+        timer = PhaseTimer(self.device, sync=self.cfg.train.sync_timing)
+        ds_comm_before = _deepspeed_comm_seconds()
         # One collective before any backward: the global answer-token count (the loss divisor, see
-        # vla_scale.train.strategy) and the step's sample and token counts, from the host copies.
+        # vla_scale.train.strategy) and the step's sample, token and model-FLOP counts, from the host copies.
         samples = sum(mb["input_ids"].shape[0] for mb in micro_batches)
         tokens = sum(int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
                      for mb in micro_batches)
-        counts = torch.tensor([float(answer_tokens(micro_batches)), float(samples), float(tokens)],
-                              dtype=torch.float64, device=self.device)
-        n_items, g_samples, g_tokens = distributed.all_reduce_sum(counts).tolist()
+        counts = torch.tensor([float(answer_tokens(micro_batches)), float(samples), float(tokens),
+                               self.flops_model.step_flops(micro_batches)], dtype=torch.float64, device=self.device)
+        with timer.phase("comm"):
+            n_items, g_samples, g_tokens, g_flops = distributed.all_reduce_sum(counts).tolist()
         num_items = torch.tensor(max(n_items, 1.0), dtype=torch.float32, device=self.device)
         # Each micro-batch's loss is already its share of the global objective. DeepSpeed would divide it
         # by the accumulation steps (scale_wrt_gas) and ZeRO averages gradients over the ranks: the first
@@ -303,11 +312,12 @@ class DeepSpeedStrategy(Strategy):
         lr = self.scheduler.get_last_lr()[0]
         global_loss_sum = math.nan
         for i, mb in enumerate(micro_batches):
-            mb = self._to_device(mb)
-            feats = self.model.frozen(mb["pixel_values"])
-            loss, loss_sum, n_tok, n_correct, n_choices = engine(mb["pixel_values"], mb["input_ids"],
-                                                                 mb["attention_mask"], mb["labels"], feats,
-                                                                 num_items, mb.get("choice_mask"))
+            with timer.phase("forward"):
+                mb = self._to_device(mb)
+                feats = self.model.frozen(mb["pixel_values"])
+                loss, loss_sum, n_tok, n_correct, n_choices = engine(mb["pixel_values"], mb["input_ids"],
+                                                                     mb["attention_mask"], mb["labels"], feats,
+                                                                     num_items, mb.get("choice_mask"))
             sums.append(loss_sum)
             toks.append(n_tok)
             corr.append(n_correct)
@@ -316,17 +326,20 @@ class DeepSpeedStrategy(Strategy):
             if i == n - 1:
                 # The global loss, for the log and for the non-finite decision, which every rank must
                 # take the same way.
-                global_loss_sum = distributed.all_reduce_sum(torch.cat(sums).sum().double()).item()
+                with timer.phase("comm"):
+                    global_loss_sum = distributed.all_reduce_sum(torch.cat(sums).sum().double()).item()
                 if not math.isfinite(global_loss_sum):
                     if self.cfg.train.on_nonfinite == "stop":
                         self.nonfinite_steps += 1
                         raise TrainingError(f"non-finite loss ({global_loss_sum}) on at least one rank; stopping "
                                             "(train.on_nonfinite=stop)")
                     loss = loss * float("nan")  # route the step through ZeRO's overflow skip (module docstring)
-            engine.backward(loss * rank_scale, scale_wrt_gas=False)
+            with timer.phase("backward"):
+                engine.backward(loss * rank_scale, scale_wrt_gas=False)
             if i == n - 1 and self.grad_probe is not None:
                 self.grad_probe(self._full_gradients())
-            engine.step()
+            with timer.phase("optimizer"):
+                engine.step()
         global_loss = global_loss_sum / max(n_items, 1.0)
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else math.nan
@@ -341,9 +354,13 @@ class DeepSpeedStrategy(Strategy):
             with warnings.catch_warnings():  # DeepSpeed skipped the optimizer; the LR still follows the step
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 self.scheduler.step()
+        phases = dict(timer.seconds)
+        ds_comm = _deepspeed_comm_seconds()
+        if ds_comm is not None and ds_comm_before is not None:  # ZeRO's own collectives, when logged
+            phases["comm"] = phases.get("comm", 0.0) + ds_comm - ds_comm_before
         return StepResult(global_loss, grad_norm, lr, skipped, int(g_samples), int(g_tokens),
                           torch.cat(sums).detach(), torch.cat(toks).detach(), torch.cat(corr).detach(),
-                          torch.cat(chs).detach(), torch.cat(srcs))
+                          torch.cat(chs).detach(), torch.cat(srcs), phases=phases, flops=g_flops)
 
     def _full_gradients(self) -> dict[str, torch.Tensor]:
         """Every trainable parameter's full fp32 gradient, reduced over ranks (collective: every rank calls it)."""
@@ -499,6 +516,16 @@ class DeepSpeedStrategy(Strategy):
         if self.engine is not None:
             self.engine.destroy()
             self.engine = None
+
+
+def _deepspeed_comm_seconds() -> float | None:
+    """Total time of the collectives DeepSpeed's comms logger has recorded so far; None when it is off."""
+    from deepspeed.comm.comm import comms_logger, timers
+
+    if not comms_logger.enabled:
+        return None
+    # One timer per logged op name; each accumulates over the run (the logger records the running total).
+    return sum(t.elapsed(reset=False) for t in timers.get_timers().values()) / 1e3  # ms -> s
 
 
 def deepspeed_tag(ckpt_dir: Path) -> str:

@@ -3,13 +3,35 @@
 - `ThroughputMeter` turns step timings into samples/s, tokens/s, seconds per
   step and model FLOPs utilization (MFU), excluding warm-up steps.
 - `transformer_flops_per_token` is the standard training-FLOPs estimate used
-  for MFU.
+  for MFU; `ModelFlops` applies it to the whole VLA (formula below).
+- `PhaseTimer` times the phases of one step (forward, backward, optimizer,
+  communication) and marks them for `torch.profiler`; `peak_memory` reads
+  the peak device memory (CUDA) or peak resident memory (CPU);
+  `peak_flops_per_device` looks up the dense bf16 peak of a GPU.
 - `PerSourceAccumulator` sums loss, token and correct-token counts per data
   source over the micro-batches of one optimizer step, on the device, and
   reads them back once per step.
 - `MetricsLogger` appends one JSON line per logged step to
   `<run_dir>/metrics.jsonl` and mirrors the scalars to TensorBoard;
   `read_metrics` reads that file back.
+
+MFU of a VLA step (`ModelFlops.step_flops`), model FLOPs only (activation
+recomputation is not useful work):
+- 6 x trainable parameters x the tokens they process, per component: the
+  trainable encoders (image tokens plus their CLS/register tokens), the
+  projector (image tokens), the LLM's blocks (every input token: text plus
+  image). Input embedding tables are lookups, not matmuls, and are left out.
+- The LM head only where it runs: `VLACore.forward` applies it at the answer
+  positions alone, so 6 x head parameters x answer tokens.
+- 2 x frozen-encoder parameters x the tokens each processes (forward only).
+- Attention score and value matmuls (no weights): per sequence of T tokens
+  and layer, 4 x T^2 x d_attn forward (d_attn = heads x head dim; the full
+  T x T square, the PaLM convention, also for causal attention), times 3
+  for forward + backward in trained towers and the LLM, times 1 in frozen
+  encoders. T is each sample's own length (padding is not useful work).
+MFU = model FLOPs per second per device / the device's dense peak FLOP/s
+(`train.peak_flops`, else the bf16 table `PEAK_BF16_FLOPS` by device name;
+none on CPU, where MFU is left out unless `train.peak_flops` is given).
 
 Metric names carry their units (`tokens_per_s`, `step_time_s`, `mfu` as a
 fraction of peak). Nothing here may synchronize a CUDA device on its own
@@ -22,14 +44,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from vla_scale.train.checkpoint import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from vla_scale.models.vla import VisionLanguageActionModel
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -80,6 +108,14 @@ class ThroughputMeter:
     reported only when a peak is given and every measured step passed flops.
     `peak_flops_per_device` is the dense peak of the datatype trained in
     (e.g. 989e12 for H100 SXM bf16), not the sparse figure.
+
+    `phases` (seconds per named phase of the step: data, forward, backward,
+    optimizer, checkpoint, comm) are averaged per step over the same window
+    as `time/<phase>_s`; `time/other_s` is the rest of the step time. A phase
+    that overlaps others (communication inside forward/backward) is named
+    in `overlapping` and left out of that rest. `window_s` and
+    `window_steps` say which wall time the rates divide by: tokens_per_s is
+    exactly the window's tokens / window_s.
     """
 
     def __init__(
@@ -89,6 +125,7 @@ class ThroughputMeter:
         peak_flops_per_device: float | None = None,
         num_devices: int = 1,
         clock: Callable[[], float] = time.perf_counter,
+        overlapping: Sequence[str] = ("comm",),
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -99,6 +136,7 @@ class ThroughputMeter:
         self.warmup_steps = warmup_steps
         self.peak_flops_per_device = peak_flops_per_device
         self.num_devices = num_devices
+        self.overlapping = frozenset(overlapping)
         self._clock = clock
         self._last: float | None = None
         self._seen = 0  # steps since start(), warm-up included
@@ -117,10 +155,12 @@ class ThroughputMeter:
         self.tokens = 0
         self.flops = 0.0
         self.seconds = 0.0
+        self.phase_seconds: dict[str, float] = {}
         self._flops_complete = True
 
-    def step(self, samples: int, tokens: int, flops: float | None = None) -> None:
-        """Record one finished optimizer step (global counts over all ranks)."""
+    def step(self, samples: int, tokens: int, flops: float | None = None,
+             phases: Mapping[str, float] | None = None) -> None:
+        """Record one finished optimizer step (global counts over all ranks; `phases` in seconds)."""
         if self._last is None:
             raise RuntimeError("ThroughputMeter.step() called before start()")
         now = self._clock()
@@ -136,6 +176,8 @@ class ThroughputMeter:
             self._flops_complete = False
         else:
             self.flops += flops
+        for name, seconds in (phases or {}).items():
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
 
     @property
     def step_time_s(self) -> float | None:
@@ -176,7 +218,131 @@ class ThroughputMeter:
             "step_time_s": self.step_time_s,
             "mfu": self.mfu,
         }
+        if self.steps:
+            values["window_s"] = self.seconds
+            values["window_steps"] = float(self.steps)
+            for name, seconds in self.phase_seconds.items():
+                values[f"time/{name}_s"] = seconds / self.steps
+            if self.phase_seconds:
+                additive = sum(v for k, v in self.phase_seconds.items() if k not in self.overlapping)
+                values["time/other_s"] = max(self.seconds - additive, 0.0) / self.steps
         return {k: v for k, v in values.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- model FLOPs and devices
+
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, without sparsity), matched as
+# substrings of `torch.cuda.get_device_name()` in this order (the more specific name first).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 2500e12), ("B200", 2250e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("H200", 989e12), ("GH200", 989e12), ("H800", 989e12), ("H20", 148e12), ("A100", 312e12),
+    ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+    ("RTX 6000 Ada", 364e12), ("A6000", 155e12), ("4090", 165e12), ("3090", 71e12),
+)
+
+
+def peak_flops_per_device(device: "torch.device | str", configured: float | None = None) -> float | None:
+    """Dense peak FLOP/s of one device: `configured` (train.peak_flops) if given, else the bf16 table for a
+    known GPU; None for a CPU or an unknown GPU (MFU is then not reported)."""
+    if configured:
+        return float(configured)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def peak_memory(device: "torch.device | str") -> tuple[str, float]:
+    """(metric name, GiB) of this process's peak memory so far: CUDA max allocated on a GPU, peak resident
+    set size (RSS, the whole process) on a CPU. The name says which was measured."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "peak_cuda_allocated_gib", torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return "peak_rss_gib", rss / 2**30
+
+
+def _tower_shape(config: Any) -> tuple[int, int]:
+    """(layers, attention width = heads x head dim) of a Hugging Face transformer config."""
+    config = getattr(config, "text_config", None) or getattr(config, "vision_config", None) or config
+    layers = int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+    return layers, heads * int(head_dim)
+
+
+class ModelFlops:
+    """Model FLOPs of one training step of a `VisionLanguageActionModel` (the formula in the module docstring).
+
+    Parameter counts are read once, at construction (ZeRO-3 partitions are counted at their full size);
+    `step_flops` then needs only the host copies of the step's micro-batches (`attention_mask`, `labels`):
+    no device work, no sync.
+    """
+
+    def __init__(self, model: "VisionLanguageActionModel") -> None:
+        from vla_scale.models.vision import VisionEncoder
+        from vla_scale.models.vla import param_numel
+
+        core = model.core
+        self.image_tokens = int(model.num_image_tokens)
+        # Per image: (matmul FLOPs, attention FLOPs) of every tower, trainable x3, frozen x1.
+        self.image_flops = 0.0
+        for encoders, passes in ((core.encoders.values(), 3.0), (model.frozen.encoders.values(), 1.0)):
+            for enc in encoders:
+                assert isinstance(enc, VisionEncoder)
+                n = sum(param_numel(p) for p in enc.parameters())
+                t = self.image_tokens + int(enc.spec.num_prefix_tokens)
+                layers, width = _tower_shape(enc.model.config)
+                self.image_flops += passes * (2.0 * n * t + 4.0 * layers * width * t * t)
+        self.image_flops += 6.0 * sum(param_numel(p) for p in core.projector.parameters()) * self.image_tokens
+        llm: Any = core.llm  # a Hugging Face causal LM
+        embed, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+        table_ids = {id(p) for p in embed.parameters()} | {id(p) for p in head.parameters()}
+        self.llm_params = sum(param_numel(p) for p in llm.parameters() if id(p) not in table_ids)
+        self.head_params = sum(param_numel(p) for p in head.parameters())
+        self.llm_layers, self.llm_attn_width = _tower_shape(llm.config)
+
+    def step_flops(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
+        """Model FLOPs of these micro-batches (this rank's share of a step; sum over ranks for the step)."""
+        from vla_scale.models.vla import count_answer_tokens
+
+        total = 0.0
+        for mb in micro_batches:
+            lengths = mb["attention_mask"].sum(1).double() + self.image_tokens  # LLM tokens per sample
+            total += len(lengths) * self.image_flops
+            total += 6.0 * self.llm_params * float(lengths.sum())
+            total += 12.0 * self.llm_layers * self.llm_attn_width * float((lengths * lengths).sum())
+            total += 6.0 * self.head_params * int(count_answer_tokens(mb["labels"]))
+        return total
+
+
+class PhaseTimer:
+    """Seconds per named phase of one step, each phase also a `torch.profiler` range (`vla_scale/<name>`).
+
+    With `sync` on a CUDA device, the device is synchronized at both ends of every phase, so the times are
+    the device's; without it (the default: no extra host syncs in training) they are the host's, which on a
+    GPU is the time to enqueue the work, exact only for the phase that waits (a loss read back).
+    """
+
+    def __init__(self, device: "torch.device | str", sync: bool = False) -> None:
+        self.device = torch.device(device)
+        self.sync = sync and self.device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        with torch.profiler.record_function(f"vla_scale/{name}"):
+            if self.sync:
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                if self.sync:
+                    torch.cuda.synchronize(self.device)
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- per-source loss

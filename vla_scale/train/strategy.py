@@ -22,6 +22,12 @@ micro-batch's summed loss is divided by it (`num_items`, as Hugging Face's
 would weight a short VQA answer's tokens more than a long action's whenever the
 micro-batches differ in composition.
 
+Every strategy times the phases of its step (`PhaseTimer`: forward,
+backward, optimizer, communication; device-synchronized only with
+`train.sync_timing` on a GPU) and counts the step's model FLOPs
+(`ModelFlops`, from the host copies of the batches), both on `StepResult`,
+for the trainer's throughput log and `vla-scale profile`.
+
 `Strategy.grad_probe`, when set, is called with the full gradient of every
 trainable parameter after the step's backward passes and before clipping and
 the update (a collective under ZeRO-3: set it on every rank). It exists for
@@ -47,6 +53,7 @@ import torch
 from vla_scale.config.schema import Config
 from vla_scale.errors import CheckpointError, TrainingError
 from vla_scale.models.vla import VisionLanguageActionModel, count_answer_tokens
+from vla_scale.train.metrics import ModelFlops, PhaseTimer
 from vla_scale.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,10 @@ class StepResult:
     sample_correct: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     sample_choices: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     source: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    # Seconds per phase of the step on this rank (`PhaseTimer`): forward, backward, optimizer, comm.
+    phases: dict[str, float] = field(default_factory=dict)
+    # Model FLOPs of the step, all ranks together (`ModelFlops`); None when not counted.
+    flops: float | None = None
 
 
 def trainable_parameters(model: VisionLanguageActionModel) -> list[torch.nn.Parameter]:
@@ -169,6 +180,7 @@ class SingleProcessStrategy(Strategy):
         if self.device.type == "cuda":
             model.frozen.to(torch.bfloat16)  # frozen: 2 bytes/parameter, no master copy needed
         self.params = trainable_parameters(model)
+        self.flops_model = ModelFlops(model)
         self.optimizer = make_optimizer(self.params, self.cfg)
         t = self.cfg.train
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=t.warmup_steps, total_steps=t.steps,
@@ -183,13 +195,17 @@ class SingleProcessStrategy(Strategy):
         self.model.core.train()
         self.optimizer.zero_grad(set_to_none=True)
         num_items = torch.tensor(float(max(answer_tokens(micro_batches), 1)), device=self.device)
+        flops = self.flops_model.step_flops(micro_batches)
+        timer = PhaseTimer(self.device, sync=self.cfg.train.sync_timing)
         sums, toks, corr, chs, srcs = [], [], [], [], []
         samples = tokens = 0
         for mb in micro_batches:
-            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
-            with self._autocast():
-                out = self.model(mb, num_items=num_items)
-            out.loss.backward()
+            with timer.phase("forward"):
+                mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+                with self._autocast():
+                    out = self.model(mb, num_items=num_items)
+            with timer.phase("backward"):
+                out.loss.backward()
             sums.append(out.sample_loss_sum)
             toks.append(out.sample_tokens)
             corr.append(out.sample_correct)
@@ -203,7 +219,8 @@ class SingleProcessStrategy(Strategy):
             self.grad_probe({n: p.grad.detach().clone() for n, p in self.model.core.named_parameters()
                              if p.requires_grad and p.grad is not None})
         clip = self.cfg.train.grad_clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
+        with timer.phase("optimizer"):  # clipping reads the norm back: the step's one wait on the device
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         lr = self.scheduler.get_last_lr()[0]
         if skipped:
@@ -218,10 +235,12 @@ class SingleProcessStrategy(Strategy):
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 self.scheduler.step()
         else:
-            self.optimizer.step()
-            self.scheduler.step()
+            with timer.phase("optimizer"):
+                self.optimizer.step()
+                self.scheduler.step()
         return StepResult(loss, grad_norm, lr, skipped, samples, tokens, torch.cat(sums).cpu(),
-                          torch.cat(toks).cpu(), torch.cat(corr).cpu(), torch.cat(chs).cpu(), torch.cat(srcs).cpu())
+                          torch.cat(toks).cpu(), torch.cat(corr).cpu(), torch.cat(chs).cpu(), torch.cat(srcs).cpu(),
+                          phases=timer.seconds, flops=flops)
 
     def save(self, ckpt_dir: Path) -> None:
         from safetensors.torch import save_model

@@ -34,6 +34,15 @@ finishes its step, all agree by one all-reduce after each step, save that
 step and leave the loop; under SLURM rank 0 then requeues the job. A run
 whose latest checkpoint is already at `train.steps` returns before building
 anything (the later jobs of a chain).
+
+Throughput (every `train.log_every` steps, `perf/*` in metrics.jsonl): samples/s,
+tokens/s in total and per device, MFU (`vla_scale.train.metrics` documents the
+formula), the step-time breakdown averaged over the log window (`perf/time/data_s`,
+forward, backward, optimizer, checkpoint, comm, other; forward/backward/optimizer/
+comm are the strategy's, see `PhaseTimer`) and the peak memory of the busiest rank
+(CUDA max allocated on GPU, peak RSS on CPU; the key says which). `step_callbacks`
+are called with (step, StepResult) after every step (`vla-scale profile` steps
+`torch.profiler` there).
 """
 from __future__ import annotations
 
@@ -44,7 +53,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -68,10 +77,16 @@ from vla_scale.train.checkpoint import (
     write_json_atomic,
 )
 from vla_scale.train.distributed import HangWatchdog
-from vla_scale.train.metrics import MetricsLogger, PerSourceAccumulator, ThroughputMeter
+from vla_scale.train.metrics import (
+    MetricsLogger,
+    PerSourceAccumulator,
+    ThroughputMeter,
+    peak_flops_per_device,
+    peak_memory,
+)
 from vla_scale.train.preemption import PreemptionWatch, SlurmJob, requeue_after_preemption
 from vla_scale.train.strategies import make_strategy
-from vla_scale.train.strategy import Strategy
+from vla_scale.train.strategy import StepResult, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +165,7 @@ class Trainer:
         self.cfg = cfg
         self.strategy = strategy or make_strategy(cfg)
         self.run_dir = Path(cfg.run.output_dir)
+        self.step_callbacks: list[Callable[[int, StepResult], None]] = []
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -251,7 +267,10 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, rank=self.strategy.rank)
         metrics.truncate_after(start)
         per_source = PerSourceAccumulator(self.loader.source_names)
-        meter = ThroughputMeter(warmup_steps=1, num_devices=self.strategy.world_size)
+        meter = ThroughputMeter(warmup_steps=1, num_devices=self.strategy.world_size,
+                                peak_flops_per_device=peak_flops_per_device(self.strategy.device, t.peak_flops))
+        checkpoint_s = 0.0  # the last save's time, counted in the next step's interval
+        shown_rate: float | None = None
         bar = None
         if t.progress and self.strategy.is_main and start < t.steps:
             from tqdm.auto import tqdm
@@ -271,8 +290,10 @@ class Trainer:
         try:
             for step in range(start + 1, t.steps + 1):
                 watchdog.arm()  # a step (with its checkpoint) that hangs becomes a traceback and an exit
+                data_t0 = time.perf_counter()
                 data_state = self.loader.state_dict()
                 micro_batches = self.loader.next_step()
+                data_s = time.perf_counter() - data_t0
                 for mb in micro_batches:  # samples over data.max_length (data.overlong), counted per log line
                     overlong += torch.stack([mb["truncated"].sum(), mb["dropped"].sum()]).double()
                 try:
@@ -287,7 +308,11 @@ class Trainer:
                     raise
                 counters["samples"] = int(counters.get("samples", 0)) + result.samples  # all ranks
                 counters["tokens"] = int(counters.get("tokens", 0)) + result.tokens
-                meter.step(result.samples, result.tokens)
+                meter.step(result.samples, result.tokens, result.flops,
+                           phases={"data": data_s, **result.phases, "checkpoint": checkpoint_s})
+                checkpoint_s = 0.0
+                for callback in self.step_callbacks:
+                    callback(step, result)
                 losses[step] = result.loss
                 per_source.add(result.sample_loss_sum, result.sample_tokens, result.sample_correct, result.source,
                                result.sample_choices)
@@ -298,21 +323,24 @@ class Trainer:
                     row = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
                            "skipped": float(result.skipped), "data/truncated": truncated, "data/dropped": dropped,
                            **per_source.compute(reduce=self.strategy.all_reduce_sum),
-                           **{f"perf/{k}": v for k, v in meter.summary().items()}, **val_row}
+                           **{f"perf/{k}": v for k, v in meter.summary().items()}, **self._peak_memory(), **val_row}
                     per_source.reset()
                     if slurm_job is not None:
                         row["slurm/restart_count"] = slurm_job.restart_count
                     metrics.log(step, row)
+                    shown_rate = row.get("perf/samples_per_s", shown_rate)  # for the progress bar
+                    meter.reset()  # each line's perf/* covers the steps since the previous line
                 if bar is not None:
-                    s = meter.summary()
-                    bar.set_postfix(loss=f"{result.loss:.4f}", **({"samples/s": f"{s['samples_per_s']:.1f}"}
-                                                                  if s.get("samples_per_s") else {}))
+                    rate = meter.summary().get("samples_per_s", shown_rate)
+                    bar.set_postfix(loss=f"{result.loss:.4f}", **({"samples/s": f"{rate:.1f}"} if rate else {}))
                     bar.update(1)
                 preempted = preemption.agreed(self.strategy.all_reduce_sum, self.strategy.device)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step in (t.steps, stop_after) \
                         or preempted:
                     counters["wall_time_s"] = time.time() - wall0
+                    ckpt_t0 = time.perf_counter()
                     last_ckpt = self._write_checkpoint(ckpt, step, counters)
+                    checkpoint_s = time.perf_counter() - ckpt_t0
                 if step == stop_after or preempted:
                     break
         finally:
@@ -335,6 +363,13 @@ class Trainer:
         found = self.strategy.broadcast_object(found)
         return Path(found) if found is not None else None
 
+
+    def _peak_memory(self) -> dict[str, float]:
+        """`perf/<peak memory>_gib` of the rank with the most (collective: every rank calls it)."""
+        name, gib = peak_memory(self.strategy.device)
+        per_rank = torch.zeros(self.strategy.world_size, dtype=torch.float64, device=self.strategy.device)
+        per_rank[self.strategy.rank] = gib
+        return {f"perf/{name}": float(self.strategy.all_reduce_sum(per_rank).max())}
 
     def _validation_due(self, step: int) -> bool:
         every = self.cfg.train.val_every
