@@ -102,6 +102,10 @@ def _report(trainer: Trainer, result) -> dict:
         "final_step": result.final_step,
         "global_steps": engine.global_steps,
         "nonfinite_steps": strategy.nonfinite_steps,
+        "numerics": {"param_dtype": str(engine.module.llm.get_input_embeddings().weight.dtype),
+                     "grad_accum_dtype": str(zero_opt.gradient_accumulation_dtype),
+                     "grad_buffer_dtype": str(zero_opt.grad_partitions_flat_buffer.dtype),
+                     "communication_data_type": str(engine.communication_data_type)},
         "trainable": [{"name": n, "ds_numel": p.ds_numel, "partition_numel": p.ds_tensor.numel(),
                        "persist": bool(getattr(p, "ds_persist", False))}
                       for n, p in engine.module.named_parameters()],

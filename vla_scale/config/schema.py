@@ -218,6 +218,13 @@ class DeepSpeedConfig:
     stage3_max_reuse_distance: int = 1_000_000_000
     # Gather 16-bit weights on save (needed for save_16bit_model; off: zero_to_fp32 consolidates).
     stage3_gather_16bit_weights_on_model_save: bool = False
+    # Under bf16: the dtype gradients are accumulated in across micro-batches (DeepSpeed's
+    # data_types.grad_accum_dtype; the partitioned gradient buffer) and the dtype they are
+    # reduce-scattered in (communication_data_type). fp32 (the default) costs 2 more bytes
+    # per trainable parameter / world size and twice the gradient traffic, and keeps bf16's
+    # 8-bit mantissa out of sums over many micro-batches and ranks. fp32 runs use fp32 throughout.
+    grad_accum_dtype: str = "fp32"
+    communication_data_type: str = "fp32"
     # A user's DeepSpeed JSON, merged over the generated config (its keys win).
     config_file: Optional[str] = None
 

@@ -131,12 +131,13 @@ def build_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"train.micro_batch_size x ranks = {t.micro_batch_size} x {world_size}")
     gas = t.global_batch_size // (t.micro_batch_size * world_size)
+    bf16 = resolve_precision(cfg, device) == "bf16"
     generated: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": float(t.grad_clip),
-        "bf16": {"enabled": resolve_precision(cfg, device) == "bf16"},
+        "bf16": {"enabled": bf16},
         "zero_optimization": {
             "stage": 3,
             "overlap_comm": d.overlap_comm,
@@ -152,6 +153,10 @@ def build_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -
             # correctness: autograd keeps the parameter, which ZeRO re-gathers before backward.
             "memory_efficient_linear": False,
         },
+        # Gradient numerics (deepspeed.grad_accum_dtype / communication_data_type): under bf16,
+        # DeepSpeed would otherwise accumulate and reduce-scatter gradients in bf16.
+        "data_types": {"grad_accum_dtype": d.grad_accum_dtype if bf16 else "fp32"},
+        "communication_data_type": d.communication_data_type if bf16 else "fp32",
         "steps_per_print": 2**31 - 1,  # we log; DeepSpeed's progress lines would interleave with ours
         "wall_clock_breakdown": False,
     }
@@ -177,6 +182,15 @@ def build_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -
         # (train.on_nonfinite) would count or stop on them. bf16 needs no loss scaling.
         raise ConfigError(f"deepspeed.config_file {path}: fp16 is not supported; use model.precision=bf16")
     return merged
+
+
+def numerics_line(ds_config: dict[str, Any]) -> str:
+    """What a run's gradients are computed, accumulated and reduced in (printed by rank 0 at start)."""
+    precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    accum = ds_config.get("data_types", {}).get("grad_accum_dtype") or precision
+    comm = ds_config.get("communication_data_type") or precision
+    return (f"DeepSpeed ZeRO-3 numerics: {precision} parameters and activations, gradients accumulated in {accum} "
+            f"and reduce-scattered in {comm}, fp32 master weights and Adam state")
 
 
 class _EngineView(torch.nn.Module):
@@ -233,6 +247,12 @@ class DeepSpeedStrategy(Strategy):
         self.ds_config = build_deepspeed_config(cfg, self.world_size, self.device)
         # From the final config: a user's JSON may switch bf16 on or off.
         self.precision = "bf16" if self.ds_config.get("bf16", {}).get("enabled") else "fp32"
+        if self.rank == 0:
+            line = numerics_line(self.ds_config)
+            if cfg.train.progress:
+                print(line, flush=True)
+            else:
+                log.info("%s", line)
         self.nonfinite_steps = 0
         self.engine: Any = None
 
