@@ -199,8 +199,9 @@ class TrainConfig:
     on_nonfinite: str = "skip"
     # Exit with every thread's traceback if one step (with its checkpoint save) takes
     # longer than this many seconds, e.g. a collective waiting for a dead rank; 0: off.
-    # The elastic launcher then restarts the run from its latest checkpoint.
-    hang_timeout_s: float = 0.0
+    # The elastic launcher then restarts the run from its latest checkpoint. Unset (null):
+    # 1200 s under SLURM (SLURM_JOB_ID set), off elsewhere (train.distributed.resolve_hang_timeout).
+    hang_timeout_s: Optional[float] = None
     tensorboard: bool = True
     progress: bool = True
 

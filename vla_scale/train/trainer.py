@@ -60,7 +60,7 @@ from vla_scale.train.checkpoint import (
     save_rng_state,
     write_json_atomic,
 )
-from vla_scale.train.distributed import HangWatchdog
+from vla_scale.train.distributed import HangWatchdog, resolve_hang_timeout
 from vla_scale.train.metrics import MetricsLogger, PerSourceAccumulator, ThroughputMeter
 from vla_scale.train.strategy import Strategy, make_strategy
 
@@ -243,7 +243,7 @@ class Trainer:
         last_ckpt = ckpt.latest() if self.strategy.is_main else None
         last_ckpt = self.strategy.broadcast_object(str(last_ckpt) if last_ckpt else None)
         last_ckpt = Path(last_ckpt) if last_ckpt else None
-        watchdog = HangWatchdog(t.hang_timeout_s)
+        watchdog = HangWatchdog(resolve_hang_timeout(t.hang_timeout_s))
         wall0 = time.time() - float(counters.get("wall_time_s", 0.0))
         overlong = torch.zeros(2, dtype=torch.float64)  # truncated, dropped samples since the last log line
         meter.start()
