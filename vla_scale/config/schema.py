@@ -225,6 +225,12 @@ class DeepSpeedConfig:
     # per trainable parameter / world size and twice the gradient traffic, and keeps bf16's
     # 8-bit mantissa out of sums over many micro-batches and ranks. fp32 runs use fp32 throughout.
     grad_accum_dtype: str = "fp32"
+    # false: rank 0 alone reads the checkpoints and builds the model on the host; the other
+    # ranks get its module skeleton without weights, the frozen encoders straight onto their
+    # device and their ZeRO-3 partitions from rank 0's broadcast. true: every rank builds the
+    # whole model on the host first (ranks per node x 4 B/parameter of host memory; a fallback
+    # for a model that cannot be sent as a skeleton).
+    build_on_every_rank: bool = False
     communication_data_type: str = "fp32"
     # A user's DeepSpeed JSON, merged over the generated config (its keys win).
     config_file: Optional[str] = None

@@ -48,7 +48,6 @@ from vla_scale.config import Config, config_from_dict, config_to_dict, save_conf
 from vla_scale.data.pipeline import build_data
 from vla_scale.data.prompts import PromptBuilder
 from vla_scale.errors import CheckpointError, ConfigError, TrainingError
-from vla_scale.models.loading import build_vla
 from vla_scale.models.vla import VisionLanguageActionModel
 from vla_scale.train.checkpoint import (
     CheckpointManager,
@@ -143,7 +142,7 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
-        self.model, self.tokenizer = build_vla(cfg.model)
+        self.model, self.tokenizer = self.strategy.build_model(cfg.model)
         self.action_tokenizer = make_action_tokenizer(cfg.actions, self.tokenizer)
         self.prompts = PromptBuilder(self.tokenizer, self.action_tokenizer, cfg.data.max_length)
         self.loader, self.stats = build_data(cfg, self.prompts, rank=self.strategy.rank,
