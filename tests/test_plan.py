@@ -86,6 +86,17 @@ def test_world_size_divides_model_states_but_not_the_frozen_encoder(openvla_plan
     assert openvla_plan.fits and openvla_plan.min_gpus is not None and openvla_plan.min_gpus <= 8
 
 
+def test_host_memory_at_start_is_one_fp32_copy_per_node_0_instead_of_one_per_rank(openvla_plan):
+    c, p = openvla_plan.counts, openvla_plan
+    assert p.host_build_bytes == 4 * (c.trainable + c.frozen)
+    assert p.host_bytes_per_node_every_rank == 8 * p.host_bytes_per_node_rank0 == 8 * p.host_build_bytes
+    assert 220 < p.host_bytes_per_node_every_rank / 2**30 < 230  # the "~240 GB per 8-GPU node"
+    table = p.format_table()
+    assert "Host memory at start, per node" in table and "rank 0 builds it (default)" in table
+    d = p.to_dict()
+    assert d["host_bytes_per_node_rank0"] == p.host_build_bytes
+
+
 def test_pi0_plus_3b_siamese_counts():
     plan = plan_memory(load_config(PI0), gpus=8, config_path=PI0)
     c = plan.counts

@@ -59,6 +59,11 @@ a = attention heads, L = layers; bytes in bf16 mixed precision):
   2 x each hidden width + output width) values; the LM head's logits exist
   only at answer positions: b x answer tokens x vocabulary x (2 + 4 + 4) B
   (bf16 logits, their fp32 copy, cross-entropy's fp32 log-softmax).
+* Host memory at start: `build_vla` loads every weight in fp32, so a rank
+  that builds the model holds 4(P + F) bytes. Under ZeRO-3 only rank 0 does
+  (the others receive a skeleton and their partitions, on the device): per
+  node 4(P + F) on node 0 and nothing on the others, against ranks per node
+  x 4(P + F) when every rank builds it (deepspeed.build_on_every_rank).
 * Peak per rank = model states + frozen encoders + persistent parameters +
   reduce bucket + max(gathered parameters + activations, fp32 sub-group
   gradient). It fits when the peak is at most 90% of the GPU's memory (the
@@ -459,6 +464,8 @@ class MemoryPlan:
     deepspeed_estimate_bytes: int | None
     notes: list[str] = field(default_factory=list)
     min_gpus: int | None = None  # fewest ranks whose peak fits at this micro-batch (None: more than 4096)
+    # Host memory at start: what one rank holds while building the model (build_vla loads in fp32).
+    host_build_bytes: float = 0.0
 
     # -- derived ------------------------------------------------------------
     @property
@@ -503,6 +510,16 @@ class MemoryPlan:
         return self.peak_bytes <= self.usable_bytes
 
     @property
+    def host_bytes_per_node_every_rank(self) -> float:
+        """Peak host memory per node for the model when every rank builds it (deepspeed.build_on_every_rank)."""
+        return self.gpus_per_node * self.host_build_bytes
+
+    @property
+    def host_bytes_per_node_rank0(self) -> float:
+        """The same when rank 0 alone builds it (the default): node 0 holds one copy, the other nodes none."""
+        return self.host_build_bytes
+
+    @property
     def max_micro_batch(self) -> int:
         """Largest micro-batch whose peak fits (activations grow linearly with it)."""
         per_sample = self.activation_bytes / self.micro_batch
@@ -517,7 +534,7 @@ class MemoryPlan:
         d["counts"]["trainable"] = self.counts.trainable
         for name in ("model_state_bytes", "optimizer_state_bytes", "activation_bytes", "fixed_bytes",
                      "forward_backward_peak_bytes", "optimizer_step_peak_bytes", "peak_bytes", "usable_bytes",
-                     "fits", "max_micro_batch"):
+                     "fits", "max_micro_batch", "host_bytes_per_node_every_rank", "host_bytes_per_node_rank0"):
             d[name] = getattr(self, name)
         d["peak_gib"] = self.peak_bytes / GIB
         return d
@@ -604,6 +621,13 @@ class MemoryPlan:
                       f"step ({accum:g} micro-batch(es))",
                       f"  keeping it outside costs {(self.frozen_bytes - self.frozen_inside_bytes) / GIB:.2f} GiB per "
                       f"rank and saves that all-gather traffic"]
+        if self.host_build_bytes:
+            lines += ["", "Host memory at start, per node (the model's fp32 weights while it is built; each process "
+                          "adds its framework's own)",
+                      f"  {'every rank builds it (build_on_every_rank)':<44}{g(self.host_bytes_per_node_every_rank)}"
+                      f"   {self.gpus_per_node} rank(s) x 4 B x (P + F)",
+                      f"  {'rank 0 builds it (default)':<44}{g(self.host_bytes_per_node_rank0)}"
+                      f"   4 B x (P + F) on node 0; other ranks receive a weightless skeleton"]
         if self.notes:
             lines += ["", "Notes"] + [f"  - {n}" for n in self.notes]
         return "\n".join(lines)
@@ -684,6 +708,7 @@ def estimate(counts: ParameterCounts, cfg: Config, gpus_per_node: int, nodes: in
         deepspeed_estimate_bytes=(deepspeed_zero3_estimate(P, counts.largest_layer, gpus_per_node, nodes)
                                   if cross_check else None),
         notes=notes,
+        host_build_bytes=4.0 * (P + F),
     )
     return plan
 
