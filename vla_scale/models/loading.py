@@ -351,7 +351,7 @@ def build_vla(cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
 # are, plus the tokenizer. Identical module trees by construction, so parameters come in the
 # same order on every rank. The frozen encoders' parameters are broadcast straight onto each
 # rank's device (they are replicated, not partitioned); the core's stay meta until
-# `materialize_one_by_one` gives each, in turn, storage for DeepSpeed's broadcast. Ranks other
+# `MaterializingView` gives each, in turn, storage for DeepSpeed's broadcast. Ranks other
 # than 0 never read a checkpoint file and never hold a full parameter set on the host.
 
 
@@ -369,8 +369,8 @@ def build_vla_on_rank0(cfg: ModelConfig, device: torch.device) -> tuple[VisionLa
     rank 0's skeleton, with the frozen encoders' parameters broadcast onto
     `device` in the precision they were built in (the trainer hashes them
     before the strategy converts them); their core parameters stay on the
-    meta device until `MaterializingView` hands them to zero.Init. The default process group
-    must be initialised.
+    meta device until `MaterializingView` hands them to zero.Init. The
+    default process group must be initialised.
     """
     import torch.distributed as dist
 
@@ -382,7 +382,7 @@ def build_vla_on_rank0(cfg: ModelConfig, device: torch.device) -> tuple[VisionLa
             result = build_vla(cfg)
         except VLAScaleError as e:
             error = e
-    # The skeleton travels pickled (module objects, configs and small buffers: megabytes).
+    # The skeleton travels pickled: module objects, configs and small buffers (50 kB for the tiny preset).
     box: list[Any] = [(error, None) if result is None else (None, (meta_skeleton(result[0]), result[1]))]
     dist.broadcast_object_list(box, src=0)
     error, payload = box[0]
