@@ -60,7 +60,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
                f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(WORKER), str(out), str(PRESET),
                f"model.source={source}", f"run.output_dir={out / 'run'}", "train.steps=1",
-               "train.global_batch_size=4", "train.micro_batch_size=2", "train.progress=false",
+               "train.global_batch_size=8", "train.micro_batch_size=2", "train.progress=false",
                "train.tensorboard=false", "train.strategy=deepspeed", f"deepspeed.build_on_every_rank={every_rank}"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         reports = [json.loads(p.read_text()) for p in sorted(out.glob("report_rank*.json"))]
