@@ -19,9 +19,11 @@ a = attention heads, L = layers; bytes in bf16 mixed precision):
 
 * Model states under ZeRO-3, per rank (mixed-precision Adam, ZeRO paper):
   bf16 parameters 2P/W + fp32 master weights 4P/W + Adam exp_avg and
-  exp_avg_sq 8P/W + bf16 gradients 2P/W = 16P/W. (fp32 training: 4 + 4 + 8,
-  no master copy: also 16P/W.) Frozen encoders are not in P: they have no
-  gradients and no optimizer state.
+  exp_avg_sq 8P/W + gradients 4P/W = 18P/W: ZeRO-3's partitioned gradient
+  buffer has the accumulation dtype, fp32 by default
+  (deepspeed.grad_accum_dtype; with bf16 it is 2P/W and the total the ZeRO
+  paper's 16P/W). (fp32 training: 4 + 4 + 8, no master copy: 16P/W.)
+  Frozen encoders are not in P: they have no gradients and no optimizer state.
 * Frozen encoders, outside the engine: 2F per rank (bf16, replicated), no
   communication. Inside the engine they would be partitioned (2F/W) but
   all-gathered for every forward: 2F(W-1)/W bytes received per rank per
@@ -32,7 +34,8 @@ a = attention heads, L = layers; bytes in bf16 mixed precision):
   prefetches up to the bucket ahead); persistent parameters (tensors of at
   most stage3_param_persistence_threshold elements stay whole on every
   rank): 2 B x their count; the contiguous-gradient reduce bucket,
-  allocated once: 2 B x reduce_bucket_size; and, during the optimizer step
+  allocated once in the communication dtype: 4 B (deepspeed.communication_data_type
+  fp32, the default; 2 B in bf16) x reduce_bucket_size; and, during the optimizer step
   only, the fp32 gradient of one optimizer sub-group: 4 B x min(sub_group_size,
   P/W) (DeepSpeed's default sub_group_size is 1e9).
 * Activations per transformer layer (Korthikanti et al. 2022, "Reducing
@@ -574,7 +577,8 @@ class MemoryPlan:
                   f"  {'Adam exp_avg + exp_avg_sq (fp32)':<44}{g(self.adam_bytes)}   8 B x P / W",
                   f"  {'gradients':<44}{g(self.grads_bytes)}   "
                   f"{self.grads_bytes * w / max(c.trainable, 1):.0f} B x P / W",
-                  f"  {'= model states':<44}{g(self.model_state_bytes)}   16 B x P / W",
+                  f"  {'= model states':<44}{g(self.model_state_bytes)}   "
+                  f"{self.model_state_bytes * w / max(c.trainable, 1):.0f} B x P / W",
                   f"  {'frozen encoders (replicated, outside ZeRO)':<44}{g(self.frozen_bytes)}   "
                   f"{self.frozen_bytes / max(c.frozen, 1):.0f} B x F" if c.frozen else
                   f"  {'frozen encoders':<44}{g(0)}   none",
@@ -602,12 +606,13 @@ class MemoryPlan:
                      "none (per-rank activations do not shrink with more GPUs: lower the micro-batch or checkpoint)")]
         if self.deepspeed_estimate_bytes is not None:
             ds = self.deepspeed_estimate_bytes
-            ds16 = (ds - 4 * c.largest_layer) * 16 / 18
+            ds_states = ds - 4 * c.largest_layer
             lines += ["", "Cross-check: deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs"
                           f"(total_params={c.trainable}, largest_layer_params={c.largest_layer}, "
                           f"num_gpus_per_node={self.gpus_per_node}, num_nodes={self.nodes}, no offload, zero_init)",
                       f"  DeepSpeed: {ds / GIB:.2f} GiB = 18 B x P / W + 4 B x largest layer; "
-                      f"at 16 B x P / W that is {ds16 / GIB:.2f} GiB, ours {self.model_state_bytes / GIB:.2f} GiB"]
+                      f"without the layer {ds_states / GIB:.2f} GiB, ours {self.model_state_bytes / GIB:.2f} GiB "
+                      f"({self.model_state_bytes * w / max(c.trainable, 1):.0f} B x P / W)"]
         if c.frozen and w == 1:
             lines += ["", "Frozen encoders: on one rank, inside or outside the engine costs the same memory and "
                           "no communication"]
@@ -692,13 +697,14 @@ def estimate(counts: ParameterCounts, cfg: Config, gpus_per_node: int, nodes: in
         params_bytes=vb * P / world,
         master_bytes=(4 * P / world) if bf16 else 0.0,
         adam_bytes=8 * P / world,
-        grads_bytes=vb * P / world,
+        grads_bytes=(4 if bf16 and getattr(ds, "grad_accum_dtype", "fp32") == "fp32" else vb) * P / world,
         frozen_bytes=vb * F,
         frozen_inside_bytes=vb * F / world,
         frozen_allgather_bytes_per_forward=vb * F * (world - 1) / world,
         gathered_bytes=vb * min(max_live, counts.largest_layer + prefetch, P),
         persistent_bytes=vb * counts.persistent,
-        reduce_bucket_bytes=vb * reduce_bucket if contiguous else 0.0,
+        reduce_bucket_bytes=((4 if bf16 and getattr(ds, "communication_data_type", "fp32") == "fp32" else vb)
+                             * reduce_bucket if contiguous else 0.0),
         step_fp32_grad_bytes=(4 * min(sub_group, math.ceil(P / world))) if bf16 else 0.0,
         llm_act_bytes=stack_activation_bytes(llm, s, b, checkpointing=False, scores=scores, value_bytes=vb),
         llm_act_ckpt_bytes=stack_activation_bytes(llm, s, b, checkpointing=True, scores=scores, value_bytes=vb),
