@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_PRESET
-from test_deepspeed import COMMON, DS, EXIT_ABORT, TIMEOUT_S, WORKER, _losses, _reports, _tail  # noqa: F401
+from test_deepspeed import COMMON, DS, EXIT_ABORT, TIMEOUT_S, WORKER, _losses, _reports, _tail
 from test_deepspeed import ds_env, torch_extensions_dir  # noqa: F401  (fixtures)
 from vla_scale.errors import ConfigError
 from vla_scale.train.distributed import SLURM_HANG_TIMEOUT_S, check_elastic_store, free_port, resolve_hang_timeout
@@ -84,8 +85,6 @@ def run_two_nodes(env: dict[str, str], out: Path, run: Path, source: Path, *over
 def run_two_nodes_until_written(env: dict[str, str], out: Path, run: Path, source: Path, *overrides: str,
                                 max_restarts: int = 0) -> list[subprocess.CompletedProcess]:
     """Success is judged by the reports both workers wrote; one retry only for DeepSpeed's exit abort."""
-    import shutil
-
     for attempt in (1, 2):
         results = run_two_nodes(env, out, run, source, *overrides, max_restarts=max_restarts)
         if all((out / f"report_rank{r}.json").is_file() for r in range(NODES)):

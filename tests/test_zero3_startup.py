@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from test_deepspeed import _losses, _reports, _worker_run  # noqa: F401
+from test_deepspeed import _losses, _reports, _worker_run
 from test_deepspeed import ds_env, torch_extensions_dir  # noqa: F401  (fixtures)
 
 MIB = 2**20
