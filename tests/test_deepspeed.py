@@ -28,6 +28,7 @@ the elastic restart are bit-exact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -516,6 +517,37 @@ def test_a_users_deepspeed_json_wins_except_where_the_loop_owns_the_value(tmp_pa
         build_deepspeed_config(_cfg(tmp_path, "deepspeed.stage=2"), 1, torch.device("cpu"))
     with pytest.raises(ConfigError, match="not divisible"):
         build_deepspeed_config(_cfg(tmp_path, "train.micro_batch_size=8"), 2, torch.device("cpu"))
+
+
+def test_bf16_gradients_are_accumulated_and_reduce_scattered_in_fp32_unless_configured(tmp_path):
+    from vla_scale.train.deepspeed_strategy import build_deepspeed_config, numerics_line
+
+    ds = build_deepspeed_config(_cfg(tmp_path, "model.precision=bf16"), 1, torch.device("cpu"))
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    assert "accumulated in fp32 and reduce-scattered in fp32" in numerics_line(ds)
+    ds = build_deepspeed_config(_cfg(tmp_path, "model.precision=bf16", "deepspeed.grad_accum_dtype=bf16",
+                                     "deepspeed.communication_data_type=bf16"), 1, torch.device("cpu"))
+    assert ds["data_types"] == {"grad_accum_dtype": "bf16"} and ds["communication_data_type"] == "bf16"
+    assert "accumulated in bf16 and reduce-scattered in bf16" in numerics_line(ds)
+    fp32 = build_deepspeed_config(_cfg(tmp_path, "deepspeed.communication_data_type=bf16"), 1, torch.device("cpu"))
+    assert fp32["data_types"] == {"grad_accum_dtype": "fp32"} and fp32["communication_data_type"] == "fp32"
+    with pytest.raises(ConfigError, match="deepspeed.grad_accum_dtype"):
+        _cfg(tmp_path, "deepspeed.grad_accum_dtype=fp8")
+
+
+@pytest.mark.slow
+def test_a_bf16_run_on_two_ranks_accumulates_and_reduces_gradients_in_fp32(ds_env, tiny_llava, tmp_path):
+    out, run = tmp_path / "out", tmp_path / "run"
+    _worker_run(ds_env, 2, out, run, tiny_llava, "model.precision=bf16", "train.steps=3")
+    reports = _reports(out)
+    assert len(reports) == 2
+    for rep in reports:
+        assert rep["numerics"] == {"param_dtype": "torch.bfloat16", "grad_accum_dtype": "torch.float32",
+                                   "grad_buffer_dtype": "torch.float32", "communication_data_type": "torch.float32"}
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    assert reports[0]["losses"] == reports[1]["losses"]  # every rank logs the same global loss
 
 
 def test_a_single_process_gets_a_world_of_one_and_a_partial_launch_env_is_an_error(monkeypatch):

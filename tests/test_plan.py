@@ -57,8 +57,12 @@ def test_frozen_encoder_is_not_in_optimizer_state(openvla_plan):
     p, c = openvla_plan, openvla_plan.counts
     assert c.trainable == c.llm + c.projector + c.trainable_encoders["dinov2"]
     assert p.optimizer_state_bytes == pytest.approx(12 * c.trainable / 8)
-    assert p.model_state_bytes == pytest.approx(16 * c.trainable / 8)
-    assert p.grads_bytes == pytest.approx(2 * c.trainable / 8)
+    # Gradients are accumulated in fp32 by default (deepspeed.grad_accum_dtype): 4 B, 18 B in all.
+    assert p.model_state_bytes == pytest.approx(18 * c.trainable / 8)
+    assert p.grads_bytes == pytest.approx(4 * c.trainable / 8)
+    bf16_accum = plan_memory(load_config(OPENVLA, ["deepspeed.grad_accum_dtype=bf16"]), gpus=8,
+                             config_path=OPENVLA)
+    assert bf16_accum.model_state_bytes == pytest.approx(16 * c.trainable / 8)
     # Replicated in bf16 on every rank: 2 bytes per parameter, not divided by the world size.
     assert p.frozen_bytes == 2 * c.frozen
     assert p.frozen_inside_bytes == pytest.approx(2 * c.frozen / 8)
@@ -73,8 +77,8 @@ def test_model_states_agree_with_deepspeeds_estimator(openvla_plan):
         total_params=c.trainable, largest_layer_params=c.largest_layer, num_gpus_per_node=8, num_nodes=1,
         cpu_offload=False, cpu_offload_params=False, zero_init=True)
     assert openvla_plan.deepspeed_estimate_bytes == gpu_mem
-    # DeepSpeed budgets 18 B/param/world plus 4 B x the largest layer; ours is the 16 B of mixed-precision Adam.
-    assert (gpu_mem - largest_mem) * 16 / 18 == pytest.approx(openvla_plan.model_state_bytes, abs=16)
+    # DeepSpeed budgets 18 B/param/world plus 4 B x the largest layer; ours is 18 B with fp32 gradient accumulation.
+    assert gpu_mem - largest_mem == pytest.approx(openvla_plan.model_state_bytes, abs=16)
 
 
 def test_world_size_divides_model_states_but_not_the_frozen_encoder(openvla_plan):
@@ -86,6 +90,17 @@ def test_world_size_divides_model_states_but_not_the_frozen_encoder(openvla_plan
     assert openvla_plan.fits and openvla_plan.min_gpus is not None and openvla_plan.min_gpus <= 8
 
 
+def test_host_memory_at_start_is_one_fp32_copy_per_node_0_instead_of_one_per_rank(openvla_plan):
+    c, p = openvla_plan.counts, openvla_plan
+    assert p.host_build_bytes == 4 * (c.trainable + c.frozen)
+    assert p.host_bytes_per_node_every_rank == 8 * p.host_bytes_per_node_rank0 == 8 * p.host_build_bytes
+    assert 220 < p.host_bytes_per_node_every_rank / 2**30 < 230  # the "~240 GB per 8-GPU node"
+    table = p.format_table()
+    assert "Host memory at start, per node" in table and "rank 0 builds it (default)" in table
+    d = p.to_dict()
+    assert d["host_bytes_per_node_rank0"] == p.host_build_bytes
+
+
 def test_pi0_plus_3b_siamese_counts():
     plan = plan_memory(load_config(PI0), gpus=8, config_path=PI0)
     c = plan.counts
@@ -95,7 +110,7 @@ def test_pi0_plus_3b_siamese_counts():
     # Gemma-2B with tied embeddings (counted once), vocabulary 257216 + 2 prompt tokens -> 257280.
     per_layer = 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 16384 + 2 * 2048
     assert c.llm == 257280 * 2048 + 18 * per_layer + 2048
-    assert plan.model_state_bytes == pytest.approx(16 * c.trainable / 8)
+    assert plan.model_state_bytes == pytest.approx(18 * c.trainable / 8)
 
 
 def test_activation_formulas():
@@ -241,7 +256,7 @@ def test_plan_json_parses(capsys):
     assert main(["plan", str(PI0), "--gpus", "4", "--nodes", "2", "--gpu-memory", "40", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["world"] == 8 and data["gpu_memory_bytes"] == 40 * 2 ** 30
-    assert data["model_state_bytes"] == pytest.approx(16 * data["counts"]["trainable"] / 8)
+    assert data["model_state_bytes"] == pytest.approx(18 * data["counts"]["trainable"] / 8)
     assert isinstance(data["fits"], bool) and data["peak_bytes"] > data["model_state_bytes"]
 
 

@@ -23,6 +23,15 @@ so a restarted attempt runs clean):
   after this rank's DeepSpeed files are written and before the save is sealed;
 - VLA_SCALE_TEST_NAN_AT_STEP=k: this rank's frozen-encoder features of step k
   are NaN (a non-finite loss on one rank only).
+
+With VLA_SCALE_TEST_STARTUP_MEMORY=1 each report holds `startup_memory`, this
+process's resident memory attributable to the model during start-up, in bytes
+(/proc/self/status, the peak reset with clear_refs at each window's start):
+`build_peak` and `build_held` over `strategy.build_model` (its peak and what
+it leaves resident), `setup_peak` over `strategy.setup` until the optimizer is
+made (the frozen encoders' move and ZeRO-3's partitioning of the core), and
+`peak` = max(build_peak, build_held + setup_peak). The data pipeline built
+between the two windows is not counted.
 """
 from __future__ import annotations
 
@@ -87,6 +96,54 @@ def _install_faults() -> None:
     dss.DeepSpeedStrategy.save = faulty_save
 
 
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+STARTUP_MEMORY: dict[str, int] = {}
+
+
+def _reset_peak() -> int:
+    """Reset VmHWM to the current VmRSS (Linux clear_refs "5"); returns that RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def _install_startup_memory_probe() -> None:
+    # Code is not start-up memory: the modules the tiny preset's build and setup import (about
+    # 200 MB of RSS for transformers' modeling modules alone) are imported before any baseline.
+    import deepspeed  # noqa: F401
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, SiglipVisionModel  # noqa: F401
+
+    build_model, setup, make_optimizer = dss.DeepSpeedStrategy.build_model, dss.DeepSpeedStrategy.setup, \
+        dss.make_optimizer
+    marks: dict[str, int] = {}
+
+    def measured_build_model(self, cfg):
+        marks["build_base"] = _reset_peak()
+        out = build_model(self, cfg)
+        STARTUP_MEMORY["build_peak"] = _proc_status_bytes("VmHWM") - marks["build_base"]
+        STARTUP_MEMORY["build_held"] = _proc_status_bytes("VmRSS") - marks["build_base"]
+        return out
+
+    def measured_setup(self, model):
+        marks["setup_base"] = _reset_peak()
+        return setup(self, model)
+
+    def measured_make_optimizer(params, cfg):
+        STARTUP_MEMORY["setup_peak"] = _proc_status_bytes("VmHWM") - marks["setup_base"]
+        STARTUP_MEMORY["peak"] = max(STARTUP_MEMORY["build_peak"],
+                                     STARTUP_MEMORY["build_held"] + STARTUP_MEMORY["setup_peak"])
+        return make_optimizer(params, cfg)
+
+    dss.DeepSpeedStrategy.build_model = measured_build_model
+    dss.DeepSpeedStrategy.setup = measured_setup
+    dss.make_optimizer = measured_make_optimizer
+
+
 def _report(trainer: Trainer, result) -> dict:
     strategy = trainer.strategy
     engine = strategy.engine
@@ -102,6 +159,11 @@ def _report(trainer: Trainer, result) -> dict:
         "final_step": result.final_step,
         "global_steps": engine.global_steps,
         "nonfinite_steps": strategy.nonfinite_steps,
+        "startup_memory": STARTUP_MEMORY,
+        "numerics": {"param_dtype": str(engine.module.llm.get_input_embeddings().weight.dtype),
+                     "grad_accum_dtype": str(zero_opt.gradient_accumulation_dtype),
+                     "grad_buffer_dtype": str(zero_opt.grad_partitions_flat_buffer.dtype),
+                     "communication_data_type": str(engine.communication_data_type)},
         "trainable": [{"name": n, "ds_numel": p.ds_numel, "partition_numel": p.ds_tensor.numel(),
                        "persist": bool(getattr(p, "ds_persist", False))}
                       for n, p in engine.module.named_parameters()],
@@ -139,6 +201,8 @@ def main() -> int:
     out, config, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     out.mkdir(parents=True, exist_ok=True)
     _install_faults()
+    if os.environ.get("VLA_SCALE_TEST_STARTUP_MEMORY"):
+        _install_startup_memory_probe()
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg)
     if os.environ.get("VLA_SCALE_TEST_GRADS"):

@@ -34,6 +34,8 @@ _CHOICES = {
     "train.strategy": ("single", "deepspeed"),
     "train.on_nonfinite": ("skip", "stop"),
     "data.overlong": ("truncate", "drop", "error"),
+    "deepspeed.grad_accum_dtype": ("fp32", "bf16"),
+    "deepspeed.communication_data_type": ("fp32", "bf16"),
 }
 TASKS = ("robot", "vqa", "spatial", "affordance")
 # Encoders live in an nn.ModuleDict keyed by name; these names would shadow its methods.

@@ -202,8 +202,9 @@ class TrainConfig:
     on_nonfinite: str = "skip"
     # Exit with every thread's traceback if one step (with its checkpoint save) takes
     # longer than this many seconds, e.g. a collective waiting for a dead rank; 0: off.
-    # The elastic launcher then restarts the run from its latest checkpoint.
-    hang_timeout_s: float = 0.0
+    # The elastic launcher then restarts the run from its latest checkpoint. Unset (null):
+    # 1200 s under SLURM (SLURM_JOB_ID set), off elsewhere (train.distributed.resolve_hang_timeout).
+    hang_timeout_s: Optional[float] = None
     # Dense peak FLOP/s of one device, for MFU (e.g. 989e12 for an H100 in bf16); null: the
     # bf16 table of known GPUs (vla_scale.train.metrics), none on CPU (MFU not reported).
     peak_flops: Optional[float] = None
@@ -228,6 +229,19 @@ class DeepSpeedConfig:
     stage3_max_reuse_distance: int = 1_000_000_000
     # Gather 16-bit weights on save (needed for save_16bit_model; off: zero_to_fp32 consolidates).
     stage3_gather_16bit_weights_on_model_save: bool = False
+    # Under bf16: the dtype gradients are accumulated in across micro-batches (DeepSpeed's
+    # data_types.grad_accum_dtype; the partitioned gradient buffer) and the dtype they are
+    # reduce-scattered in (communication_data_type). fp32 (the default) costs 2 more bytes
+    # per trainable parameter / world size and twice the gradient traffic, and keeps bf16's
+    # 8-bit mantissa out of sums over many micro-batches and ranks. fp32 runs use fp32 throughout.
+    grad_accum_dtype: str = "fp32"
+    # false: rank 0 alone reads the checkpoints and builds the model on the host; the other
+    # ranks get its module skeleton without weights, the frozen encoders straight onto their
+    # device and their ZeRO-3 partitions from rank 0's broadcast. true: every rank builds the
+    # whole model on the host first (ranks per node x 4 B/parameter of host memory; a fallback
+    # for a model that cannot be sent as a skeleton).
+    build_on_every_rank: bool = False
+    communication_data_type: str = "fp32"
     # A user's DeepSpeed JSON, merged over the generated config (its keys win).
     config_file: Optional[str] = None
 

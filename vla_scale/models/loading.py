@@ -23,13 +23,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from vla_scale.config.schema import ModelConfig
-from vla_scale.errors import ModelLoadError
+from vla_scale.errors import ModelLoadError, VLAScaleError
 from vla_scale.models.projector import Projector
 from vla_scale.models.vision import (
     EncoderSpec,
@@ -366,3 +366,130 @@ def assemble_vla(cfg: ModelConfig, llm: nn.Module, source: SourceParts | None,
              num_tokens, vla.frozen_parameter_count() / 1e6, ",".join(frozen.encoders.keys()) or "none",
              vla.trainable_parameter_count() / 1e6)
     return vla
+
+
+# --------------------------------------------------------------------------- one build for many ranks
+#
+# Under ZeRO-3 only one rank needs the weights on the host: `deepspeed.zero.Init(module=core)`
+# broadcasts every core parameter from rank 0 and keeps each rank's partition anyway. So rank 0
+# runs `build_vla` (the one home of the assembly and its surgery) and sends the others a
+# *skeleton*: the same modules with every parameter on the meta device (shapes and dtypes, no
+# storage) and the small buffers and attributes (RoPE tables, layouts, specs, configs) as they
+# are, plus the tokenizer. Identical module trees by construction, so parameters come in the
+# same order on every rank. The frozen encoders' parameters are broadcast straight onto each
+# rank's device (they are replicated, not partitioned); the core's stay meta until
+# `MaterializingView` gives each, in turn, storage for DeepSpeed's broadcast. Ranks other
+# than 0 never read a checkpoint file and never hold a full parameter set on the host.
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters are on the meta device (no storage); buffers and attributes are copied."""
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def build_vla_on_rank0(cfg: ModelConfig, device: torch.device) -> tuple[VisionLanguageActionModel, Any]:
+    """`build_vla` on rank 0 only; every rank returns a model whose core may be meta (collective).
+
+    Rank 0's model is `build_vla`'s (weights on the host). Other ranks get
+    rank 0's skeleton, with the frozen encoders' parameters broadcast onto
+    `device` in the precision they were built in (the trainer hashes them
+    before the strategy converts them); their core parameters stay on the
+    meta device until `MaterializingView` hands them to zero.Init. The
+    default process group must be initialised.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    result: tuple[VisionLanguageActionModel, Any] | None = None
+    error: VLAScaleError | None = None
+    if rank == 0:
+        try:
+            result = build_vla(cfg)
+        except VLAScaleError as e:
+            error = e
+    # The skeleton travels pickled: module objects, configs and small buffers (50 kB for the tiny preset).
+    box: list[Any] = [(error, None) if result is None else (None, (meta_skeleton(result[0]), result[1]))]
+    dist.broadcast_object_list(box, src=0)
+    error, payload = box[0]
+    if error is not None:
+        raise error  # every rank fails with rank 0's message; none is left waiting for it
+    if rank == 0:
+        assert result is not None
+        model = result[0]
+    else:
+        model, tokenizer = payload
+        result = (model, tokenizer)
+        _run_constructors_once(model)
+    # NCCL broadcasts device tensors: rank 0 sends each frozen parameter from a device copy.
+    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    for p in materialize_parameters(model.frozen, comm_device):
+        dist.broadcast(p.detach().to(comm_device) if rank == 0 else p.data, src=0)
+    return result
+
+
+def _run_constructors_once(model: nn.Module) -> None:
+    """Construct each Hugging Face model class found in an unpickled `model` once, on the meta device.
+
+    Unpickling skips `__init__`, and some of what it does is process-wide
+    rather than per instance: transformers 4.5x registers each class's output
+    recorders there, without which `output_hidden_states=True` returns None.
+    A throwaway instance per class, without storage, does it through the
+    public constructor, whatever the version registers.
+    """
+    from transformers import PreTrainedModel
+
+    classes = {type(m): m.config for m in model.modules() if isinstance(m, PreTrainedModel)}
+    for cls, config in classes.items():
+        with torch.device("meta"):
+            cls(config)
+
+
+def materialize_parameters(module: nn.Module, device: torch.device) -> Iterator[nn.Parameter]:
+    """`module.parameters()`, in their order, each meta one first replaced by a parameter with
+    uninitialised storage on `device` (in every module that holds it: tied weights stay tied).
+
+    Lazy: the replacement happens when the iteration reaches it, so a caller
+    that fills and then shrinks each parameter (ZeRO-3's partitioning) never
+    has more than one of them in full. A meta tensor cannot be given storage
+    in place (`.data` refuses to change the device type), hence a new parameter.
+    """
+    done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(as found) -> (as found, kept alive; as used)
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            if id(p) in done:
+                sub._parameters[name] = done[id(p)][1]
+                continue
+            real = p
+            if p.is_meta:
+                real = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+                sub._parameters[name] = real
+            done[id(p)] = (p, real)
+            yield real
+
+
+class MaterializingView(nn.Module):
+    """`core` as `deepspeed.zero.Init(module=...)` should see it on a rank that holds a meta skeleton.
+
+    zero.Init converts `module.parameters()` one at a time: it broadcasts rank
+    0's values into the parameter, keeps this rank's partition and frees the
+    rest before it asks for the next one. This view yields the core's
+    parameters in their order and gives a meta one uninitialised storage on
+    `device` just before it is handed over, so at most one full parameter
+    exists at a time. On a rank with real weights it changes nothing. The
+    children are the core's (like `_EngineView`), so zero.Init's buffer
+    handling sees the same modules under the same names.
+    """
+
+    def __init__(self, core: nn.Module, device: torch.device):
+        super().__init__()
+        for name, child in core.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_core", core)
+        object.__setattr__(self, "_device", device)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return materialize_parameters(self._core, self._device)

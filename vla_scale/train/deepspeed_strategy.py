@@ -12,23 +12,23 @@ What lives where, per rank:
   forward; their features enter `core.forward` as inputs. DeepSpeed never
   sees them: no ZeRO attributes, no optimizer state, no all-gathers.
 
-How the core becomes ZeRO-3 (the loading approach). `build_vla` assembles
-the VLA on the host on every rank, with pretrained weights and all the
-surgery (taking the source VLM apart, the siamese [W/2 | W/2] projector
-split, embedding resize), so that code has exactly one home. Then
-`deepspeed.zero.Init(module=model.core)` converts the core in place, one
-parameter at a time: move it to the device, broadcast rank 0's values,
-keep this rank's partition, free the full tensor. This is DeepSpeed's
-documented way to "partition the model as if it was constructed in the
-context"; the result is identical to constructing under `zero.Init` (and
-rank 0 is the single source of truth for the weights, as with
-`GatheredParameters(modifier_rank=0)` loading). Cost: during the build each
-rank holds one full host copy of the model (4 bytes/parameter in fp32, 2 in
-bf16): ~28 GB per rank for a 7B core, ~230 GB for 8 ranks on one node,
-which fits the 1-2 TB hosts of 8-GPU nodes; device memory never holds more
-than one full parameter. Beyond that (tens of billions of parameters) the
-core should be built under `zero.Init` directly, ranks > 0 without weights
-(their values are overwritten by the broadcast anyway).
+How the core becomes ZeRO-3 (the loading approach). Rank 0 alone runs
+`build_vla`, which assembles the VLA on the host with pretrained weights and
+all the surgery (taking the source VLM apart, the siamese [W/2 | W/2]
+projector split, embedding resize), so that code has exactly one home. The
+other ranks receive its skeleton (`vla_scale.models.loading.build_vla_on_rank0`:
+the same modules, parameters on the meta device), the frozen encoders'
+weights by broadcast straight onto their device, and nothing else. Then
+`deepspeed.zero.Init(module=...)` converts the core in place, one parameter
+at a time: (on a skeleton rank, give it storage on the device,) broadcast
+rank 0's values, keep this rank's partition, free the full tensor. This is
+DeepSpeed's documented way to "partition the model as if it was constructed
+in the context"; rank 0 is the single source of truth for the weights, as
+with `GatheredParameters(modifier_rank=0)` loading. Host memory at start:
+rank 0 holds one full fp32 copy (4 bytes/parameter: ~28 GB for a 7B
+model), every other rank none of it, so an 8-GPU node holds one copy instead
+of eight; device memory never holds more than one full core parameter.
+`deepspeed.build_on_every_rank=true` restores the build on every rank.
 
 One optimizer step: one all-reduce of the step's answer-token count (the
 loss divisor: the objective is the global batch's token mean, see
@@ -84,8 +84,9 @@ from typing import Any, Iterator
 
 import torch
 
-from vla_scale.config.schema import Config
+from vla_scale.config.schema import Config, ModelConfig
 from vla_scale.errors import CheckpointError, ConfigError, TrainingError
+from vla_scale.models.loading import MaterializingView, build_vla, build_vla_on_rank0
 from vla_scale.models.vla import VisionLanguageActionModel
 from vla_scale.train import distributed
 from vla_scale.train.batching import resolve_accumulation
@@ -130,12 +131,13 @@ def build_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -
         raise ConfigError(f"deepspeed.stage={d.stage}: this strategy is ZeRO-3 only (the frozen encoders are kept "
                           "out of a ZeRO-3 engine); use train.strategy=single for one device")
     gas = resolve_accumulation(t, world_size)
+    bf16 = resolve_precision(cfg, device) == "bf16"
     generated: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": float(t.grad_clip),
-        "bf16": {"enabled": resolve_precision(cfg, device) == "bf16"},
+        "bf16": {"enabled": bf16},
         "zero_optimization": {
             "stage": 3,
             "overlap_comm": d.overlap_comm,
@@ -151,6 +153,10 @@ def build_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -
             # correctness: autograd keeps the parameter, which ZeRO re-gathers before backward.
             "memory_efficient_linear": False,
         },
+        # Gradient numerics (deepspeed.grad_accum_dtype / communication_data_type): under bf16,
+        # DeepSpeed would otherwise accumulate and reduce-scatter gradients in bf16.
+        "data_types": {"grad_accum_dtype": d.grad_accum_dtype if bf16 else "fp32"},
+        "communication_data_type": d.communication_data_type if bf16 else "fp32",
         "steps_per_print": 2**31 - 1,  # we log; DeepSpeed's progress lines would interleave with ours
         "wall_clock_breakdown": False,
     }
@@ -176,6 +182,15 @@ def build_deepspeed_config(cfg: Config, world_size: int, device: torch.device) -
         # (train.on_nonfinite) would count or stop on them. bf16 needs no loss scaling.
         raise ConfigError(f"deepspeed.config_file {path}: fp16 is not supported; use model.precision=bf16")
     return merged
+
+
+def numerics_line(ds_config: dict[str, Any]) -> str:
+    """What a run's gradients are computed, accumulated and reduced in (printed by rank 0 at start)."""
+    precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    accum = ds_config.get("data_types", {}).get("grad_accum_dtype") or precision
+    comm = ds_config.get("communication_data_type") or precision
+    return (f"DeepSpeed ZeRO-3 numerics: {precision} parameters and activations, gradients accumulated in {accum} "
+            f"and reduce-scattered in {comm}, fp32 master weights and Adam state")
 
 
 class _EngineView(torch.nn.Module):
@@ -232,10 +247,22 @@ class DeepSpeedStrategy(Strategy):
         self.ds_config = build_deepspeed_config(cfg, self.world_size, self.device)
         # From the final config: a user's JSON may switch bf16 on or off.
         self.precision = "bf16" if self.ds_config.get("bf16", {}).get("enabled") else "fp32"
+        if self.rank == 0:
+            line = numerics_line(self.ds_config)
+            if cfg.train.progress:
+                print(line, flush=True)
+            else:
+                log.info("%s", line)
         self.nonfinite_steps = 0
         self.engine: Any = None
 
     # ------------------------------------------------------------------ setup
+
+    def build_model(self, cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
+        """Rank 0 builds, the others get a skeleton (module docstring); every rank builds with build_on_every_rank."""
+        if self.world_size == 1 or self.cfg.deepspeed.build_on_every_rank:
+            return build_vla(cfg)
+        return build_vla_on_rank0(cfg, self.device)
 
     def setup(self, model: VisionLanguageActionModel) -> None:
         import deepspeed
@@ -249,13 +276,14 @@ class DeepSpeedStrategy(Strategy):
         # Frozen encoders: replicated, 2 bytes/parameter on GPU, never wrapped (see ARCHITECTURE.md).
         model.frozen.to(self.device, dtype=torch.bfloat16 if self.device.type == "cuda" else None)
         core = model.core
-        params = trainable_parameters(model)
         if self.precision == "bf16":
             # The low-precision copy ZeRO shards (fp32 masters live in the optimizer). Parameters
             # only: buffers such as RoPE's inv_freq keep their fp32 precision.
             for p in core.parameters():
                 p.data = p.data.to(torch.bfloat16)
-        deepspeed.zero.Init(module=core, config_dict_or_path=self.ds_config)
+        # On ranks holding a skeleton, each core parameter gets storage just before its broadcast.
+        deepspeed.zero.Init(module=MaterializingView(core, self.device), config_dict_or_path=self.ds_config)
+        params = trainable_parameters(model)  # after zero.Init: a skeleton's parameters were replaced
         for module in core.modules():  # zero.Init moves parameters only
             for name, buf in module._buffers.items():
                 if buf is not None:

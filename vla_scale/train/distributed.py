@@ -16,18 +16,34 @@ CPU. On CPU, `DS_ACCELERATOR=cpu` is set before DeepSpeed is imported, so it
 never probes for a GPU stack.
 
 Elastic restarts (torchrun --max-restarts): by default torchrun >= 2.4 lets
-workers share the rendezvous' TCP store across restarts; restarted workers
-then read the previous attempt's gloo addresses from it and about half of
-the restarts hang or fail in `connectFullMesh` (PyTorch issues 135712,
-167288; measured, see MACHINE.md). We connect to that store ourselves and
-wrap it in a per-attempt `PrefixStore("attempt_<TORCHELASTIC_RESTART_COUNT>")`,
-so each attempt sees only its own keys. (`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`
-in the launcher's environment is the other fix; both may be used together.)
+workers share one TCP store (hosted by the agent of node 0) across restarts
+(`TORCHELASTIC_USE_AGENT_STORE=True`); restarted workers then read the
+previous attempt's gloo addresses from it and about half of the restarts
+hang or fail in `connectFullMesh` (PyTorch issues 135712, 167288; measured,
+see MACHINE.md). Two routes, chosen by what torchrun tells the workers:
+- One node (`GROUP_WORLD_SIZE=1`: a single agent): we connect to that store
+  ourselves and wrap it in a per-attempt `PrefixStore("attempt_<TORCHELASTIC_RESTART_COUNT>")`,
+  so each attempt sees only its own keys. One agent counts its own restarts,
+  so every worker agrees on the prefix.
+- Several nodes: `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` in every agent's
+  environment is required (`vla-scale launch slurm` exports it). The agent
+  of node 0 then picks a fresh MASTER_PORT for every rendezvous round and
+  worker 0 hosts a new store there, so no attempt can see another's keys.
+  A prefix cannot be agreed on here: each agent counts restarts separately
+  (the agent whose worker failed counts one, the others restart without
+  counting; a node joining restarts everyone without counting), and torch
+  2.13 gives workers nothing else per round (the rendezvous round stays in
+  the agents: the environment holds RANK, GROUP_RANK, ROLE_RANK, *WORLD_SIZE,
+  MASTER_ADDR/PORT, TORCHELASTIC_RESTART_COUNT/MAX_RESTARTS/RUN_ID/USE_AGENT_STORE
+  only). So a multi-node run on the shared store fails at start with a
+  `ConfigError` naming the variable, rather than hanging at its first restart.
 
 Hangs: a rank stuck in a collective whose peer died waits for the process
 group timeout. `HangWatchdog` (faulthandler.dump_traceback_later) turns a
 step that takes longer than `train.hang_timeout_s` into a traceback of every
-thread and an exit, which the elastic agent treats as a failure.
+thread and an exit, which the elastic agent treats as a failure. Unset, it
+is on under SLURM (`SLURM_JOB_ID` in the environment) with
+`SLURM_HANG_TIMEOUT_S` = 20 minutes and off elsewhere (`resolve_hang_timeout`).
 
 This module must never pick a rank, a world size or a master address that
 the launcher gave, never initialise the process group twice, and never
@@ -42,7 +58,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -54,6 +70,10 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = float(os.environ.get("VLA_SCALE_DIST_TIMEOUT_S", 1800))
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# The hang watchdog's timeout under SLURM when train.hang_timeout_s is unset: longer than a
+# step plus a sharded 34B checkpoint save on a parallel filesystem or a validation pass (minutes),
+# shorter than the 30-minute process-group timeout, so the traceback shows where a rank hung.
+SLURM_HANG_TIMEOUT_S = 1200.0
 
 
 @dataclass(frozen=True)
@@ -102,9 +122,29 @@ def prepare_deepspeed_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def check_elastic_store(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a multi-node torchrun that shares its agent store with the workers (module docstring)."""
+    nodes = int(environ.get("GROUP_WORLD_SIZE", 1))
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and nodes > 1:
+        from vla_scale.errors import ConfigError
+
+        raise ConfigError(f"torchrun runs {nodes} nodes on one shared TCP store, on which a restart (a failed "
+                          "worker or a node joining) would make the nodes disagree about which attempt they are "
+                          "in and hang; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment of torchrun "
+                          "on every node (the sbatch script of `vla-scale launch slurm` does)")
+
+
+def resolve_hang_timeout(configured: float | None, environ: Mapping[str, str] = os.environ) -> float:
+    """train.hang_timeout_s, or when unset (None): SLURM_HANG_TIMEOUT_S under SLURM, 0 (off) elsewhere."""
+    if configured is not None:
+        return float(configured)
+    return SLURM_HANG_TIMEOUT_S if environ.get("SLURM_JOB_ID") else 0.0
+
+
 def init_distributed(timeout_s: float | None = None) -> DistEnv:
     """Initialise the default process group once (idempotent) and return this rank's place in it."""
     ensure_launch_env()
+    check_elastic_store()
     prepare_deepspeed_env()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -121,8 +161,8 @@ def init_distributed(timeout_s: float | None = None) -> DistEnv:
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
     kwargs: dict[str, Any] = {"backend": backend, "rank": rank, "world_size": world_size, "timeout": timeout}
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun's agent hosts the store at MASTER_ADDR:MASTER_PORT and keeps it across
-        # restarts: namespace this attempt's keys (see the module docstring).
+        # One node (check_elastic_store): its agent hosts the store at MASTER_ADDR:MASTER_PORT and
+        # keeps it across restarts, which it alone counts: namespace this attempt's keys.
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                               is_master=False, timeout=timeout)
         kwargs["store"] = dist.PrefixStore(f"attempt_{restart}", store)

@@ -19,9 +19,11 @@ a = attention heads, L = layers; bytes in bf16 mixed precision):
 
 * Model states under ZeRO-3, per rank (mixed-precision Adam, ZeRO paper):
   bf16 parameters 2P/W + fp32 master weights 4P/W + Adam exp_avg and
-  exp_avg_sq 8P/W + bf16 gradients 2P/W = 16P/W. (fp32 training: 4 + 4 + 8,
-  no master copy: also 16P/W.) Frozen encoders are not in P: they have no
-  gradients and no optimizer state.
+  exp_avg_sq 8P/W + gradients 4P/W = 18P/W: ZeRO-3's partitioned gradient
+  buffer has the accumulation dtype, fp32 by default
+  (deepspeed.grad_accum_dtype; with bf16 it is 2P/W and the total the ZeRO
+  paper's 16P/W). (fp32 training: 4 + 4 + 8, no master copy: 16P/W.)
+  Frozen encoders are not in P: they have no gradients and no optimizer state.
 * Frozen encoders, outside the engine: 2F per rank (bf16, replicated), no
   communication. Inside the engine they would be partitioned (2F/W) but
   all-gathered for every forward: 2F(W-1)/W bytes received per rank per
@@ -32,7 +34,8 @@ a = attention heads, L = layers; bytes in bf16 mixed precision):
   prefetches up to the bucket ahead); persistent parameters (tensors of at
   most stage3_param_persistence_threshold elements stay whole on every
   rank): 2 B x their count; the contiguous-gradient reduce bucket,
-  allocated once: 2 B x reduce_bucket_size; and, during the optimizer step
+  allocated once in the communication dtype: 4 B (deepspeed.communication_data_type
+  fp32, the default; 2 B in bf16) x reduce_bucket_size; and, during the optimizer step
   only, the fp32 gradient of one optimizer sub-group: 4 B x min(sub_group_size,
   P/W) (DeepSpeed's default sub_group_size is 1e9).
 * Activations per transformer layer (Korthikanti et al. 2022, "Reducing
@@ -59,6 +62,11 @@ a = attention heads, L = layers; bytes in bf16 mixed precision):
   2 x each hidden width + output width) values; the LM head's logits exist
   only at answer positions: b x answer tokens x vocabulary x (2 + 4 + 4) B
   (bf16 logits, their fp32 copy, cross-entropy's fp32 log-softmax).
+* Host memory at start: `build_vla` loads every weight in fp32, so a rank
+  that builds the model holds 4(P + F) bytes. Under ZeRO-3 only rank 0 does
+  (the others receive a skeleton and their partitions, on the device): per
+  node 4(P + F) on node 0 and nothing on the others, against ranks per node
+  x 4(P + F) when every rank builds it (deepspeed.build_on_every_rank).
 * Peak per rank = model states + frozen encoders + persistent parameters +
   reduce bucket + max(gathered parameters + activations, fp32 sub-group
   gradient). It fits when the peak is at most 90% of the GPU's memory (the
@@ -425,6 +433,8 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     batch_error: str | None = None  # why train.* batch sizes cannot run on this world (vla_scale.train.batching)
     min_gpus: int | None = None  # fewest ranks whose peak fits at this micro-batch (None: more than 4096)
+    # Host memory at start: what one rank holds while building the model (build_vla loads in fp32).
+    host_build_bytes: float = 0.0
 
     # -- derived ------------------------------------------------------------
     @property
@@ -469,6 +479,16 @@ class MemoryPlan:
         return self.peak_bytes <= self.usable_bytes
 
     @property
+    def host_bytes_per_node_every_rank(self) -> float:
+        """Peak host memory per node for the model when every rank builds it (deepspeed.build_on_every_rank)."""
+        return self.gpus_per_node * self.host_build_bytes
+
+    @property
+    def host_bytes_per_node_rank0(self) -> float:
+        """The same when rank 0 alone builds it (the default): node 0 holds one copy, the other nodes none."""
+        return self.host_build_bytes
+
+    @property
     def max_micro_batch(self) -> int:
         """Largest micro-batch whose peak fits (activations grow linearly with it)."""
         per_sample = self.activation_bytes / self.micro_batch
@@ -483,7 +503,7 @@ class MemoryPlan:
         d["counts"]["trainable"] = self.counts.trainable
         for name in ("model_state_bytes", "optimizer_state_bytes", "activation_bytes", "fixed_bytes",
                      "forward_backward_peak_bytes", "optimizer_step_peak_bytes", "peak_bytes", "usable_bytes",
-                     "fits", "max_micro_batch"):
+                     "fits", "max_micro_batch", "host_bytes_per_node_every_rank", "host_bytes_per_node_rank0"):
             d[name] = getattr(self, name)
         d["peak_gib"] = self.peak_bytes / GIB
         return d
@@ -526,7 +546,8 @@ class MemoryPlan:
                   f"  {'Adam exp_avg + exp_avg_sq (fp32)':<44}{g(self.adam_bytes)}   8 B x P / W",
                   f"  {'gradients':<44}{g(self.grads_bytes)}   "
                   f"{self.grads_bytes * w / max(c.trainable, 1):.0f} B x P / W",
-                  f"  {'= model states':<44}{g(self.model_state_bytes)}   16 B x P / W",
+                  f"  {'= model states':<44}{g(self.model_state_bytes)}   "
+                  f"{self.model_state_bytes * w / max(c.trainable, 1):.0f} B x P / W",
                   f"  {'frozen encoders (replicated, outside ZeRO)':<44}{g(self.frozen_bytes)}   "
                   f"{self.frozen_bytes / max(c.frozen, 1):.0f} B x F" if c.frozen else
                   f"  {'frozen encoders':<44}{g(0)}   none",
@@ -554,12 +575,13 @@ class MemoryPlan:
                      "none (per-rank activations do not shrink with more GPUs: lower the micro-batch or checkpoint)")]
         if self.deepspeed_estimate_bytes is not None:
             ds = self.deepspeed_estimate_bytes
-            ds16 = (ds - 4 * c.largest_layer) * 16 / 18
+            ds_states = ds - 4 * c.largest_layer
             lines += ["", "Cross-check: deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs"
                           f"(total_params={c.trainable}, largest_layer_params={c.largest_layer}, "
                           f"num_gpus_per_node={self.gpus_per_node}, num_nodes={self.nodes}, no offload, zero_init)",
                       f"  DeepSpeed: {ds / GIB:.2f} GiB = 18 B x P / W + 4 B x largest layer; "
-                      f"at 16 B x P / W that is {ds16 / GIB:.2f} GiB, ours {self.model_state_bytes / GIB:.2f} GiB"]
+                      f"without the layer {ds_states / GIB:.2f} GiB, ours {self.model_state_bytes / GIB:.2f} GiB "
+                      f"({self.model_state_bytes * w / max(c.trainable, 1):.0f} B x P / W)"]
         if c.frozen and w == 1:
             lines += ["", "Frozen encoders: on one rank, inside or outside the engine costs the same memory and "
                           "no communication"]
@@ -573,6 +595,13 @@ class MemoryPlan:
                       f"step ({accum:g} micro-batch(es))",
                       f"  keeping it outside costs {(self.frozen_bytes - self.frozen_inside_bytes) / GIB:.2f} GiB per "
                       f"rank and saves that all-gather traffic"]
+        if self.host_build_bytes:
+            lines += ["", "Host memory at start, per node (the model's fp32 weights while it is built; each process "
+                          "adds its framework's own)",
+                      f"  {'every rank builds it (build_on_every_rank)':<44}{g(self.host_bytes_per_node_every_rank)}"
+                      f"   {self.gpus_per_node} rank(s) x 4 B x (P + F)",
+                      f"  {'rank 0 builds it (default)':<44}{g(self.host_bytes_per_node_rank0)}"
+                      f"   4 B x (P + F) on node 0; other ranks receive a weightless skeleton"]
         if self.notes:
             lines += ["", "Notes"] + [f"  - {n}" for n in self.notes]
         return "\n".join(lines)
@@ -640,13 +669,14 @@ def estimate(counts: ParameterCounts, cfg: Config, gpus_per_node: int, nodes: in
         params_bytes=vb * P / world,
         master_bytes=(4 * P / world) if bf16 else 0.0,
         adam_bytes=8 * P / world,
-        grads_bytes=vb * P / world,
+        grads_bytes=(4 if bf16 and getattr(ds, "grad_accum_dtype", "fp32") == "fp32" else vb) * P / world,
         frozen_bytes=vb * F,
         frozen_inside_bytes=vb * F / world,
         frozen_allgather_bytes_per_forward=vb * F * (world - 1) / world,
         gathered_bytes=vb * min(max_live, counts.largest_layer + prefetch, P),
         persistent_bytes=vb * counts.persistent,
-        reduce_bucket_bytes=vb * reduce_bucket if contiguous else 0.0,
+        reduce_bucket_bytes=((4 if bf16 and getattr(ds, "communication_data_type", "fp32") == "fp32" else vb)
+                             * reduce_bucket if contiguous else 0.0),
         step_fp32_grad_bytes=(4 * min(sub_group, math.ceil(P / world))) if bf16 else 0.0,
         llm_act_bytes=stack_activation_bytes(llm, s, b, checkpointing=False, scores=scores, value_bytes=vb),
         llm_act_ckpt_bytes=stack_activation_bytes(llm, s, b, checkpointing=True, scores=scores, value_bytes=vb),
@@ -656,6 +686,7 @@ def estimate(counts: ParameterCounts, cfg: Config, gpus_per_node: int, nodes: in
         deepspeed_estimate_bytes=(deepspeed_zero3_estimate(P, counts.largest_layer, gpus_per_node, nodes)
                                   if cross_check else None),
         notes=notes, batch_error=batch_error,
+        host_build_bytes=4.0 * (P + F),
     )
     return plan
 

@@ -50,8 +50,9 @@ from typing import Any, Callable
 
 import torch
 
-from vla_scale.config.schema import Config
+from vla_scale.config.schema import Config, ModelConfig
 from vla_scale.errors import CheckpointError, TrainingError
+from vla_scale.models.loading import build_vla
 from vla_scale.models.vla import VisionLanguageActionModel, count_answer_tokens
 from vla_scale.train.metrics import ModelFlops, PhaseTimer
 from vla_scale.train.schedule import build_scheduler
@@ -124,6 +125,10 @@ class Strategy(ABC):
     world_size: int = 1
     device: torch.device
     grad_probe: GradProbe | None = None  # see the module docstring
+
+    def build_model(self, cfg: ModelConfig) -> tuple[VisionLanguageActionModel, Any]:
+        """The VLA and its tokenizer, before `setup` (a collective when a strategy builds on one rank only)."""
+        return build_vla(cfg)
 
     @abstractmethod
     def setup(self, model: VisionLanguageActionModel) -> None: ...

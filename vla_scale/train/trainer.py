@@ -63,7 +63,6 @@ from vla_scale.config import Config, config_from_dict, config_to_dict, save_conf
 from vla_scale.data.pipeline import build_data
 from vla_scale.data.prompts import PromptBuilder
 from vla_scale.errors import CheckpointError, ConfigError, TrainingError
-from vla_scale.models.loading import build_vla
 from vla_scale.models.vla import VisionLanguageActionModel
 from vla_scale.train.batching import resolve_accumulation
 from vla_scale.train.checkpoint import (
@@ -76,7 +75,7 @@ from vla_scale.train.checkpoint import (
     save_rng_state,
     write_json_atomic,
 )
-from vla_scale.train.distributed import HangWatchdog
+from vla_scale.train.distributed import HangWatchdog, resolve_hang_timeout
 from vla_scale.train.metrics import (
     MetricsLogger,
     PerSourceAccumulator,
@@ -170,7 +169,7 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
-        self.model, self.tokenizer = build_vla(cfg.model)
+        self.model, self.tokenizer = self.strategy.build_model(cfg.model)
         self.action_tokenizer = make_action_tokenizer(cfg.actions, self.tokenizer)
         self.prompts = PromptBuilder(self.tokenizer, self.action_tokenizer, cfg.data.max_length)
         self.loader, self.stats = build_data(cfg, self.prompts, rank=self.strategy.rank,
@@ -280,7 +279,7 @@ class Trainer:
         last_ckpt = ckpt.latest() if self.strategy.is_main else None
         last_ckpt = self.strategy.broadcast_object(str(last_ckpt) if last_ckpt else None)
         last_ckpt = Path(last_ckpt) if last_ckpt else None
-        watchdog = HangWatchdog(t.hang_timeout_s)
+        watchdog = HangWatchdog(resolve_hang_timeout(t.hang_timeout_s))
         slurm_job = SlurmJob.from_env()
         preemption = PreemptionWatch().install()  # SIGUSR1/SIGTERM: stop after the step, agreed by all ranks
         preempted = False
