@@ -362,7 +362,6 @@ class Trainer:
         found = self.strategy.broadcast_object(found)
         return Path(found) if found is not None else None
 
-
     def _peak_memory(self) -> dict[str, float]:
         """`perf/<peak memory>_gib` of the rank with the most (collective: every rank calls it)."""
         name, gib = peak_memory(self.strategy.device)
