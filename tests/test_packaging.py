@@ -110,8 +110,9 @@ def test_a_wheel_in_a_fresh_venv_plans_a_preset_by_name_and_runs_the_demo(tmp_pa
     assert str(installed / "arch" / "llama2_7b.json") in out  # the preset's bare arch names, from the wheel
     assert "batch: global 256 = micro-batch 4 x accumulation 1 x world 64" in out
 
-    # The demo's shortest run (it stops half-way and resumes, so 2 steps), from its installed defaults.
-    out = _run([cli, "demo", "--workdir", node / "demo", "--steps", "2"], node, env).stdout
+    # The demo's shortest run (smoke budget; it stops half-way and resumes, so 2 steps), from its installed
+    # defaults: simulator data, the source VLM's stage, co-training, evaluation.
+    out = _run([cli, "demo", "--budget", "smoke", "--workdir", node / "demo", "--steps", "2"], node, env).stdout
     assert "[demo] exported the inference folder" in out
     export = node / "demo" / "export"
     assert (export / "model.safetensors").is_file() and (export / "vla_config.json").is_file()

@@ -107,11 +107,14 @@ def test_answers_agree_with_the_pixels(scenes):
                 if min(np.diff(ranked)) > 3:
                     assert listed == sorted(cx, key=cx.get)
                     kinds_seen.add("caption")
+            elif m := re.match(r"Is there an? (\w+) block\?", q):
+                assert a == ("yes" if masks.get(m.group(1)) is not None and masks[m.group(1)].sum() > 0 else "no"), q
+                kinds_seen.add("presence")
             elif q == "Which block is closest to the gripper?":
                 view = s["view"]
                 d = {n: np.linalg.norm(p - view.ee_pos) for n, p in view.objects.items()}
                 assert a == min(d, key=d.get)
-    assert {"caption", "point", "left_of", "extreme"} <= kinds_seen
+    assert {"caption", "point", "left_of", "extreme", "presence"} <= kinds_seen
 
 
 def test_scene_shards_are_deterministic_and_readable(tmp_path, read_plain):

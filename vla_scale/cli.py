@@ -91,7 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vla_scale.demo import run_demo
 
-    run_demo(Path(args.workdir), steps=args.steps)
+    run_demo(Path(args.workdir), budget="full" if args.full else args.budget, steps=args.steps)
     return 0
 
 
@@ -294,12 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="whose action statistics to unnormalise with, when trained on several robot datasets")
     pr.set_defaults(func=cmd_predict)
 
-    d = sub.add_parser("demo", help="the whole loop on a tiny model, on a CPU, in under a minute",
-                       description="Build a tiny LLaVA-style source VLM locally, turn it into a siamese "
-                                   "dual-encoder VLA, co-train it on the built-in synthetic set, stop half-way "
-                                   "(as if preempted), resume, export, and predict an action.")
+    d = sub.add_parser("demo", help="the paper's whole loop on a tiny model in the built-in MuJoCo tabletop, on a CPU",
+                       description="Scripted experts write demonstrations and scene questions; a tiny random LLaVA "
+                                   "is trained as a VLM on the questions and saved; it becomes a dual-encoder VLA "
+                                   "(frozen + trained encoder, string actions) co-trained on the paper's mix, stopped "
+                                   "half-way as if preempted, resumed, exported, and evaluated in simulation "
+                                   "(in_distribution, visual, language) beside the random policy and the experts. "
+                                   "Data and the VLM stage are cached in --workdir.")
     d.add_argument("--workdir", default="demo_out", help="where everything is written (default: ./demo_out)")
-    d.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000, about 2-3 min on 2 cores)")
+    d.add_argument("--budget", default="default", help="named budget: default (a few minutes) or full")
+    d.add_argument("--full", action="store_true", help="the longer budget ('full'; see the README for its time)")
+    d.add_argument("--steps", type=int, default=None, help="VLA training steps (default: the budget's)")
     d.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="evaluate a policy in simulation: success with intervals, a report, GIFs",

@@ -7,8 +7,8 @@ generated here from rendered MuJoCo scenes, with answers computed from the
 simulator's state, never from pixels:
 
 - vqa: colours by relation ("What colour is the block nearest the white
-  pad?", "What colour is the leftmost block?") and a caption listing the
-  blocks from left to right;
+  pad?", "What colour is the leftmost block?"), presence ("Is there a red
+  block?") and a caption listing the blocks from left to right;
 - spatial: relations in the image ("Is the red block left of the blue
   block?" yes/no; "Which block is closest to the gripper?" by 3-D
   distance; "Is the red block nearer the camera than the blue one?");
@@ -92,6 +92,12 @@ def questions(backend: Any, rng: np.random.Generator, kind: str) -> list[dict[st
         options.append((f"What colour is the block nearest the {pad} pad?", names[int(np.argmin(d))]))
         options.append(("What colour is the leftmost block?", order[0]))
         options.append(("What colour is the rightmost block?", order[-1]))
+        # Presence: a colour from the palette, present or not (the easiest question that needs the image).
+        from vla_scale.eval.mujoco_backend import OBJECT_COLOURS
+
+        palette = sorted(set(OBJECT_COLOURS) | set(names))
+        colour = palette[int(rng.integers(len(palette)))]
+        options.append((f"Is there {_article(colour)} {colour} block?", "yes" if colour in names else "no"))
         q, ans = options[int(rng.integers(len(options)))]
         return [{"question": q, "answer": ans}]
     if kind == "spatial":
