@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data, held_out = prepare_data(work, b)
-    source, vlm = prepare_source_vlm(work, b, data, held_out)
+    source, vlm = prepare_source_vlm(work, b)
     probe_set = render_probe_set(args.probe_scenes, seed=777_000, image_size=b.render_size)
     random_init = work / "source_vlm_random_probe"
     if not (random_init / "config.json").exists():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from streaming_helpers import read_plain  # noqa: F401  (fixture)
-from vla_scale.demo.simdata import VL_FOLDERS, write_sim_data
+from vla_scale.demo.simdata import VL_FOLDERS, write_scene_questions, write_sim_data
 from vla_scale.errors import ConfigError
 from vla_scale.eval.mujoco_backend import OBJECT_COLOURS
 
@@ -52,10 +52,9 @@ def test_robot_shards_hold_whole_successful_episodes_with_stats(sim_data, read_p
         assert summary[kind]["samples"] > 0
 
 
-def test_points_and_captions_describe_the_stored_frame(sim_data, read_plain):
-    out, _ = sim_data
-    checked_points = hits = checked_captions = 0
-    for s in read_plain(out / "affordance"):
+def _point_hits(samples) -> tuple[int, int]:
+    checked_points = hits = 0
+    for s in samples:
         q, a = s["turns"][0]["question"], s["turns"][0]["answer"]
         m = re.match(r"Point to where to grasp the (\w+) block\.", q)
         if not m:
@@ -66,6 +65,13 @@ def test_points_and_captions_describe_the_stored_frame(sim_data, read_plain):
         win = _colour_mask(img, m.group(1))[max(0, y - 2):y + 3, max(0, x - 2):x + 3]
         checked_points += 1
         hits += bool(win.any())
+    return hits, checked_points
+
+
+def test_points_and_captions_describe_the_stored_frame(sim_data, read_plain):
+    out, _ = sim_data
+    checked_captions = 0
+    hits, checked_points = _point_hits(read_plain(out / "affordance"))
     # The gripper's fingers may cover a block it is grasping; everything else must match.
     assert checked_points >= 10 and hits >= 0.85 * checked_points, (hits, checked_points)
     for s in read_plain(out / "vqa"):
@@ -98,3 +104,13 @@ def test_same_call_same_shards_and_bad_input(tmp_path, sim_data, read_plain):
     with pytest.raises(ConfigError, match="episodes must be at least 1"):
         write_sim_data(tmp_path / "bad", ["push"], episodes=0, seed=0)
     assert not (tmp_path / "bad").exists()
+
+
+def test_scene_questions_cover_many_layouts_and_match_their_frames(tmp_path, read_plain):
+    summary = write_scene_questions(tmp_path / "scenes", 16, seed=3)
+    assert {k: v["samples"] for k, v in summary.items()} == {"vqa": 32, "spatial": 16, "affordance": 16}
+    affordance = read_plain(tmp_path / "scenes" / "affordance")
+    hits, checked = _point_hits(affordance)
+    assert checked >= 8 and hits == checked  # the gripper is at home: nothing covers a block
+    images = {np.asarray(s["image"].convert("RGB")).tobytes() for s in affordance}
+    assert len(images) == 16  # every scene its own layout

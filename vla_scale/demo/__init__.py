@@ -2,13 +2,14 @@
 
 1. Data: the scripted experts solve the demo's tasks in the simulator; every
    step becomes a robot sample, and questions about a share of those frames
-   (captions, colours, spatial relations, points to grasp) become VQA,
-   spatial and affordance shards, answered from the simulator's state
-   (`simdata.write_sim_data`). Held-out episodes (other seeds) are written
-   the same way for validation.
+   (captions, colours, presence, spatial relations, points to grasp) become
+   VQA, spatial and affordance shards, answered from the simulator's state
+   (`simdata.write_sim_data`): the co-training data. Held-out episodes
+   (other seeds) are written the same way for validation.
 2. Source VLM: a tiny LLaVA (SigLIP tower + Llama) is built with random
-   weights and trained as a plain VLM on the scene questions
-   (`vlm_stage.train_vlm`), then saved with `save_pretrained`, so that its
+   weights and trained as a plain VLM on questions about thousands of
+   freshly reset scenes (`simdata.write_scene_questions`,
+   `vlm_stage.train_vlm`), then saved with `save_pretrained`, so that its
    vision features mean something before a frozen copy keeps them.
 3. VLA: the paper's siamese dual encoder (the VLM stage's encoder twice: one
    frozen, one trained), string actions, co-trained on the paper's mix
@@ -53,6 +54,7 @@ class DemoBudget:
     render_size: int = 128  # simulator images (the model resizes them)
     image_size: int = 64  # model input side
     patch_size: int = 8
+    vlm_scenes: int = 3000  # freshly reset scenes for the source VLM's stage (one question of each kind per scene)
     llm_hidden: int = 64
     llm_layers: int = 2
     vlm_steps: int = 300
@@ -74,7 +76,7 @@ BUDGETS: dict[str, DemoBudget] = {
     "full": DemoBudget("full", episodes=100, vlm_steps=1500, steps=6000, batch=16,
                        episodes_per_suite={"in_distribution": 30, "visual": 5, "language": 15}, max_steps=None),
     # Checks that every stage runs and writes its outputs (the tests and CI); it learns nothing.
-    "smoke": DemoBudget("smoke", episodes=2, val_episodes=1, vlm_steps=2, vlm_batch=4, steps=4, batch=8,
+    "smoke": DemoBudget("smoke", episodes=2, val_episodes=1, vlm_scenes=8, vlm_steps=2, vlm_batch=4, steps=4, batch=8,
                         episodes_per_suite={"in_distribution": 1, "visual": 1, "language": 1}, max_steps=6, envs=1),
 }
 
@@ -115,16 +117,28 @@ def prepare_data(workdir: Path, b: DemoBudget) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def prepare_source_vlm(workdir: Path, b: DemoBudget, data: Path, held_out: Path) -> tuple[Path, dict[str, Any]]:
-    """Stage 2 (cached): a random tiny LLaVA, trained as a VLM on the scene questions, saved with save_pretrained."""
-    from vla_scale.demo.simdata import VL_FOLDERS
+def prepare_source_vlm(workdir: Path, b: DemoBudget) -> tuple[Path, dict[str, Any]]:
+    """Stage 2 (cached): a random tiny LLaVA, trained as a VLM on questions about `b.vlm_scenes` freshly reset
+    scenes (held out: 200 other scenes), saved with save_pretrained like any source VLM."""
+    from vla_scale.demo.simdata import VL_FOLDERS, write_scene_questions
     from vla_scale.demo.vlm_stage import STAGE_FILE, read_vl_shards, train_vlm
     from vla_scale.models.tiny import build_tiny_llava
 
+    scenes = workdir / "data" / "scenes"
+    scene_key = {"scenes": b.vlm_scenes, "seed": b.seed, "render": b.render_size}
+    if not _cached(scenes, scene_key, "held_out/affordance/index.json"):
+        if scenes.exists():
+            shutil.rmtree(scenes)
+        t = time.time()
+        write_scene_questions(scenes / "train", b.vlm_scenes, b.seed, image_size=b.render_size)
+        write_scene_questions(scenes / "held_out", min(200, b.vlm_scenes), b.seed + 500_000,
+                              image_size=b.render_size)
+        _mark(scenes, scene_key)
+        _say(f"scene questions for the VLM stage: {b.vlm_scenes} scenes x {len(VL_FOLDERS) + 1} kinds in "
+             f"{time.time() - t:.0f} s ({scenes})")
     folder = workdir / "source_vlm"
     key = {"image_size": b.image_size, "patch": b.patch_size, "hidden": b.llm_hidden, "layers": b.llm_layers,
-           "steps": b.vlm_steps, "batch": b.vlm_batch, "lr": b.vlm_lr, "seed": b.seed,
-           "data": json.loads((data / "demo_key.json").read_text())}
+           "steps": b.vlm_steps, "batch": b.vlm_batch, "lr": b.vlm_lr, "seed": b.seed, "scenes": scene_key}
     if _cached(folder, key, STAGE_FILE):
         _say(f"source VLM: cached in {folder}")
         return folder, json.loads((folder / STAGE_FILE).read_text())
@@ -133,8 +147,8 @@ def prepare_source_vlm(workdir: Path, b: DemoBudget, data: Path, held_out: Path)
         shutil.rmtree(random_init)
     build_tiny_llava(random_init, image_size=b.image_size, patch_size=b.patch_size, seed=b.seed,
                      llm_hidden=b.llm_hidden, llm_layers=b.llm_layers)
-    train = read_vl_shards([data / k for k in VL_FOLDERS])
-    val = read_vl_shards([held_out / k for k in VL_FOLDERS])
+    train = read_vl_shards([scenes / "train" / k for k in VL_FOLDERS])
+    val = read_vl_shards([scenes / "held_out" / k for k in VL_FOLDERS])
     _say(f"source VLM stage: a random tiny LLaVA (SigLIP {b.image_size} px + Llama {b.llm_hidden}x{b.llm_layers}) "
          f"learns {len(train)} scene questions for {b.vlm_steps} steps")
     if folder.exists():
@@ -144,9 +158,9 @@ def prepare_source_vlm(workdir: Path, b: DemoBudget, data: Path, held_out: Path)
     _mark(folder, key)
     shutil.rmtree(random_init)
     before, after = summary["before"], summary["after"]
-    _say(f"source VLM after its stage (held out): answer loss {before['loss']:.2f} -> {after['loss']:.2f}, "
-         f"exact answers {before['exact']:.0%} -> {after['exact']:.0%}, image reliance {after['reliance_gap']:+.3f}; "
-         f"saved with save_pretrained in {folder}")
+    _say(f"source VLM after its stage (held-out scenes): answer loss {before['loss']:.2f} -> {after['loss']:.2f}, "
+         f"exact answers {before['exact']:.0%} -> {after['exact']:.0%}, image reliance (loss with another scene's "
+         f"image minus loss) {after['reliance_gap']:+.3f}; saved with save_pretrained in {folder}")
     return folder, summary
 
 
@@ -242,7 +256,7 @@ def run_demo(workdir: str | Path, budget: str | DemoBudget = "default", steps: i
     _say(f"budget '{b.name}': tasks {', '.join(b.tasks)}; {b.episodes} demonstrations per task; VLM stage "
          f"{b.vlm_steps} steps; VLA {b.steps} steps of {b.batch}; work folder {workdir}")
     data, held_out = prepare_data(workdir, b)
-    source, vlm = prepare_source_vlm(workdir, b, data, held_out)
+    source, vlm = prepare_source_vlm(workdir, b)
     times = {"data_and_vlm_s": time.time() - t0}
 
     t1 = time.time()

@@ -90,3 +90,41 @@ on a `vl_rate` share of the steps of those episodes.
     summaries = {name: w.close() for name, w in writers.items()}
     stats_for_shards(out / "robot")
     return summaries
+
+
+def write_scene_questions(out: str | Path, scenes: int, seed: int, *, image_size: int = 128,
+                          overwrite: bool = False) -> dict[str, Any]:
+    """Questions about `scenes` freshly reset scenes (random task, layout and colours each; the gripper at
+    home): one question of each kind per scene, into `out/vqa`, `out/spatial`, `out/affordance`.
+
+    Cheap (a reset and one render per scene) and diverse: the source VLM's stage needs many layouts, since
+    questions about the few layouts of the demonstrations are answered by recognising the layout (measured:
+    a VLM trained on 40 layouts fit its training questions and answered held-out scenes no better than
+    without images)."""
+    from vla_scale.data.schema import vl_sample
+    from vla_scale.data.writer import ShardWriter
+    from vla_scale.eval.mujoco_backend import MujocoBackend
+    from vla_scale.eval.scene_qa import questions
+    from vla_scale.eval.tasks import TASKS
+
+    if scenes < 1:
+        raise ConfigError(f"scenes must be at least 1, got {scenes}")
+    out = Path(out)
+    meta = {"scenes": scenes, "seed": seed}
+    writers = {f: ShardWriter(out / f, overwrite=overwrite, metadata={**meta, "source": f"mujoco_scene_{f}"})
+               for f in VL_FOLDERS}
+    rng = np.random.default_rng([seed, 0x5CE4E])
+    tasks = sorted(TASKS)
+    try:
+        with MujocoBackend(cameras=("primary",), image_size=image_size) as backend:
+            for i in range(scenes):
+                obs = backend.reset(tasks[int(rng.integers(len(tasks)))], int(rng.integers(2**31)))
+                for kind in VL_KINDS:
+                    writers[SHARD_TASK[kind]].write(vl_sample(
+                        image=obs.images["primary"], turns=questions(backend, rng, kind), task=SHARD_TASK[kind],
+                        dataset=f"mujoco_scene_{kind}", where=f"scene {i}"))
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return {name: w.close() for name, w in writers.items()}
