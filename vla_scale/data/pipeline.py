@@ -37,6 +37,7 @@ from vla_scale.actions import ActionNormalizer
 from vla_scale.actions.normalizer import binarize, check_raw_dims
 from vla_scale.config.schema import Config, SourceConfig
 from vla_scale.data.augment import augment_image, center_crop
+from vla_scale.data.chunks import CHUNK_KEY, VALID_KEY
 from vla_scale.data.images import to_pixels
 from vla_scale.data.mixture import batch_counts, smallest_batch_including
 from vla_scale.data.prompts import PromptBuilder
@@ -183,8 +184,12 @@ class SampleProcessor:
         elif self.center_crop_scale is not None and s["task"] == ROBOT_TASK:
             image = center_crop(image.convert("RGB"), self.center_crop_scale)  # evaluation: what the policy sees
         pixels = to_pixels(np.asarray(image.convert("RGB")), self.image_size)
+        valid_steps = None
         if s["task"] == ROBOT_TASK:
             action = np.asarray(s["action"], dtype=np.float32)
+            if self.chunk > 1 and CHUNK_KEY in s:  # built from the following steps (vla_scale.data.chunks)
+                action = np.asarray(s[CHUNK_KEY], dtype=np.float32)
+                valid_steps = int(np.asarray(s[VALID_KEY]).sum())
             expect = (self.dim,) if self.chunk == 1 else (self.chunk, self.dim)
             if action.shape != expect:
                 raise DataError(f"{where}: action has shape {action.shape}, the config expects {expect} "
@@ -203,7 +208,7 @@ class SampleProcessor:
                                 f"binarize_threshold on the source or normalise the dimension")
         try:
             if s["task"] == ROBOT_TASK:
-                tok = self.prompts.build_robot(s["instruction"], normalized, self.overlong)
+                tok = self.prompts.build_robot(s["instruction"], normalized, self.overlong, valid_steps)
             else:
                 tok = self.prompts.build_vl_turns(list(s["turns"]), self.overlong)
         except DataError as e:
@@ -285,6 +290,7 @@ def mixture_counts(cfg: Config) -> dict[str, int]:
 def co_training_dataset(cfg: Config, dirs: list[Path], rank_batch: int):
     """One StreamingDataset over every source in use, `rank_mixed` batching; and the per-batch counts."""
     streaming = import_streaming()
+    from vla_scale.data.chunks import ChunkedCoTrainingDataset
     from vla_scale.data.streaming_dataset import RANK_MIXED, CoTrainingDataset
 
     counts = mixture_counts(cfg)
@@ -294,8 +300,11 @@ def co_training_dataset(cfg: Config, dirs: list[Path], rank_batch: int):
     # reproduces them batch after batch.
     streams = [streaming.Stream(local=str(folder[name]), proportion=c / t.global_batch_size)
                for name, c in counts.items()]
-    dataset = CoTrainingDataset(
-        streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
+    # actions.chunk > 1: robot samples carry the (T, D) chunk starting at them, read from the following
+    # rows of the same episode (a pure function of the sample id, so resume and world-size changes hold).
+    chunked = {"chunk": cfg.actions.chunk} if cfg.actions.chunk > 1 else {}
+    dataset = (ChunkedCoTrainingDataset if chunked else CoTrainingDataset)(
+        **chunked, streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
         batching_method=RANK_MIXED, micro_batch_size=t.micro_batch_size,
         num_canonical_nodes=cfg.data.num_canonical_nodes, replication=None,
         # streaming's own default, fixed here rather than at the first iteration, so the sample order

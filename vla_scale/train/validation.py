@@ -65,9 +65,15 @@ def validation_dirs(cfg: Config, rank: int = 0) -> list[Path]:
     return dirs
 
 
-def _read(folder: Path, limit: int) -> list[dict[str, Any]]:
+def _read(folder: Path, limit: int, chunk: int = 1) -> list[dict[str, Any]]:
     streaming = import_streaming()
-    ds = streaming.StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
+    if chunk > 1:  # per-step robot rows become (T, D) chunks as in training (vla_scale.data.chunks)
+        from vla_scale.data.chunks import ChunkedCoTrainingDataset
+
+        ds = ChunkedCoTrainingDataset(local=str(folder), shuffle=False, batch_size=1, chunk=chunk,
+                                      batching_method="random")
+    else:
+        ds = streaming.StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
     try:
         # num_samples, not len(): under several ranks len() is one rank's share of an epoch.
         return [ds[i] for i in range(min(limit, int(ds.num_samples)))]
@@ -101,7 +107,7 @@ class Validator:
         self.samples: dict[str, list[dict[str, Any]]] = {}
         micro = cfg.train.micro_batch_size
         for k, (name, folder) in enumerate(zip(names, validation_dirs(cfg, rank))):
-            raw = _read(folder, cfg.data.val_samples)
+            raw = _read(folder, cfg.data.val_samples, cfg.actions.chunk)
             if not raw:
                 raise DataError(f"data.val_sources.{k} ('{name}'): {folder} holds no samples")
             processed = [processor.sample({**s, "_stream": k, "_uid": i, "_epoch": 0}) for i, s in enumerate(raw)]
@@ -117,7 +123,7 @@ class Validator:
         self.grammar = prompts.action_tokenizer.grammar(prompts.tokenizer.eos_token_id, chunk=self.chunk)
         # The held-out actions as the model is asked to write them (decoded from their label tokens), once.
         decode, d = prompts.action_tokenizer.decode, cfg.actions.dim
-        self.targets = {n: np.asarray([decode(s["labels"][_answer_start(s["labels"]):], chunk=self.chunk)
+        self.targets = {n: np.asarray([decode(s["input_ids"][_answer_start(s["labels"]):], chunk=self.chunk)
                                        for s in self.samples[n]], np.float64).reshape(len(self.samples[n]), -1, d)
                         for n in robot}
 
