@@ -34,6 +34,7 @@ _CHOICES = {
     "train.strategy": ("single", "deepspeed"),
     "train.on_nonfinite": ("skip", "stop"),
     "data.overlong": ("truncate", "drop", "error"),
+    "data.state": ("none", "text", "projection"),
     "deepspeed.grad_accum_dtype": ("fp32", "bf16"),
     "deepspeed.communication_data_type": ("fp32", "bf16"),
 }
@@ -198,6 +199,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_length={d.max_length} is too short for a prompt and an answer; use at least 8")
     if not d.sources:
         raise ConfigError("data.sources: at least one source is needed")
+    # Cameras and state (issue 14): names become column names, the state mode needs its model part.
+    if not d.cameras or len(set(d.cameras)) != len(d.cameras):
+        raise ConfigError(f"data.cameras must list at least one camera, each once; got {list(d.cameras)}")
+    for i, c in enumerate(d.cameras):
+        if not c.isidentifier():
+            raise ConfigError(f"data.cameras.{i}={c!r}: use a name like 'primary', 'wrist' or 'left_wrist' (it "
+                              f"names the shard column image_<name>)")
+    if d.state == "projection" and m.state_dim <= 0:
+        raise ConfigError("data.state=projection needs model.state_dim set to the size of the robot state")
+    if d.state != "projection" and m.state_dim:
+        raise ConfigError(f"model.state_dim={m.state_dim} builds a state projection, but data.state={d.state!r} "
+                          f"does not feed it; set data.state=projection or model.state_dim=0")
+    if d.state == "text" and not 2 <= d.state_bins <= 1000:
+        raise ConfigError(f"data.state_bins must be in 2..1000, got {d.state_bins}")
     for i, s in enumerate(d.sources):
         if s.task not in TASKS:
             near = difflib.get_close_matches(s.task, TASKS, n=1)

@@ -79,6 +79,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # "auto": bf16 on GPU, fp32 on CPU; or "fp32" / "bf16".
     precision: str = "auto"
+    # Width of the robot state fed through a trainable projection as one prefix token after the
+    # cameras (data.state: projection needs it equal to the state's size); 0: no state projection.
+    state_dim: int = 0
 
 
 @dataclass
@@ -162,6 +165,18 @@ class DataConfig:
     val_sources: List[SourceConfig] = field(default_factory=list)
     # At most this many samples of each validation source are read (once) and evaluated.
     val_samples: int = 32
+    # Cameras the model sees, in prefix order: "primary" is the shards' `image` column, any other
+    # name N the column `image_N` (old shards' `wrist_image` serves as "wrist"). Each camera adds
+    # its patch tokens to the prefix; a robot source lacking a listed camera is an error, VL
+    # samples carry the primary only (the others are masked out, as is the image of a text-only
+    # VL sample).
+    cameras: List[str] = field(default_factory=lambda: ["primary"])
+    # The robot's proprioceptive state (the shards' `state` column), normalised to [-1, 1] with its
+    # q01/q99 statistics: "none"; "text" (pi0.5-style: each value discretised into state_bins bins,
+    # written as integers in the robot prompt); "projection" (a trainable linear map to one prefix
+    # token; set model.state_dim to the state's size).
+    state: str = "none"
+    state_bins: int = 256
 
 
 @dataclass

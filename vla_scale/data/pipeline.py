@@ -41,7 +41,9 @@ from vla_scale.data.chunks import CHUNK_KEY, VALID_KEY
 from vla_scale.data.images import to_pixels
 from vla_scale.data.mixture import batch_counts, smallest_batch_including
 from vla_scale.data.prompts import PromptBuilder
-from vla_scale.data.schema import ROBOT_TASK, STATS_FILE, robot_sample, vl_sample
+from vla_scale.data.schema import (PRIMARY_CAMERA, ROBOT_TASK, STATS_FILE, camera_column, camera_image, optional_array,
+                                   robot_sample, vl_sample)
+from vla_scale.data.state import STATE_KEY, StateNormalizer, state_text
 from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.data.synthetic import make_samples
 from vla_scale.errors import DataError
@@ -139,7 +141,31 @@ def source_stats(cfg: Config, dirs: list[Path], rank: int = 0) -> dict[str, dict
         check_raw_dims(out[src.name], src.binarize_threshold, f"data.sources.{i} ('{src.name}')")
     if not out:
         raise DataError("data.sources: at least one robot source is needed (action statistics come from it)")
+    if cfg.data.state != "none":
+        add_state_stats(cfg, dirs, out, rank)
     return out
+
+
+def add_state_stats(cfg: Config, dirs: list[Path], stats: dict[str, dict[str, Any]], rank: int = 0) -> None:
+    """Put the state's q01/q99 under stats[source]["state"] (data.state text|projection): from the source's
+    statistics when they hold them, else computed once from the shards into the run folder."""
+    from vla_scale.data.state import compute_state_stats
+    from vla_scale.data.stats import load_stats, write_stats
+
+    for src, d in zip(cfg.data.sources, dirs):
+        if src.name not in stats or STATE_KEY in stats[src.name]:
+            continue
+        target = Path(cfg.run.output_dir) / "stats" / f"{src.name}.state.json"
+        if rank == 0 and not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_stats(compute_state_stats(d), target)
+        _wait_for(target, f"state statistics of source '{src.name}'")
+        stats[src.name] = {**stats[src.name], STATE_KEY: load_stats(target)}
+    for name, s in stats.items():
+        dim = len(s[STATE_KEY]["q01"])
+        if cfg.data.state == "projection" and dim != cfg.model.state_dim:
+            raise DataError(f"source '{name}': its state has {dim} values but model.state_dim is "
+                            f"{cfg.model.state_dim}; set model.state_dim={dim}")
 
 
 # -- per-sample processing (runs in loader workers) ---------------------------
@@ -170,20 +196,20 @@ class SampleProcessor:
         self.thresholds = {src.name: src.binarize_threshold for src in cfg.data.sources}
         self.overlong = cfg.data.overlong
         self.truncated_count = self.dropped_count = 0
-        prompts.check_robot_fits((self.dim,) if self.chunk == 1 else (self.chunk, self.dim))
+        self.cameras = list(cfg.data.cameras)
+        self.state_mode, self.state_bins = cfg.data.state, cfg.data.state_bins
+        self.state_normalizers = ({name: StateNormalizer.from_stats(s[STATE_KEY]) for name, s in stats.items()}
+                                  if self.state_mode != "none" else {})
+        state_dim = max((n.dim for n in self.state_normalizers.values()), default=0)
+        # The widest state text: every value in the last bin (digits are single tokens).
+        worst_state = state_text(np.ones(state_dim), self.state_bins) if self.state_mode == "text" else None
+        prompts.check_robot_fits((self.dim,) if self.chunk == 1 else (self.chunk, self.dim), worst_state)
 
     def sample(self, s: dict[str, Any]) -> dict[str, Any]:
         stream = int(s["_stream"])
         name = self.source_of_stream[stream]
         where = f"source '{name}' sample {int(s['_uid'])}"
-        image = s["image"]
-        # Robot frames only: VL answers may hold image coordinates that a crop would falsify.
-        if self.augment and s["task"] == ROBOT_TASK:
-            rng = np.random.default_rng([self.seed, int(s["_uid"]), int(s["_epoch"])])
-            image = augment_image(image.convert("RGB"), rng)
-        elif self.center_crop_scale is not None and s["task"] == ROBOT_TASK:
-            image = center_crop(image.convert("RGB"), self.center_crop_scale)  # evaluation: what the policy sees
-        pixels = to_pixels(np.asarray(image.convert("RGB")), self.image_size)
+        pixels, present = self.camera_pixels(s, where)
         valid_steps = None
         if s["task"] == ROBOT_TASK:
             action = np.asarray(s["action"], dtype=np.float32)
@@ -206,9 +232,17 @@ class SampleProcessor:
                 raise DataError(f"{where}: action dimension {k} is kept raw but holds "
                                 f"{normalized.reshape(-1, self.dim)[:, k].tolist()}, outside [-1, 1]; set "
                                 f"binarize_threshold on the source or normalise the dimension")
+        state, state_txt = None, None
+        if self.state_mode != "none" and s["task"] == ROBOT_TASK:
+            raw_state = optional_array(s.get("state"))
+            if raw_state is None:
+                raise DataError(f"{where}: data.state={self.state_mode!r} but the sample has no state; convert the "
+                                f"dataset with its state key, or set data.state=none")
+            state = self.state_normalizers[name].normalize(raw_state, where)
+            state_txt = state_text(state, self.state_bins) if self.state_mode == "text" else None
         try:
             if s["task"] == ROBOT_TASK:
-                tok = self.prompts.build_robot(s["instruction"], normalized, self.overlong, valid_steps)
+                tok = self.prompts.build_robot(s["instruction"], normalized, self.overlong, valid_steps, state_txt)
             else:
                 tok = self.prompts.build_vl_turns(list(s["turns"]), self.overlong)
         except DataError as e:
@@ -220,8 +254,39 @@ class SampleProcessor:
                             "dropped" if tok.dropped else "truncated")
             self.truncated_count += tok.truncated
             self.dropped_count += tok.dropped
-        return {"input_ids": tok.input_ids, "labels": tok.labels, "choice": tok.choice, "source": stream,
-                "pixels": pixels, "sample_id": int(s["_uid"]), "truncated": tok.truncated, "dropped": tok.dropped}
+        out = {"input_ids": tok.input_ids, "labels": tok.labels, "choice": tok.choice, "source": stream,
+               "pixels": pixels, "image_mask": present, "sample_id": int(s["_uid"]), "truncated": tok.truncated,
+               "dropped": tok.dropped}
+        if self.state_mode == "projection":
+            dim = next(iter(self.state_normalizers.values())).dim
+            out["state"] = torch.from_numpy(state) if state is not None else torch.zeros(dim)
+            out["state_mask"] = state is not None
+        return out
+
+    def camera_pixels(self, s: dict[str, Any], where: str) -> tuple[torch.Tensor, list[bool]]:
+        """Pixels of every camera in data.cameras ((3, H, W) for one, (C, 3, H, W) for several) and which
+        the sample has. A robot sample must have them all; VL samples have the primary at most."""
+        robot = s["task"] == ROBOT_TASK
+        pixels, present = [], []
+        for k, cam in enumerate(self.cameras):
+            image = camera_image(s, cam, where)
+            if image is None:
+                if robot:
+                    raise DataError(f"{where}: no camera {cam!r} (column {camera_column(cam)!r}) in this robot "
+                                    f"sample, but data.cameras lists it")
+                pixels.append(torch.zeros(3, self.image_size, self.image_size))
+                present.append(False)
+                continue
+            # Robot frames only: VL answers may hold image coordinates that a crop would falsify. Each camera
+            # draws its own crop (the primary keeps the seed it always had).
+            if self.augment and robot:
+                rng = np.random.default_rng([self.seed, int(s["_uid"]), int(s["_epoch"])] + ([k] if k else []))
+                image = augment_image(image, rng)
+            elif self.center_crop_scale is not None and robot:
+                image = center_crop(image, self.center_crop_scale)  # evaluation: what the policy sees
+            pixels.append(to_pixels(np.asarray(image.convert("RGB")), self.image_size))
+            present.append(True)
+        return (pixels[0] if len(pixels) == 1 else torch.stack(pixels)), present
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate([self.sample(s) for s in batch], self.prompts.tokenizer.pad_token_id)
@@ -242,7 +307,14 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
         mask[i, :n] = 1
         choice[i, :n] = torch.from_numpy(np.asarray(s["choice"], dtype=bool)) if s.get("choice") is not None \
             else labels[i, :n] != IGNORE_INDEX
-    return {"pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": ids,
+    extra = {}
+    if "state" in samples[0]:  # data.state: projection
+        extra = {"state": torch.stack([s["state"] for s in samples]),
+                 "state_mask": torch.tensor([bool(s["state_mask"]) for s in samples])}
+    masks = [s.get("image_mask") or [True] for s in samples]
+    if any(len(m) > 1 or not all(m) for m in masks):  # several cameras, or a sample without an image
+        extra["image_mask"] = torch.tensor(masks, dtype=torch.bool)
+    return {**extra, "pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": ids,
             "attention_mask": mask, "labels": labels, "choice_mask": choice,
             "source": torch.tensor([s["source"] for s in samples]),
             "sample_id": torch.tensor([s.get("sample_id", -1) for s in samples]),

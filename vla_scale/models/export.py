@@ -55,6 +55,8 @@ def describe(model: VisionLanguageActionModel, actions: dict[str, Any]) -> dict[
         "frozen_encoders": list(model.frozen.encoders.keys()),
         "projector": model.core.projector.describe(),
         "layout": model.core.layout.name,
+        # The state projection's input width (data.state: projection); 0: none.
+        "state_dim": 0 if model.core.state_projection is None else model.core.state_projection.in_features,
         "llm": model.core.llm.config.to_dict(),
         "actions": actions,
     }
@@ -141,6 +143,8 @@ def load_export(folder: str | os.PathLike, attn_implementation: str = "sdpa"):
                    [e.spec.name for e in encoders], LAYOUTS[layout])
     for e in core.encoders.values():
         e.requires_grad_(True)
+    if config.get("state_dim"):
+        core.attach_state_projection(int(config["state_dim"]))
     model = VisionLanguageActionModel(frozen, core, config["image_size"], config["num_image_tokens"])
     try:
         state = load_file(str(folder / WEIGHTS))
