@@ -187,13 +187,29 @@ def test_a_robot_source_without_a_listed_camera_or_state_is_an_error(tiny_config
         _cam_config(tiny_config, tmp_path / "shards", "data.state=projection")
 
 
-def test_projection_mode_trains_end_to_end_with_two_cameras(tiny_config, tiny_llava, tmp_path):
+@pytest.mark.parametrize("mode", ["projection", "text"])
+def test_two_cameras_and_state_train_export_and_drive_the_policy(tiny_config, tiny_llava, tmp_path, mode):
+    """Train 2 steps, export, and the policy asks for what training fed: both cameras and the state."""
+    from vla_scale.policy.policy import VLAPolicy
+    from vla_scale.train.export import export_checkpoint
     from vla_scale.train.trainer import Trainer
 
-    _write_three_camera_shards(tmp_path / "shards")
-    cfg = _cam_config(tiny_config, tmp_path / "shards", "data.cameras=[primary, left]", "data.state=projection",
-                      "model.state_dim=3", "train.steps=2", "train.checkpoint_every=0", "model.image_size=16")
+    rows = _write_three_camera_shards(tmp_path / "shards")
+    extra = ["model.state_dim=3"] if mode == "projection" else []
+    cfg = _cam_config(tiny_config, tmp_path / "shards", "data.cameras=[primary, left]", f"data.state={mode}",
+                      "train.steps=2", "train.checkpoint_every=0", "model.image_size=16", *extra)
     Trainer(cfg).fit()
+    export_checkpoint(tmp_path / "run" / "checkpoints", tmp_path / "export")
+    policy = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu")
+    assert policy.cameras == ["primary", "left"] and policy.state_mode == mode
+    imgs, state = rows[0]
+    action = policy({"images": {"primary": imgs["primary"], "left": imgs["left"]}, "state": state,
+                     "instruction": "open the drawer"})
+    assert action.shape == (7,) and np.isfinite(action).all()
+    with pytest.raises(DataError, match="cameras"):
+        policy({"image": imgs["primary"], "state": state, "instruction": "open the drawer"})
+    with pytest.raises(DataError, match="state"):
+        policy({"images": imgs, "instruction": "open the drawer"})
 
 
 def test_the_plan_counts_every_camera_and_the_state_token():

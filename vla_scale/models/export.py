@@ -66,7 +66,7 @@ def save_export(model: VisionLanguageActionModel, tokenizer: Any, stats: dict, a
                 out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, overwrite: bool = False,
                 config_yaml: str | None = None,
                 state_dict: dict[str, torch.Tensor] | None = None,
-                image_preprocessing: dict[str, Any] | None = None) -> Path:
+                image_preprocessing: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -89,6 +89,8 @@ def save_export(model: VisionLanguageActionModel, tokenizer: Any, stats: dict, a
         config = describe(model, actions)
         config["tied_weights"] = tied
         config["image_preprocessing"] = image_preprocessing or {"center_crop_scale": None}
+        # What the policy must feed besides the instruction: cameras in prefix order, the state's mode.
+        config["inputs"] = inputs or {"cameras": ["primary"], "state": "none", "state_bins": 256}
         config["dtype"] = str(dtype).replace("torch.", "")
         (tmp / "vla_config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "action_stats.json").write_text(json.dumps(stats, indent=2))

@@ -152,7 +152,8 @@ class Validator:
             rows = samples[k:k + micro]
             images = [samples[(k + i + 1) % n]["pixels"] if shuffled else s["pixels"] for i, s in enumerate(rows)]
             prompts = [s["input_ids"][:_answer_start(s["labels"])] for s in rows]
-            result = decode_actions(model, torch.stack(images).to(device), prompts, self.grammar)
+            state = torch.stack([s["state"] for s in rows]).to(device) if "state" in rows[0] else None
+            result = decode_actions(model, torch.stack(images).to(device), prompts, self.grammar, state=state)
             out += [self.prompts.action_tokenizer.decode(r.ids, chunk=self.chunk) for r in result.rows]
         return np.asarray(out, np.float64).reshape(n, -1, self.cfg.actions.dim)
 
