@@ -184,13 +184,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     applies = {"images": ("llava",), "task": ("llava",), "max_tokens": ("llava",), "tokenizer": ("llava",),
                "camera": ("lerobot", "hdf5"),
                "wrist_camera": ("lerobot", "hdf5"), "state_keys": ("lerobot", "hdf5"), "action_key": ("lerobot",),
-               "flip_images": ("hdf5",), "instruction": ("hdf5",)}
+               "flip_images": ("hdf5",), "instruction": ("hdf5",), "extra_camera": ("lerobot", "hdf5"),
+               "filter_key": ("hdf5",), "instruction_from_filename": ("hdf5",)}
     for option, kinds in applies.items():
         if getattr(args, option) not in (None, False) and args.kind not in kinds:
             raise DataError(f"--{option.replace('_', '-')} applies to {' and '.join(kinds)} only, not {args.kind}")
     options = dict(skip_bad=args.skip_bad, overwrite=args.overwrite, dataset_name=args.dataset_name,
                    size_limit=args.size_limit, compression=args.compression, progress=not args.no_progress)
     state_keys = _csv(args.state_keys)
+    cameras = {}
+    for item in args.extra_camera or []:  # NAME=KEY, issue 14's named cameras
+        name, sep, key = item.partition("=")
+        if not sep or not name.strip() or not key.strip():
+            raise DataError(f"--extra-camera takes NAME=KEY (e.g. left_wrist=observation.images.cam_left_wrist), "
+                            f"got {item!r}")
+        cameras[name.strip()] = key.strip()
     if args.kind == "llava":
         if args.task is None:
             raise DataError("convert llava needs --task vqa, spatial or affordance")
@@ -198,12 +206,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif args.kind == "lerobot":
         if state_keys is not None and len(state_keys) > 1:
             raise DataError(f"--state-keys: a LeRobot dataset has one state feature; got {state_keys}")
-        options.update(camera=args.camera, wrist_camera=args.wrist_camera, action_key=args.action_key or "action")
+        options.update(camera=args.camera, wrist_camera=args.wrist_camera, action_key=args.action_key or "action",
+                       cameras=cameras)
         if state_keys is not None:
             options["state_key"] = state_keys[0] if state_keys else None
     else:
         options.update(camera=args.camera, wrist_camera=args.wrist_camera, state_keys=state_keys,
-                       flip_images=args.flip_images, instruction=args.instruction)
+                       flip_images=args.flip_images, instruction=args.instruction, cameras=cameras,
+                       filter_key=args.filter_key, instruction_from_filename=args.instruction_from_filename)
     summary = CONVERTERS[args.kind](args.src, args.out, **options)
     print(json.dumps(summary, indent=2))
     return 0
@@ -427,10 +437,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "concatenated (default LIBERO ee_states,gripper_states or robomimic eef/gripper keys); "
                          "'none' for no state")
     cv.add_argument("--action-key", default=None, help="lerobot: the action feature (default: action)")
-    cv.add_argument("--flip-images", action="store_true",
-                    help="hdf5: rotate frames 180 degrees (LIBERO renders upside down)")
-    cv.add_argument("--instruction", default=None, help="hdf5: instruction for every episode (overrides attributes "
-                                                        "and file names)")
+    cv.add_argument("--flip-images", action="store_const", const=True, default=None,
+                    help="hdf5: rotate frames 180 degrees (default: when the file says macros_image_convention="
+                         "'opengl', as LIBERO's do)")
+    cv.add_argument("--no-flip-images", dest="flip_images", action="store_const", const=False,
+                    help="hdf5: never rotate frames, whatever the file says")
+    cv.add_argument("--instruction", default=None, help="hdf5: instruction for every episode (overrides attributes)")
+    cv.add_argument("--instruction-from-filename", action="store_true",
+                    help="hdf5: when a file holds no instruction, take it from the file name (LIBERO names files "
+                         "after their task); without it such a file is an error")
+    cv.add_argument("--filter-key", default=None, metavar="KEY",
+                    help="hdf5: convert only the demos listed in the file's mask/KEY (robomimic: train, valid, ...)")
+    cv.add_argument("--extra-camera", action="append", default=None, metavar="NAME=KEY",
+                    help="lerobot/hdf5: one more camera, stored as camera NAME (data.cameras) from feature or obs "
+                         "KEY; repeat for several")
     cv.add_argument("--size-limit", default="64mb", help="shard size before starting a new shard (default: 64mb)")
     cv.add_argument("--compression", default=None, help="shard compression, e.g. zstd or zstd:7 (default: none)")
     cv.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -78,6 +78,8 @@ class RobotEpisode:
     instructions: Sequence[str]  # one per step (LeRobot tasks may change within an episode)
     states: np.ndarray | None = None  # (T, S)
     wrist_images: Sequence[bytes | None] | None = None
+    # Other cameras by name (data.cameras), encoded, one per step; "wrist" may come here or in wrist_images.
+    cameras: dict[str, Sequence[bytes | None]] | None = None
     # True when the converter encoded the images itself (video, HDF5): no need to decode them to validate.
     images_verified: bool = False
 
@@ -111,7 +113,9 @@ def validate_episode(ep: RobotEpisode, action_dim: int | None) -> None:
         t, k = _first_bad(bad)
         raise BadSampleError("non-finite action", f"{ep.where}, step {t}: action[{k}] is {a[t, k]} "
                                                   f"({int(bad.any(axis=1).sum())} of {steps} steps are non-finite)")
-    for name, seq in (("images", ep.images), ("instructions", ep.instructions), ("wrist images", ep.wrist_images)):
+    extra = [(f"camera {k!r} images", v) for k, v in (ep.cameras or {}).items()]
+    for name, seq in (("images", ep.images), ("instructions", ep.instructions), ("wrist images", ep.wrist_images),
+                      *extra):
         if seq is not None and len(seq) != steps:
             raise BadSampleError("length mismatch", f"{ep.where}, step {min(len(seq), steps)}: {len(seq)} {name} "
                                                     f"for {steps} actions")
@@ -124,7 +128,8 @@ def validate_episode(ep: RobotEpisode, action_dim: int | None) -> None:
         if bad.any():
             t, k = _first_bad(bad)
             raise BadSampleError("non-finite state", f"{ep.where}, step {t}: state[{k}] is {s[t, k]}")
-    for name, seq in (("image", ep.images), ("wrist image", ep.wrist_images)):
+    for name, seq in (("image", ep.images), ("wrist image", ep.wrist_images),
+                      *[(f"camera {k!r} image", v) for k, v in (ep.cameras or {}).items()]):
         if seq is None:
             continue
         for t, data in enumerate(seq):
@@ -155,7 +160,8 @@ def write_robot_episodes(writer: ShardWriter, pending: Iterable[PendingEpisode],
             for t in range(ep.actions.shape[0]):
                 where = f"{ep.where}, step {t}"
                 wrist = None if ep.wrist_images is None else decode_image(ep.wrist_images[t], where + " (wrist)")
-                writer.write(robot_sample(image=decode_image(ep.images[t], where), wrist_image=wrist,
+                cams = {k: decode_image(v[t], f"{where} (camera {k!r})") for k, v in (ep.cameras or {}).items()}
+                writer.write(robot_sample(image=decode_image(ep.images[t], where), wrist_image=wrist, cameras=cams,
                                           instruction=ep.instructions[t], action=ep.actions[t],
                                           state=None if ep.states is None else ep.states[t], dataset=dataset,
                                           episode=ep.episode, step=t, where=where), where=where)
