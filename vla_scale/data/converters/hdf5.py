@@ -32,6 +32,7 @@ import numpy as np
 
 from vla_scale.data.converters.common import (BadSampleError, PendingEpisode, ProgressCallback, RobotEpisode,
                                               dataset_name_for, encode_frame, write_robot_episodes)
+from vla_scale.data.camera_images import DEFAULT_CODEC, ImageCodec
 from vla_scale.data.writer import DEFAULT_SIZE_LIMIT, ShardWriter, check_output
 from vla_scale.errors import DataError
 
@@ -98,16 +99,16 @@ def _source_files(src: Path) -> list[Path]:
     raise DataError(f"HDF5 source {src} does not exist")
 
 
-def _frames(ds, steps: int, flip: bool, where: str) -> list[bytes]:
+def _frames(ds, steps: int, flip: bool, where: str, codec: ImageCodec) -> list[bytes]:
     out = []
     for t in range(min(steps, ds.shape[0])):  # one frame at a time: an episode is never fully decoded in memory
         frame = ds[t]
-        out.append(encode_frame(frame[::-1, ::-1] if flip else frame, f"{where}, step {t}"))
+        out.append(encode_frame(frame[::-1, ::-1] if flip else frame, f"{where}, step {t}", codec))
     return out
 
 
 def _pending(files: list[Path], *, camera: str | None, wrist_camera: str | None, state_keys: Sequence[str] | None,
-             flip_images: bool, instruction: str | None) -> Iterator[PendingEpisode]:
+             flip_images: bool, instruction: str | None, codec: ImageCodec = DEFAULT_CODEC) -> Iterator[PendingEpisode]:
     import h5py
 
     episode = 0
@@ -127,12 +128,13 @@ def _pending(files: list[Path], *, camera: str | None, wrist_camera: str | None,
                 steps = int(demo["actions"].shape[0]) if "actions" in demo else None
                 yield PendingEpisode(f"{path}: {name}", steps,
                                      _loader(path, data, demo, name, episode, camera=camera, wrist_camera=wrist_camera,
-                                             state_keys=state_keys, flip_images=flip_images, instruction=instruction))
+                                             state_keys=state_keys, flip_images=flip_images, instruction=instruction,
+                                             codec=codec))
                 episode += 1
 
 
 def _loader(path: Path, data, demo, name: str, episode: int, *, camera, wrist_camera, state_keys, flip_images,
-            instruction):
+            instruction, codec: ImageCodec):
     where = f"{path}: {name}"
 
     def load() -> RobotEpisode:
@@ -175,8 +177,9 @@ def _loader(path: Path, data, demo, name: str, episode: int, *, camera, wrist_ca
         if not text:
             raise BadSampleError("no instruction", f"{where}: no language instruction (attribute or file name)")
         return RobotEpisode(where=where, episode=episode, actions=actions, states=states, instructions=[text] * steps,
-                            images=_frames(obs[cam], steps, flip_images, where),
-                            wrist_images=_frames(obs[wrist_camera], steps, flip_images, where) if wrist_camera else None,
+                            images=_frames(obs[cam], steps, flip_images, where, codec),
+                            wrist_images=_frames(obs[wrist_camera], steps, flip_images, where, codec) if wrist_camera
+                            else None,
                             images_verified=True)
 
     return load
@@ -186,7 +189,8 @@ def convert_hdf5(src: str | Path, out: str | Path, *, camera: str | None = None,
                  state_keys: Sequence[str] | None = None, flip_images: bool = False, instruction: str | None = None,
                  dataset_name: str | None = None, skip_bad: bool = False, overwrite: bool = False,
                  size_limit: int | str | None = DEFAULT_SIZE_LIMIT, compression: str | None = None,
-                 progress: bool = True, callback: ProgressCallback | None = None) -> dict[str, Any]:
+                 progress: bool = True, callback: ProgressCallback | None = None,
+                 codec: ImageCodec | None = None) -> dict[str, Any]:
     """Convert robomimic/LIBERO HDF5 file(s) to robot shards in OUT; returns the summary.
 
     camera: primary image obs key (default agentview_rgb, agentview_image, or the
@@ -211,8 +215,10 @@ def convert_hdf5(src: str | Path, out: str | Path, *, camera: str | None = None,
         total = None  # the loop below names the unreadable file
     meta = {"kind": "hdf5", "source": str(src.resolve()), "dataset": name, "camera": camera,
             "wrist_camera": wrist_camera, "flip_images": flip_images}
-    with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta) as writer:
+    codec = codec or DEFAULT_CODEC
+    with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta,
+                     codec=codec) as writer:
         write_robot_episodes(writer, _pending(files, camera=camera, wrist_camera=wrist_camera, state_keys=state_keys,
-                                              flip_images=flip_images, instruction=instruction),
+                                              flip_images=flip_images, instruction=instruction, codec=codec),
                              dataset=name, skip_bad=skip_bad, total=total, progress=progress, callback=callback)
     return writer.summary
