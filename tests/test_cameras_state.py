@@ -124,10 +124,13 @@ def test_state_text_is_the_discretised_normalised_state():
 def _write_three_camera_shards(out, n_eps=2, steps=3):
     """Robot rows with primary, wrist (the `wrist_image` column every shard has) and an `image_left`
     column, plus states; written with streaming's own MDSWriter (named cameras' columns)."""
+    from vla_scale.data.camera_images import DEFAULT_CODEC, ImageCodec
+
     streaming = import_streaming()
     rng = np.random.default_rng(0)
     rows = []
-    with streaming.MDSWriter(out=str(out), columns={**COLUMNS, "image_left": "png"}, size_limit=1 << 14) as w:
+    png = ImageCodec("png")
+    with streaming.MDSWriter(out=str(out), columns={**COLUMNS, "image_left": "bytes"}, size_limit=1 << 14) as w:
         for ep in range(n_eps):
             for t in range(steps):
                 # Smooth, distinct per camera and step (JPEG keeps them within a few levels).
@@ -137,6 +140,8 @@ def _write_three_camera_shards(out, n_eps=2, steps=3):
                 row = robot_sample(image=imgs["primary"], cameras={"wrist": imgs["wrist"], "left": imgs["left"]},
                                    instruction="open the drawer", action=np.full(7, 0.01 * t, np.float32),
                                    state=state, dataset="cams", episode=ep, step=t)
+                row = {k: (png if k == "image_left" else DEFAULT_CODEC).store(v) if k.startswith(("image", "wrist"))
+                       else v for k, v in row.items()}
                 w.write(row)
                 rows.append((imgs, state))
     return rows

@@ -20,6 +20,7 @@ from vla_scale.data.converters import CONVERTERS, convert_hdf5, convert_lerobot,
 from vla_scale.data.converters import llava as llava_module
 from vla_scale.data.converters.hdf5 import instruction_from_filename
 from vla_scale.data.converters.llava import iter_json_records
+from vla_scale.data.camera_images import decode_camera_image
 from vla_scale.data.schema import optional_array
 from vla_scale.errors import DataError
 
@@ -185,7 +186,7 @@ def _check_robot_samples(samples, lengths, *, tol, wrist=True, skip=()):
         assert s["task"] == "robot" and s["instruction"] == TASKS[e % 2]
         np.testing.assert_array_equal(s["action"], np.array(_action(e, t), np.float32))
         np.testing.assert_array_equal(s["state"], np.array([e, t, 1.0], np.float32))
-        image = np.asarray(s["image"].convert("RGB")).astype(int)
+        image = np.asarray(decode_camera_image(s["image"])).astype(int)
         assert np.abs(image - _colour(e, t)).mean() < tol, (e, t, image.mean(axis=(0, 1)), _colour(e, t))
         if wrist:
             w = np.asarray(Image.open(io.BytesIO(s["wrist_image"])).convert("RGB")).astype(int)
@@ -353,7 +354,7 @@ def test_hdf5_libero_layout(tmp_path, read_plain):
         assert s["instruction"] == "put the bowl on the plate"
         np.testing.assert_array_equal(s["action"], np.array([d, t, 0.1, 0.2, 0.3, 0.0, -1.0 + 2 * (t % 2)], np.float32))
         np.testing.assert_array_equal(s["state"], np.array([d] * 6 + [0.5, 0.5], np.float32))
-        img = np.asarray(s["image"].convert("RGB")).astype(int)
+        img = np.asarray(decode_camera_image(s["image"])).astype(int)
         assert img[-2:, -2:].mean() > 200 and img[10:14, 2:6].mean() < 10  # rotated 180: bright corner bottom-right
         assert abs(img[2:6, 2:6].mean() - (10 * t + 40 * d) % 200) < 6
         assert s["wrist_image"][:2] == b"\xff\xd8"
@@ -433,7 +434,7 @@ def test_llava_to_vl_shards(tmp_path, read_plain, jsonl):
     ]
     assert {s["task"] for s in samples} == {"affordance"} and {int(s["episode"]) for s in samples} == {-1}
     source = np.asarray(Image.open(tmp_path / "images" / "img0.png").convert("RGB")).astype(int)
-    assert np.abs(np.asarray(samples[0]["image"].convert("RGB")).astype(int) - source).mean() < 4
+    assert np.abs(np.asarray(decode_camera_image(samples[0]["image"])).astype(int) - source).mean() < 4
 
 
 def test_llava_bad_samples(tmp_path, read_plain):
@@ -592,7 +593,7 @@ def test_libero_is_flipped_when_the_file_says_opengl_and_both_cameras_come_along
     assert plain["samples"] == flipped["samples"] == forced["samples"] == 2
 
     def corner(folder):  # where the bright 4x4 marker sits: "top-left" upright, "bottom-right" rotated
-        img = np.asarray(read_plain(folder)[0]["image"].convert("RGB")).astype(int)
+        img = np.asarray(decode_camera_image(read_plain(folder)[0]["image"])).astype(int)
         return "top-left" if img[:2, :2].mean() > 200 else "bottom-right" if img[-2:, -2:].mean() > 200 else "?"
 
     assert (corner(tmp_path / "plain"), corner(tmp_path / "flipped"), corner(tmp_path / "forced")) == \

@@ -189,8 +189,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for option, kinds in applies.items():
         if getattr(args, option) not in (None, False) and args.kind not in kinds:
             raise DataError(f"--{option.replace('_', '-')} applies to {' and '.join(kinds)} only, not {args.kind}")
+    from vla_scale.data.camera_images import ImageCodec
+
     options = dict(skip_bad=args.skip_bad, overwrite=args.overwrite, dataset_name=args.dataset_name,
-                   size_limit=args.size_limit, compression=args.compression, progress=not args.no_progress)
+                   size_limit=args.size_limit, compression=args.compression, progress=not args.no_progress,
+                   codec=ImageCodec(args.image_format, args.image_quality))
     state_keys = _csv(args.state_keys)
     cameras = {}
     for item in args.extra_camera or []:  # NAME=KEY, issue 14's named cameras
@@ -233,8 +236,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
                         f"got {args.keep_dims!r}") from None
     report = {}
     for folder in args.shards:
-        stats, path = stats_for_shards(folder, out=args.out, keep_dims=keep_dims, progress=not args.no_progress)
-        report[str(path)] = {k: stats[k] for k in ("samples", "count", "dim", "mask", "q01", "q99", "min", "max")}
+        stats, path = stats_for_shards(folder, out=args.out, keep_dims=keep_dims, progress=not args.no_progress,
+                                       outlier_factor=args.outlier_factor)
+        report[str(path)] = {k: stats[k] for k in ("samples", "count", "dim", "mask", "q01", "q99", "min", "max",
+                                                   "outliers")}
+        outliers = stats["outliers"]
+        if outliers["count"]:
+            print(f"WARNING: {folder}: {outliers['count']} robot sample(s) with non-finite or absurd actions were left "
+                  f"out of the statistics (listed under 'outliers' in {path}); the first: "
+                  + "; ".join(f"episode {o['episode']} step {o['step']} ({o['where']}): {o['reason']}"
+                              for o in outliers["examples"][:3]), file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -414,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "robot data.")
     cv.add_argument("kind", choices=("lerobot", "hdf5", "llava"), help="source format")
     cv.add_argument("src", help="source folder or file")
-    cv.add_argument("out", help="output shard folder (refused if it exists and is not empty, unless --overwrite)")
+    cv.add_argument("out", help="output shard folder, or a URL on object storage (s3://bucket/path, gs://, hf://, "
+                                "azure://...: staged locally shard by shard, index.json uploaded last); refused if "
+                                "it already holds a dataset, unless --overwrite")
     cv.add_argument("--skip-bad", action="store_true",
                     help="skip bad episodes (robot: the whole episode) or samples (llava) and count them in the "
                          "summary, instead of stopping at the first")
@@ -453,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "KEY; repeat for several")
     cv.add_argument("--size-limit", default="64mb", help="shard size before starting a new shard (default: 64mb)")
     cv.add_argument("--compression", default=None, help="shard compression, e.g. zstd or zstd:7 (default: none)")
+    cv.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg",
+                    help="how every camera is stored (default jpeg); source frames already in JPEG are kept byte for "
+                         "byte either way, and PNG ones under png")
+    cv.add_argument("--image-quality", type=int, default=95, metavar="Q", help="JPEG quality 1-100 (default 95)")
     cv.add_argument("--no-progress", action="store_true", help="no progress bar")
     cv.set_defaults(func=cmd_convert)
 
@@ -462,11 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "max, count, and the normalisation mask (dimensions only ever 0 or 1, such as a "
                                     "gripper, are kept raw unless --keep-dims says otherwise). Written atomically to "
                                     "SHARDS/stats.json, which the action normalizer reads.")
-    st.add_argument("shards", nargs="+", help="shard folder(s) written by `vla-scale convert`; each gets its own file")
+    st.add_argument("shards", nargs="+", help="shard folder(s) written by `vla-scale convert`, or their URLs "
+                                              "(s3://...: stats.json is uploaded beside the shards); each gets its "
+                                              "own file")
     st.add_argument("--out", default=None, help="write here instead of SHARDS/stats.json (one folder only)")
     st.add_argument("--keep-dims", default=None, metavar="DIMS",
                     help="comma-separated dimensions kept raw (mask false), e.g. 6; 'none' to normalise all "
                          "(default: detect {0,1}-valued dimensions)")
+    st.add_argument("--outlier-factor", type=float, default=10.0, metavar="F",
+                    help="actions beyond F robust ranges (q99 - q01) outside [q01, q99], and non-finite ones, are "
+                         "left out and reported by episode and step (default 10)")
     st.add_argument("--no-progress", action="store_true", help="no progress bar")
     st.set_defaults(func=cmd_stats)
     return p

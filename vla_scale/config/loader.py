@@ -161,6 +161,31 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
+def _validate_storage(st: Any) -> None:
+    hashes = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "sha3_224", "sha3_256", "sha3_384",
+              "sha3_512", "xxh32", "xxh64", "xxh128", "xxh3_64", "xxh3_128")  # streaming.base.hashing
+    if st.validate_hash is not None and st.validate_hash not in hashes:
+        near = difflib.get_close_matches(str(st.validate_hash), hashes, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"data.storage.validate_hash={st.validate_hash!r} is not one of {list(hashes)} or null"
+                          f"{hint}")
+    if st.cache_limit is not None:
+        from vla_scale.data.streaming_compat import import_streaming
+
+        import_streaming()
+        from streaming.base.util import bytes_to_int
+
+        try:
+            if bytes_to_int(st.cache_limit) <= 0:
+                raise ValueError("not positive")
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"data.storage.cache_limit={st.cache_limit!r}: use a size such as '200gb' or "
+                              f"'500mb' ({e})") from None
+    if not st.download_timeout_s > 0 or st.download_retry < 0:
+        raise ConfigError(f"data.storage.download_timeout_s must be positive and data.storage.download_retry "
+                          f">= 0, got {st.download_timeout_s}, {st.download_retry}")
+
+
 def validate(cfg: Config) -> None:
     """Checks across fields; raises `ConfigError` naming the key."""
     for key, choices in _CHOICES.items():
@@ -227,6 +252,7 @@ def validate(cfg: Config) -> None:
             hint = f"; did you mean '{near[0]}'?" if near else ""
             raise ConfigError(f"data.val_sources.{i}.name={s.name!r} is not a training source "
                               f"({sorted(train_names)}){hint}: a validation set is held-out data of one")
+    _validate_storage(d.storage)
     if d.val_samples <= 0:
         raise ConfigError(f"data.val_samples must be positive, got {d.val_samples}")
     if t.val_every < 0:

@@ -105,8 +105,10 @@ class SourceConfig:
     name: str = "robot"
     # "robot", "vqa", "spatial" or "affordance".
     task: str = "robot"
-    # "synthetic" (the built-in generator, written as shards into the run folder)
-    # or a local folder of MDS shards written by `vla-scale convert`.
+    # "synthetic" (the built-in generator, written as shards into the run folder),
+    # a local folder of MDS shards written by `vla-scale convert`, or the URL of one
+    # on object storage (s3://bucket/ds, gs://..., hf://..., azure://...; cached locally
+    # in data.storage.cache_dir).
     path: str = "synthetic"
     # Share of every global batch (weights are normalized to sum to 1; each global
     # batch holds exactly round(weight x batch) samples of this source).
@@ -127,6 +129,24 @@ class SyntheticDataConfig:
     samples_per_source: int = 256
     # Image side of generated samples (resized to model.image_size).
     image_size: int = 32
+
+
+@dataclass
+class StorageConfig:
+    # Node-local folder where shards of remote sources (s3://, gs://, hf://... any URL
+    # mosaicml-streaming reads) are cached; one sub-folder per source and dataset version.
+    # null: <TMPDIR>/vla-scale-shard-cache. Put it on local disk (NVMe), not on shared storage.
+    cache_dir: Optional[str] = None
+    # Most bytes the shard cache may hold ("200gb", "500mb" or a number); the least recently used
+    # shards are evicted beyond it. null: no limit. streaming needs at least 4x the largest shard.
+    cache_limit: Optional[str] = None
+    # Hash checked on every shard before it is read (shards carry sha1 and xxh64 since they are
+    # written with hashes): remote shards when downloaded, local ones the first time each process
+    # opens them. null: no checks. Shards written without that hash are read unchecked (a warning).
+    validate_hash: Optional[str] = "xxh64"
+    # Seconds to wait for one shard download, and retries before a download is an error.
+    download_timeout_s: float = 300.0
+    download_retry: int = 2
 
 
 @dataclass
@@ -177,6 +197,8 @@ class DataConfig:
     # token; set model.state_dim to the state's size).
     state: str = "none"
     state_bins: int = 256
+    # Where shards of remote sources are cached, and how shards are checked (data.storage.*).
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 @dataclass

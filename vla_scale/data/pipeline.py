@@ -1,6 +1,7 @@
 """From configured sources to this rank's micro-batches for one optimizer step.
 
-    sources (MDS shard folders; "synthetic" ones are generated into the run folder)
+    sources (MDS shard folders, or their URLs on object storage read through a node-local
+             cache (vla_scale.data.storage); "synthetic" ones are generated into the run folder)
       -> one mosaicml-streaming StreamingDataset with a Stream per source,
          stratified batching: every global batch holds exactly
          round(weight x batch) samples of each source
@@ -37,13 +38,14 @@ from vla_scale.actions import ActionNormalizer
 from vla_scale.actions.normalizer import binarize, check_raw_dims
 from vla_scale.config.schema import Config, SourceConfig
 from vla_scale.data.augment import augment_image, center_crop
+from vla_scale.data.camera_images import camera_column
 from vla_scale.data.chunks import CHUNK_KEY, VALID_KEY
 from vla_scale.data.images import to_pixels
 from vla_scale.data.mixture import batch_counts, smallest_batch_including
 from vla_scale.data.prompts import PromptBuilder
-from vla_scale.data.schema import (PRIMARY_CAMERA, ROBOT_TASK, STATS_FILE, camera_column, camera_image, optional_array,
-                                   robot_sample, vl_sample)
+from vla_scale.data.schema import ROBOT_TASK, STATS_FILE, camera_image, optional_array, robot_sample, vl_sample
 from vla_scale.data.state import STATE_KEY, StateNormalizer, state_text
+from vla_scale.data.storage import ShardLocation, resolve_source
 from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.data.synthetic import make_samples
 from vla_scale.errors import DataError
@@ -93,40 +95,43 @@ def write_synthetic_source(cfg: Config, index: int, out: Path, held_out: bool = 
                                   task=s["task"], dataset=f"synthetic-{src.name}", where=where), where)
 
 
-def source_dirs(cfg: Config, rank: int = 0) -> list[Path]:
-    """The shard folder of every source; rank 0 generates synthetic ones, the others wait for them."""
-    dirs = []
+def source_dirs(cfg: Config, rank: int = 0) -> list[ShardLocation]:
+    """Where every source's shards are read (a local folder, or a remote URL and its node-local cache);
+    rank 0 generates synthetic sources, the others wait for them."""
+    out = []
+    st = cfg.data.storage
     for i, src in enumerate(cfg.data.sources):
+        path = src.path
         if src.path == "synthetic":
             d = synthetic_dir(cfg, i)
             if rank == 0 and not (d / "index.json").is_file():
                 write_synthetic_source(cfg, i, d)
             _wait_for(d / "index.json", f"synthetic source '{src.name}'")
-        else:
-            d = Path(src.path)
-            if not (d / "index.json").is_file():
-                raise DataError(f"data.sources.{i}.path={src.path!r} is not a shard folder (no index.json); "
-                                f"write one with `vla-scale convert`")
-        dirs.append(d)
-    return dirs
+            path = str(d)
+        out.append(resolve_source(path, name=src.name, cache_dir=st.cache_dir, timeout=st.download_timeout_s,
+                                  what=f"data.sources.{i}.path"))
+    return out
 
 
-def source_stats(cfg: Config, dirs: list[Path], rank: int = 0) -> dict[str, dict[str, Any]]:
-    """Action statistics per robot source: `stats:` if set, else DIR/stats.json, else computed once."""
-    from vla_scale.data.stats import load_stats, stats_for_shards
+def source_stats(cfg: Config, dirs: list[ShardLocation], rank: int = 0) -> dict[str, dict[str, Any]]:
+    """Action statistics per robot source: `stats:` if set, else PATH/stats.json (also on a remote),
+    else computed once."""
+    from vla_scale.data.stats import load_stats, read_folder_stats, stats_for_shards
 
     out: dict[str, dict[str, Any]] = {}
-    for i, (src, d) in enumerate(zip(cfg.data.sources, dirs)):
+    for i, (src, loc) in enumerate(zip(cfg.data.sources, dirs)):
         if src.task != ROBOT_TASK:
             continue
+        d = loc.remote or loc.local
+        found = None if src.stats else read_folder_stats(d)
         if src.stats:
             out[src.name] = load_stats(src.stats)
-        elif (d / STATS_FILE).is_file():
-            out[src.name] = load_stats(d / STATS_FILE)
+        elif found is not None:
+            out[src.name] = found
         else:
             # Never write into a user's dataset folder: computed statistics go to the run folder
             # (synthetic shards live in the run folder already).
-            target = d / STATS_FILE if src.path == "synthetic" else (
+            target = loc.local / STATS_FILE if src.path == "synthetic" else (
                 Path(cfg.run.output_dir) / "stats" / f"{src.name}.json")
             if rank == 0 and not target.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -146,19 +151,23 @@ def source_stats(cfg: Config, dirs: list[Path], rank: int = 0) -> dict[str, dict
     return out
 
 
-def add_state_stats(cfg: Config, dirs: list[Path], stats: dict[str, dict[str, Any]], rank: int = 0) -> None:
+def add_state_stats(cfg: Config, dirs: list[ShardLocation], stats: dict[str, dict[str, Any]], rank: int = 0) -> None:
     """Put the state's q01/q99 under stats[source]["state"] (data.state text|projection): from the source's
-    statistics when they hold them, else computed once from the shards into the run folder."""
+    statistics when they hold them, else computed once from the (local) shards into the run folder."""
     from vla_scale.data.state import compute_state_stats
     from vla_scale.data.stats import load_stats, write_stats
 
-    for src, d in zip(cfg.data.sources, dirs):
+    for src, loc in zip(cfg.data.sources, dirs):
         if src.name not in stats or STATE_KEY in stats[src.name]:
             continue
+        if getattr(loc, "remote", None):
+            raise DataError(f"source '{src.name}' ({loc.remote}): data.state={cfg.data.state!r} needs the state's "
+                            f"statistics; computing them reads local shards only: give the source a stats file "
+                            f"with a 'state' entry ({{q01, q99}}) in data.sources.N.stats")
         target = Path(cfg.run.output_dir) / "stats" / f"{src.name}.state.json"
         if rank == 0 and not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_stats(compute_state_stats(d), target)
+            write_stats(compute_state_stats(getattr(loc, "local", loc)), target)
         _wait_for(target, f"state statistics of source '{src.name}'")
         stats[src.name] = {**stats[src.name], STATE_KEY: load_stats(target)}
     for name, s in stats.items():
@@ -359,24 +368,27 @@ def mixture_counts(cfg: Config) -> dict[str, int]:
     return {src.name: c for src, c in zip(sources, counts) if c > 0}
 
 
-def co_training_dataset(cfg: Config, dirs: list[Path], rank_batch: int):
+def co_training_dataset(cfg: Config, dirs: list[ShardLocation] | list[Path], rank_batch: int):
     """One StreamingDataset over every source in use, `rank_mixed` batching; and the per-batch counts."""
-    streaming = import_streaming()
     from vla_scale.data.chunks import ChunkedCoTrainingDataset
     from vla_scale.data.streaming_dataset import RANK_MIXED, CoTrainingDataset
 
     counts = mixture_counts(cfg)
     t = cfg.train
-    folder = {src.name: d for src, d in zip(cfg.data.sources, dirs)}
+    st = cfg.data.storage
+    folder = {src.name: d if isinstance(d, ShardLocation) else resolve_source(str(d), name=src.name, cache_dir=None)
+              for src, d in zip(cfg.data.sources, dirs)}
     # Proportions are the exact per-batch counts over the batch, so stratified batching
     # reproduces them batch after batch.
-    streams = [streaming.Stream(local=str(folder[name]), proportion=c / t.global_batch_size)
+    streams = [folder[name].stream(proportion=c / t.global_batch_size, validate_hash=st.validate_hash,
+                                   download_timeout=st.download_timeout_s, download_retry=st.download_retry)
                for name, c in counts.items()]
     # actions.chunk > 1: robot samples carry the (T, D) chunk starting at them, read from the following
     # rows of the same episode (a pure function of the sample id, so resume and world-size changes hold).
     chunked = {"chunk": cfg.actions.chunk} if cfg.actions.chunk > 1 else {}
     dataset = (ChunkedCoTrainingDataset if chunked else CoTrainingDataset)(
-        **chunked, streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
+        **chunked, validate_hash=st.validate_hash, cache_limit=st.cache_limit,
+        streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
         batching_method=RANK_MIXED, micro_batch_size=t.micro_batch_size,
         num_canonical_nodes=cfg.data.num_canonical_nodes, replication=None,
         # streaming's own default, fixed here rather than at the first iteration, so the sample order
@@ -387,7 +399,8 @@ def co_training_dataset(cfg: Config, dirs: list[Path], rank_batch: int):
 
 
 class CoTrainingLoader:
-    def __init__(self, cfg: Config, prompts: PromptBuilder, stats: dict[str, dict[str, Any]], dirs: list[Path],
+    def __init__(self, cfg: Config, prompts: PromptBuilder, stats: dict[str, dict[str, Any]],
+                 dirs: list[ShardLocation] | list[Path],
                  rank: int = 0, world_size: int = 1):
         t = cfg.train
         # Each rank's slice of a global batch is cut into `resolve_accumulation` micro-batches; a world

@@ -9,15 +9,20 @@ use hold empty values. Shards are plain mosaicml-streaming MDS: readable by
 |--------------|------------------|-------------------------------------|-----------------------------------------|
 | task         | str              | "robot"                             | "vqa", "spatial" or "affordance"        |
 | dataset      | str              | source dataset name                 | source dataset name                     |
-| image        | jpeg             | primary camera, RGB                 | the image (1x1 black: text-only sample) |
-| wrist_image  | bytes            | JPEG bytes of the wrist camera, or b"" | b""                                  |
-| image_<name> | (camera)         | camera <name> (data.cameras)        | ABSENT column                           |
+| image        | bytes            | primary camera, encoded (JPEG/PNG)  | the image, encoded                      |
+| wrist_image  | bytes            | wrist camera, encoded, or b""       | b""                                     |
+| image_<name> | bytes            | camera <name> (data.cameras), encoded | column absent                         |
 | instruction  | str              | language instruction                | ""                                      |
 | action       | ndarray:float32  | (D,) or an action chunk (T, D)      | ABSENT                                  |
 | state        | ndarray:float32  | proprioception (S,), or ABSENT      | ABSENT                                  |
 | episode      | int64            | episode index within the dataset    | -1                                      |
 | step         | int64            | step index within the episode       | -1                                      |
 | turns        | json             | []                                  | [{"question": ..., "answer": ...}, ...] |
+
+Camera columns hold encoded image bytes, stored by `ShardWriter` with one
+`ImageCodec` (default JPEG 95; source JPEG bytes are kept as they are) and
+read with `decode_camera_image`, which also reads older shards whose `image`
+column used streaming's `jpeg` encoding: see `vla_scale.data.camera_images`.
 
 ABSENT is the one-element array [nan]: MDS cannot store an empty ndarray
 (`MDSWriter` raises "Attempting to encode a numpy array with 0 elements"),
@@ -30,18 +35,18 @@ their statistics. This module defines the format; it never reads a dataset.
 """
 from __future__ import annotations
 
-import io
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
+from vla_scale.data.camera_images import (LEGACY_WRIST_COLUMN, PRIMARY_CAMERA, camera_column, decode_camera_image,
+                                          rgb_image)
 from vla_scale.errors import DataError
 
 COLUMNS: dict[str, str] = {
     "task": "str",
     "dataset": "str",
-    "image": "jpeg",
+    "image": "bytes",
     "wrist_image": "bytes",
     "instruction": "str",
     "action": "ndarray:float32",
@@ -54,56 +59,18 @@ ROBOT_TASK = "robot"
 VL_TASKS = ("vqa", "spatial", "affordance")
 TASKS = (ROBOT_TASK, *VL_TASKS)
 STATS_FILE = "stats.json"
-JPEG_QUALITY = 95
 # MDS cannot encode empty arrays (see the module docstring): "no value" is [nan].
 ABSENT = np.full((1,), np.nan, dtype=np.float32)
 
 
-# -- cameras ---------------------------------------------------------------------------------------
-# The primary camera is the `image` column; any other camera N is `image_N` (data.cameras names them).
-# Shards written before named cameras hold the wrist camera as JPEG bytes in `wrist_image`.
-PRIMARY_CAMERA = "primary"
-LEGACY_WRIST = ("wrist", "wrist_image")
-
-
-def camera_column(name: str) -> str:
-    return "image" if name == PRIMARY_CAMERA else f"image_{name}"
-
-
-def has_image(value: Any) -> bool:
-    """False for "no image": None, b"", or the 1x1 placeholder a jpeg column holds for a text-only sample."""
-    if value is None:
-        return False
-    if isinstance(value, (bytes, bytearray)):
-        return len(value) > 0
-    if isinstance(value, Image.Image):
-        return value.size != NO_IMAGE_SIZE
-    return True
-
-
-def camera_image(sample: dict[str, Any], name: str, where: str = "sample") -> Image.Image | None:
-    """Camera `name` of a read row as an RGB image, or None when the row does not have it."""
+# -- cameras: column names and decoding live in vla_scale.data.camera_images ------------------------
+def camera_image(sample: dict[str, Any], name: str, where: str = "sample") -> Any:
+    """Camera `name` of a read row as an RGB PIL image, or None when the row does not have it (a camera
+    column it lacks, b"" as in a text-only VL sample). The wrist camera of older shards is `wrist_image`."""
     value = sample.get(camera_column(name))
-    if value is None and name == LEGACY_WRIST[0]:
-        value = sample.get(LEGACY_WRIST[1])
-    if not has_image(value):
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            with Image.open(io.BytesIO(value)) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise DataError(f"{where}: camera {name!r} cannot be decoded: {e}") from None
-    return _rgb(value, f"{where} (camera {name!r})")
-
-
-# MDS's jpeg column cannot be empty: a text-only VL row stores this 1x1 black image, which no camera
-# produces, and `has_image` reads it as "no image".
-NO_IMAGE_SIZE = (1, 1)
-
-
-def no_image() -> Image.Image:
-    return Image.new("RGB", NO_IMAGE_SIZE)
+    if value is None and name == "wrist":
+        value = sample.get(LEGACY_WRIST_COLUMN)
+    return decode_camera_image(value, f"{where} (camera {name!r})")
 
 
 def is_absent(array: Any) -> bool:
@@ -117,19 +84,16 @@ def optional_array(array: Any) -> np.ndarray | None:
     return None if is_absent(array) else np.asarray(array)
 
 
-def _rgb(image: Any, where: str) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise DataError(f"{where}: expected an RGB uint8 image (H, W, 3), got {arr.dtype} {arr.shape}")
-    return Image.fromarray(arr)
-
-
-def jpeg_bytes(image: Any, where: str = "image") -> bytes:
-    buf = io.BytesIO()
-    _rgb(image, where).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
+def _camera(image: Any, where: str, required: bool = False) -> Any:
+    """A camera value as written: encoded bytes stay bytes (the writer keeps or re-encodes them), pixels are
+    checked and become an RGB image (the writer encodes them with its codec)."""
+    if image is None or (isinstance(image, (bytes, bytearray, memoryview)) and not len(image)):
+        if required:
+            raise DataError(f"{where}: the image is missing")
+        return b""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    return rgb_image(image, where)
 
 
 def robot_sample(*, image: Any, instruction: str, action: Any, dataset: str, episode: int, step: int,
@@ -138,7 +102,7 @@ def robot_sample(*, image: Any, instruction: str, action: Any, dataset: str, epi
     """A validated robot row. Non-finite actions are an error naming `where`.
 
     `cameras`: the other cameras by name (not the primary); "wrist" is stored in the `wrist_image`
-    column every shard has, any other camera N in a column `image_N` (which the writer must declare)."""
+    column every shard has, any other camera N in the column `image_N`."""
     act = np.asarray(action, dtype=np.float32)
     if act.ndim not in (1, 2) or act.size == 0:
         raise DataError(f"{where}: action must have shape (D,) or (T, D), got {act.shape}")
@@ -154,14 +118,14 @@ def robot_sample(*, image: Any, instruction: str, action: Any, dataset: str, epi
     for name, img in (cameras or {}).items():
         if name == PRIMARY_CAMERA:
             raise DataError(f"{where}: the primary camera goes in image=, not in cameras=")
-        if name == LEGACY_WRIST[0]:
+        if name == "wrist":
             if wrist_image is not None:
                 raise DataError(f"{where}: the wrist camera is given twice (wrist_image= and cameras=)")
             wrist_image = img
         else:
-            extra[camera_column(name)] = _rgb(img, f"{where} (camera {name!r})")
-    return {**extra, "task": ROBOT_TASK, "dataset": dataset, "image": _rgb(image, where),
-            "wrist_image": b"" if wrist_image is None else jpeg_bytes(wrist_image, where + " (wrist)"),
+            extra[camera_column(name)] = _camera(img, f"{where} (camera {name!r})", required=True)
+    return {**extra, "task": ROBOT_TASK, "dataset": dataset, "image": _camera(image, where, required=True),
+            "wrist_image": _camera(wrist_image, where + " (wrist)"),
             "instruction": str(instruction), "action": act, "state": st, "episode": int(episode),
             "step": int(step), "turns": []}
 
@@ -179,6 +143,5 @@ def vl_sample(*, image: Any, turns: Sequence[dict[str, str]], task: str, dataset
         clean.append({"question": q, "answer": a})
     if not clean:
         raise DataError(f"{where}: no question/answer turns")
-    return {"task": task, "dataset": dataset, "image": no_image() if image is None else _rgb(image, where),
-            "wrist_image": b"",
+    return {"task": task, "dataset": dataset, "image": _camera(image, where), "wrist_image": b"",
             "instruction": "", "action": ABSENT, "state": ABSENT, "episode": -1, "step": -1, "turns": clean}

@@ -24,7 +24,7 @@ from vla_scale.config.schema import ActionConfig
 from vla_scale.data.augment import center_crop
 from vla_scale.data.images import rgb_array, to_pixels
 from vla_scale.data.prompts import PromptBuilder
-from vla_scale.data.schema import PRIMARY_CAMERA
+from vla_scale.data.camera_images import PRIMARY_CAMERA
 from vla_scale.data.state import STATE_KEY, StateNormalizer, state_text
 from vla_scale.errors import ConfigError, DataError
 from vla_scale.models.export import load_export

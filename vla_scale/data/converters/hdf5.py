@@ -47,6 +47,7 @@ import numpy as np
 
 from vla_scale.data.converters.common import (BadSampleError, PendingEpisode, ProgressCallback, RobotEpisode,
                                               dataset_name_for, encode_frame, write_robot_episodes)
+from vla_scale.data.camera_images import DEFAULT_CODEC, ImageCodec
 from vla_scale.data.writer import DEFAULT_SIZE_LIMIT, ShardWriter, check_output
 from vla_scale.errors import DataError
 
@@ -165,17 +166,18 @@ def _read_rows(ds, where: str, key: str, t: int | None = None) -> np.ndarray:
         raise DataError(f"{where}{step}: cannot read {key} (a corrupt HDF5 chunk?): {e}") from None
 
 
-def _frames(ds, steps: int, flip: bool, where: str, key: str) -> list[bytes]:
+def _frames(ds, steps: int, flip: bool, where: str, key: str, codec: ImageCodec) -> list[bytes]:
     out = []
     for t in range(min(steps, ds.shape[0])):  # one frame at a time: an episode is never fully decoded in memory
         frame = _read_rows(ds, where, f"obs/{key}", t)
-        out.append(encode_frame(frame[::-1, ::-1] if flip else frame, f"{where}, step {t}"))
+        out.append(encode_frame(frame[::-1, ::-1] if flip else frame, f"{where}, step {t}", codec))
     return out
 
 
 def _pending(files: list[Path], *, camera: str | None, wrist_camera: str | None, state_keys: Sequence[str] | None,
              flip_images: bool | None, instruction: str | None, cameras: dict[str, str] | None = None,
-             filter_key: str | None = None, instruction_from_filename: bool = False) -> Iterator[PendingEpisode]:
+             filter_key: str | None = None, instruction_from_filename: bool = False,
+             codec: ImageCodec = DEFAULT_CODEC) -> Iterator[PendingEpisode]:
     import h5py
 
     episode = 0
@@ -203,12 +205,12 @@ def _pending(files: list[Path], *, camera: str | None, wrist_camera: str | None,
                 yield PendingEpisode(f"{path}: {name}", steps,
                                      _loader(path, data, demo, name, episode, camera=camera, wrist_camera=wrist_camera,
                                              state_keys=state_keys, flip_images=flip, instruction=text,
-                                             cameras=cameras or {}))
+                                             cameras=cameras or {}, codec=codec))
                 episode += 1
 
 
 def _loader(path: Path, data, demo, name: str, episode: int, *, camera, wrist_camera, state_keys, flip_images,
-            instruction, cameras):
+            instruction, cameras, codec: ImageCodec):
     where = f"{path}: {name}"
 
     def load() -> RobotEpisode:
@@ -253,9 +255,10 @@ def _loader(path: Path, data, demo, name: str, episode: int, *, camera, wrist_ca
                 parts.append(v.reshape(steps, -1))
             states = np.concatenate(parts, axis=1)
         return RobotEpisode(where=where, episode=episode, actions=actions, states=states,
-                            instructions=[instruction] * steps, images=_frames(obs[cam], steps, flip_images, where, cam),
-                            wrist_images=_frames(obs[wrist], steps, flip_images, where, wrist) if wrist else None,
-                            cameras={n: _frames(obs[k], steps, flip_images, where, k) for n, k in cameras.items()},
+                            instructions=[instruction] * steps,
+                            images=_frames(obs[cam], steps, flip_images, where, cam, codec),
+                            wrist_images=_frames(obs[wrist], steps, flip_images, where, wrist, codec) if wrist else None,
+                            cameras={n: _frames(obs[k], steps, flip_images, where, k, codec) for n, k in cameras.items()},
                             images_verified=True)
 
     return load
@@ -267,7 +270,8 @@ def convert_hdf5(src: str | Path, out: str | Path, *, camera: str | None = None,
                  filter_key: str | None = None, instruction_from_filename: bool = False,
                  dataset_name: str | None = None, skip_bad: bool = False, overwrite: bool = False,
                  size_limit: int | str | None = DEFAULT_SIZE_LIMIT, compression: str | None = None,
-                 progress: bool = True, callback: ProgressCallback | None = None) -> dict[str, Any]:
+                 progress: bool = True, callback: ProgressCallback | None = None,
+                 codec: ImageCodec | None = None) -> dict[str, Any]:
     """Convert robomimic/LIBERO HDF5 file(s) to robot shards in OUT; returns the summary.
 
     camera: primary image obs key (default agentview_rgb, agentview_image, or the
@@ -300,10 +304,12 @@ def convert_hdf5(src: str | Path, out: str | Path, *, camera: str | None = None,
     meta = {"kind": "hdf5", "source": str(src.resolve()), "dataset": name, "camera": camera,
             "wrist_camera": wrist_camera, "cameras": dict(cameras or {}), "flip_images": flip_images,
             "filter_key": filter_key}
-    with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta) as writer:
+    codec = codec or DEFAULT_CODEC
+    with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta,
+                     codec=codec) as writer:
         write_robot_episodes(writer, _pending(files, camera=camera, wrist_camera=wrist_camera, state_keys=state_keys,
                                               flip_images=flip_images, instruction=instruction, cameras=cameras,
                                               filter_key=filter_key,
-                                              instruction_from_filename=instruction_from_filename),
+                                              instruction_from_filename=instruction_from_filename, codec=codec),
                              dataset=name, skip_bad=skip_bad, total=total, progress=progress, callback=callback)
     return writer.summary

@@ -39,6 +39,7 @@ import numpy as np
 
 from vla_scale.data.converters.common import (BadSampleError, PendingEpisode, ProgressCallback, RobotEpisode,
                                               dataset_name_for, encode_frame, write_robot_episodes)
+from vla_scale.data.camera_images import DEFAULT_CODEC, ImageCodec
 from vla_scale.data.writer import DEFAULT_SIZE_LIMIT, ShardWriter, check_output
 from vla_scale.errors import DataError
 
@@ -238,8 +239,9 @@ class _VideoCursor:
     the group of pictures for every episode.
     """
 
-    def __init__(self, tolerance_s: float) -> None:
+    def __init__(self, tolerance_s: float, codec: ImageCodec = DEFAULT_CODEC) -> None:
         self.tolerance_s = tolerance_s
+        self.codec = codec  # frames are encoded once, in the shards' own codec
         self.path: Path | None = None
         self._container = None
         self._stream = None
@@ -304,7 +306,7 @@ class _VideoCursor:
                                                           f"{self.tolerance_s:.4f} s of t={q:.4f} s (nearest: {nearest}); "
                                                           f"the video is shorter than the episode or out of sync")
                 rgb = self._reformatter.reformat(best, format="rgb24").to_ndarray()
-                out.append(encode_frame(rgb, f"{where}, step {step}"))
+                out.append(encode_frame(rgb, f"{where}, step {step}", self.codec))
             return out
         except av.FFmpegError as e:
             self.close()
@@ -471,7 +473,8 @@ def convert_lerobot(src: str | Path, out: str | Path, *, camera: str | None = No
                     dataset_name: str | None = None, skip_bad: bool = False, overwrite: bool = False,
                     size_limit: int | str | None = DEFAULT_SIZE_LIMIT, compression: str | None = None,
                     progress: bool = True, video_tolerance_s: float | None = None,
-                    callback: ProgressCallback | None = None, cameras: dict[str, str] | None = None) -> dict[str, Any]:
+                    callback: ProgressCallback | None = None, codec: ImageCodec | None = None,
+                    cameras: dict[str, str] | None = None) -> dict[str, Any]:
     """Convert a local LeRobotDataset folder (v2.x or v3.0) to robot shards in OUT; returns the summary.
 
     camera: the primary image feature (default: the first image/video feature in
@@ -509,13 +512,14 @@ def convert_lerobot(src: str | Path, out: str | Path, *, camera: str | None = No
     ds = _load_dataset(root, info, [k for k in cameras if features[k]["dtype"] == "video"])
     name = dataset_name_for(root, dataset_name)
     tolerance = video_tolerance_s if video_tolerance_s is not None else 0.25 / ds.fps
-    video = {k: _VideoCursor(tolerance) for k in cameras}  # one per camera, so each decodes forward through its file
+    codec = codec or DEFAULT_CODEC
+    video = {k: _VideoCursor(tolerance, codec) for k in cameras}  # one per camera, so each decodes forward through its file
     meta = {"kind": "lerobot", "source": str(root.resolve()), "codebase_version": info.get("codebase_version"),
             "dataset": name, "camera": camera, "wrist_camera": wrist_camera, "state_key": state_key,
             "cameras": {k: v for k, v in named.items() if k not in ("primary", "wrist")}}
     try:
         with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression,
-                         metadata=meta) as writer:
+                         metadata=meta, codec=codec) as writer:
             write_robot_episodes(writer, _pending_episodes(ds, action_key=action_key, state_key=state_key,
                                                            cameras=named, video=video),
                                  dataset=name, skip_bad=skip_bad, total=len(ds.episodes), progress=progress,

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 from vla_scale.data.converters.common import BadSampleError, ProgressCallback, dataset_name_for, decode_image
 from vla_scale.data.schema import VL_TASKS, vl_sample
+from vla_scale.data.camera_images import ImageCodec
 from vla_scale.data.writer import DEFAULT_SIZE_LIMIT, ShardWriter, check_output
 from vla_scale.errors import DataError
 
@@ -180,7 +181,7 @@ def convert_llava(src: str | Path, out: str | Path, *, task: str, images: str | 
                   dataset_name: str | None = None, skip_bad: bool = False, overwrite: bool = False,
                   size_limit: int | str | None = DEFAULT_SIZE_LIMIT, compression: str | None = None,
                   progress: bool = True, callback: ProgressCallback | None = None, max_tokens: int | None = None,
-                  tokenizer: str | Path | None = None) -> dict[str, Any]:
+                  tokenizer: str | Path | None = None, codec: ImageCodec | None = None) -> dict[str, Any]:
     """Convert a LLaVA-style JSON/JSONL file plus its image folder to vision-language shards; returns the summary.
 
     task: "vqa", "spatial" or "affordance" (the co-training source this data feeds).
@@ -205,7 +206,8 @@ def convert_llava(src: str | Path, out: str | Path, *, task: str, images: str | 
                             "examples": []}
     if length is not None:
         meta["max_tokens"] = over  # the writer keeps this same dict: the counts reach conversion.json
-    with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta) as writer, \
+    with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta,
+                     codec=codec) as writer, \
             tqdm(unit="sample", desc=f"convert {name}", disable=not progress) as bar:
         for i, record in enumerate(iter_json_records(src)):
             rid = record.get("id") if isinstance(record, dict) else None
@@ -215,7 +217,9 @@ def convert_llava(src: str | Path, out: str | Path, *, task: str, images: str | 
                     raise BadSampleError("bad record", f"{where}: expected an object, got {type(record).__name__}")
                 turns = conversation_turns(record.get("conversations"), where)
                 path = _image_path(record, image_dir, where)
-                image = None if path is None else decode_image(path.read_bytes(), f"{where} ({path})")
+                image = None if path is None else path.read_bytes()
+                if image is not None:
+                    decode_image(image, f"{where} ({path})")  # validated here; the file's own bytes are stored
             except BadSampleError as e:
                 if not skip_bad and not isinstance(e, MultiImageRecord):
                     raise
