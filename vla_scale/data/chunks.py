@@ -83,15 +83,22 @@ class ChunkedCoTrainingDataset(CoTrainingDataset):
     def _neighbour(self, sample_id: int) -> dict[str, Any]:
         shard_id, index = self.spanner[sample_id]
         shard = self.shards[shard_id]
+        if shard_id not in self._verified:  # the same hash check get_item makes on a shard's first use
+            self._verify_local(shard_id)
         for _ in range(1 + _RETRIES):
             try:
                 data = shard.get_sample_data(index)
                 break
-            except FileNotFoundError:  # not local (remote stream, evicted): streaming downloads it
+            except FileNotFoundError:  # not local (remote stream, evicted): streaming downloads (and checks) it
                 self.prepare_shard(shard_id)
         else:
-            raise DataError(f"sample {sample_id}: its shard could not be made local to read an action chunk")
-        return decode_columns(shard, data, _NEIGHBOUR_COLUMNS)
+            raise DataError(f"{self._shard_name(shard_id)}, sample {index}: the shard could not be made local to "
+                            f"read an action chunk")
+        try:
+            return decode_columns(shard, data, _NEIGHBOUR_COLUMNS)
+        except (TypeError, ValueError, IndexError, KeyError) as e:
+            raise DataError(f"{self._shard_name(shard_id)}, sample {index}: cannot read the sample ({type(e).__name__}: "
+                            f"{e}); the shard is damaged (re-convert or re-upload it)") from None
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         sample = super().get_item(sample_id, retry)
@@ -121,6 +128,10 @@ class ChunkedCoTrainingDataset(CoTrainingDataset):
                 raise DataError(
                     f"sample {sample_id} (episode {episode}, step {step}): sample {j} is step {int(nxt['step'])} of "
                     f"the same episode, expected step {step + k}; action chunks need episodes stored in step order")
-            steps.append(np.asarray(nxt["action"], dtype=np.float32))
+            action = np.asarray(nxt["action"], dtype=np.float32)
+            if action.shape != first.shape:
+                raise DataError(f"sample {j} (episode {episode}, step {step + k}): action has shape {action.shape}, "
+                                f"step {step} has {first.shape}")
+            steps.append(action)
         sample[CHUNK_KEY], sample[VALID_KEY] = pad_chunk(steps, self.chunk)
         return sample
