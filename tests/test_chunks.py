@@ -142,7 +142,8 @@ def test_chunked_batches_are_deterministic_and_resume_exactly(tiny_config, tiny_
 
 @pytest.mark.slow
 def test_chunked_batches_survive_a_world_size_change(tiny_config, tiny_llava, tmp_path):
-    """1 rank and 2 ranks read the same global batches with the same chunk targets; 1 -> 2 resumes exactly."""
+    """A 1-rank run saved after 2 steps and resumed on 2 ranks trains on exactly the samples and chunk
+    targets the 1-rank run went on to train on (the 2-rank halves of each global batch together)."""
     from test_data_pipeline import _torchrun
 
     write_episodes(tmp_path / "shards")
@@ -152,7 +153,6 @@ def test_chunked_batches_survive_a_world_size_change(tiny_config, tiny_llava, tm
     cfg_json.write_text(json.dumps(config_to_dict(cfg)))
     tmp = tmp_path / "tmp"
     one, _ = _torchrun(1, cfg_json, tmp_path / "w1", 5, save_at=2, tmp=tmp, labels=True)
-    two, _ = _torchrun(2, cfg_json, tmp_path / "w2", 5, tmp=tmp, labels=True)
-    assert [sorted(s) for s in two] == [sorted(s) for s in one]
-    r12, _ = _torchrun(2, cfg_json, tmp_path / "r12", 3, resume=tmp_path / "w1.state.json", tmp=tmp, labels=True)
+    r12, ranks = _torchrun(2, cfg_json, tmp_path / "r12", 3, resume=tmp_path / "w1.state.json", tmp=tmp, labels=True)
+    assert all(len(rk[s]) == 4 for rk in ranks for s in range(3))  # each rank read its half
     assert [sorted(s) for s in r12] == [sorted(s) for s in one[2:]]
