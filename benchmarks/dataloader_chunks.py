@@ -87,6 +87,23 @@ def main() -> None:
             dt = time.perf_counter() - t0
             rows.append({"chunk": chunk, "cameras": len(cameras), "samples_per_s": args.steps * args.batch / dt})
             del loader
+    # The chunk's own cost, without image decoding and tokenising: reading one sample by id.
+    from vla_scale.data.chunks import ChunkedCoTrainingDataset
+    from vla_scale.data.streaming_dataset import CoTrainingDataset
+
+    reads = {}
+    n = args.episodes * args.steps_per_episode
+    for name, cls, kw in (("get_item", CoTrainingDataset, {}), ("get_item_chunk8", ChunkedCoTrainingDataset,
+                                                                 {"chunk": 8})):
+        ds = cls(local=str(shards), shuffle=False, batch_size=1, batching_method="random", **kw)
+        for i in range(min(n, 64)):
+            ds[i]
+        t0 = time.perf_counter()
+        for i in range(n):
+            ds[i]
+        reads[name] = (time.perf_counter() - t0) / n * 1e6
+        del ds
+    print(f"read one sample by id: {reads['get_item']:.0f} us; with its chunk of 8: {reads['get_item_chunk8']:.0f} us")
     base = rows[0]["samples_per_s"]
     for r in rows:
         r["vs_baseline"] = r["samples_per_s"] / base
@@ -98,7 +115,7 @@ def main() -> None:
     out.write_text(json.dumps({"benchmark": "dataloader_chunks", "date": datetime.date.today().isoformat(),
                                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
                                "batch": args.batch, "steps": args.steps, "image_size": 224, "workers": 0,
-                               "rows": rows}, indent=2) + "\n")
+                               "rows": rows, "read_us_per_sample": reads}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
