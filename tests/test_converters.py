@@ -472,7 +472,7 @@ def test_cli_convert_and_stats(tmp_path, capsys, read_plain):
     from vla_scale.actions import ActionNormalizer
     from vla_scale.data.stats import load_stats
 
-    assert set(CONVERTERS) == {"lerobot", "hdf5", "llava"}
+    assert set(CONVERTERS) == {"lerobot", "hdf5", "llava", "rlds"}
     src = make_lerobot_v21(tmp_path / "ds")
     out = tmp_path / "shards"
     assert main(["convert", "lerobot", str(src), str(out), "--wrist-camera", WRIST, "--no-progress"]) == 0

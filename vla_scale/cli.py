@@ -185,7 +185,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                "camera": ("lerobot", "hdf5"),
                "wrist_camera": ("lerobot", "hdf5"), "state_keys": ("lerobot", "hdf5"), "action_key": ("lerobot",),
                "flip_images": ("hdf5",), "instruction": ("hdf5",), "extra_camera": ("lerobot", "hdf5"),
-               "filter_key": ("hdf5",), "instruction_from_filename": ("hdf5",)}
+               "filter_key": ("hdf5",), "instruction_from_filename": ("hdf5",), "rlds_config": ("rlds",),
+               "split": ("rlds",)}
     for option, kinds in applies.items():
         if getattr(args, option) not in (None, False) and args.kind not in kinds:
             raise DataError(f"--{option.replace('_', '-')} applies to {' and '.join(kinds)} only, not {args.kind}")
@@ -213,6 +214,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                        cameras=cameras)
         if state_keys is not None:
             options["state_key"] = state_keys[0] if state_keys else None
+    elif args.kind == "rlds":
+        options.update(rlds_config=args.rlds_config, split=args.split or "train")
     else:
         options.update(camera=args.camera, wrist_camera=args.wrist_camera, state_keys=state_keys,
                        flip_images=args.flip_images, instruction=args.instruction, cameras=cameras,
@@ -423,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "are errors naming file, episode and step), and writes atomically: OUT appears "
                                     "only when complete. Prints a JSON summary. Then run `vla-scale stats OUT` for "
                                     "robot data.")
-    cv.add_argument("kind", choices=("lerobot", "hdf5", "llava"), help="source format")
+    cv.add_argument("kind", choices=("lerobot", "hdf5", "llava", "rlds"), help="source format (rlds needs the "
+                                                                               "extra vla-scale[rlds])")
     cv.add_argument("src", help="source folder or file")
     cv.add_argument("out", help="output shard folder, or a URL on object storage (s3://bucket/path, gs://, hf://, "
                                 "azure://...: staged locally shard by shard, index.json uploaded last); refused if "
@@ -461,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "after their task); without it such a file is an error")
     cv.add_argument("--filter-key", default=None, metavar="KEY",
                     help="hdf5: convert only the demos listed in the file's mask/KEY (robomimic: train, valid, ...)")
+    cv.add_argument("--rlds-config", default=None, metavar="NAME",
+                    help="rlds: the dataset's standardisation (rlds, fractal20220817_data, bridge_dataset; default: "
+                         "the dataset's name when listed, else rlds)")
+    cv.add_argument("--split", default=None, help="rlds: the TFDS split to convert (default: train)")
     cv.add_argument("--extra-camera", action="append", default=None, metavar="NAME=KEY",
                     help="lerobot/hdf5: one more camera, stored as camera NAME (data.cameras) from feature or obs "
                          "KEY; repeat for several")
