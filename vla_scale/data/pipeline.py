@@ -304,15 +304,20 @@ def co_training_dataset(cfg: Config, dirs: list[ShardLocation] | list[Path], ran
     streams = [folder[name].stream(proportion=c / t.global_batch_size, validate_hash=st.validate_hash,
                                    download_timeout=st.download_timeout_s, download_retry=st.download_retry)
                for name, c in counts.items()]
-    dataset = CoTrainingDataset(
-        validate_hash=st.validate_hash, cache_limit=st.cache_limit,
-        streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
-        batching_method=RANK_MIXED, micro_batch_size=t.micro_batch_size,
-        num_canonical_nodes=cfg.data.num_canonical_nodes, replication=None,
-        # streaming's own default, fixed here rather than at the first iteration, so the sample order
-        # is fully determined by the config (and the work can be generated without iterating).
-        shuffle_block_size=max(4_000_000 // cfg.data.num_canonical_nodes, 1 << 18),
-    )
+    try:
+        dataset = CoTrainingDataset(
+            validate_hash=st.validate_hash, cache_limit=st.cache_limit,
+            streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
+            batching_method=RANK_MIXED, micro_batch_size=t.micro_batch_size,
+            num_canonical_nodes=cfg.data.num_canonical_nodes, replication=None,
+            # streaming's own default, fixed here rather than at the first iteration, so the sample order
+            # is fully determined by the config (and the work can be generated without iterating).
+            shuffle_block_size=max(4_000_000 // cfg.data.num_canonical_nodes, 1 << 18),
+        )
+    except ValueError as e:
+        if "ache limit" in str(e) or "cache usage" in str(e):
+            raise DataError(f"data.storage.cache_limit={st.cache_limit!r}: {e}") from None
+        raise
     return dataset, counts
 
 
