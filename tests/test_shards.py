@@ -102,7 +102,7 @@ def test_source_jpeg_is_stored_byte_for_byte_and_other_frames_are_encoded_once(t
         with ShardWriter(tmp_path / name, codec=codec) as w:
             for r in rows:
                 w.write(r)
-        assert w.summary["images"] == codec.describe()
+        assert w.summary["image_codec"] == codec.describe()
         jpeg_row, png_row = read_plain(tmp_path / name)
         assert jpeg_row["image"] == source_jpeg  # never re-encoded, whatever the codec
         if name == "png":  # lossless both ways: PNG kept, pixels exact

@@ -386,15 +386,20 @@ def co_training_dataset(cfg: Config, dirs: list[ShardLocation] | list[Path], ran
     # actions.chunk > 1: robot samples carry the (T, D) chunk starting at them, read from the following
     # rows of the same episode (a pure function of the sample id, so resume and world-size changes hold).
     chunked = {"chunk": cfg.actions.chunk} if cfg.actions.chunk > 1 else {}
-    dataset = (ChunkedCoTrainingDataset if chunked else CoTrainingDataset)(
-        **chunked, validate_hash=st.validate_hash, cache_limit=st.cache_limit,
-        streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
-        batching_method=RANK_MIXED, micro_batch_size=t.micro_batch_size,
-        num_canonical_nodes=cfg.data.num_canonical_nodes, replication=None,
-        # streaming's own default, fixed here rather than at the first iteration, so the sample order
-        # is fully determined by the config (and the work can be generated without iterating).
-        shuffle_block_size=max(4_000_000 // cfg.data.num_canonical_nodes, 1 << 18),
-    )
+    try:
+        dataset = (ChunkedCoTrainingDataset if chunked else CoTrainingDataset)(
+            **chunked, validate_hash=st.validate_hash, cache_limit=st.cache_limit,
+            streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
+            batching_method=RANK_MIXED, micro_batch_size=t.micro_batch_size,
+            num_canonical_nodes=cfg.data.num_canonical_nodes, replication=None,
+            # streaming's own default, fixed here rather than at the first iteration, so the sample order
+            # is fully determined by the config (and the work can be generated without iterating).
+            shuffle_block_size=max(4_000_000 // cfg.data.num_canonical_nodes, 1 << 18),
+        )
+    except ValueError as e:
+        if "ache limit" in str(e) or "cache usage" in str(e):
+            raise DataError(f"data.storage.cache_limit={st.cache_limit!r}: {e}") from None
+        raise
     return dataset, counts
 
 

@@ -111,12 +111,17 @@ def upload(local_dir: str | Path, remote_dir: str, names: list[str]) -> None:
     import_streaming()
     from streaming.base.storage.upload import CloudUploader
 
+    quiet = logging.getLogger("streaming.base.storage.upload")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns that local_dir is not empty: here it holds what we upload
     try:
         uploader = CloudUploader.get((str(local_dir), remote_dir), keep_local=True, exist_ok=True)
         for name in names:
             uploader.upload_file(name)
     except Exception as e:
         raise DataError(f"cannot upload to {remote_dir}: {type(e).__name__}: {e}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def remote_exists(url: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool:

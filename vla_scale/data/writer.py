@@ -193,7 +193,7 @@ class ShardWriter:
             "shards": self.shards,
             "bytes": self.bytes,
             "hashes": list(HASHES),
-            "images": self.codec.describe(),
+            "image_codec": self.codec.describe(),
             "seconds": round(time.monotonic() - self._started, 3),
             **self.metadata,
         }

@@ -39,13 +39,14 @@ from vla_scale.data.augment import inference_preprocessing
 from vla_scale.data.pipeline import SampleProcessor, collate, write_synthetic_source
 from vla_scale.data.prompts import PromptBuilder
 from vla_scale.data.schema import ROBOT_TASK
+from vla_scale.data.storage import ShardLocation, resolve_source
 from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.errors import DataError
 from vla_scale.models.vla import IGNORE_INDEX, VisionLanguageActionModel
 from vla_scale.policy.decoding import decode_actions
 
 
-def validation_dirs(cfg: Config, rank: int = 0) -> list[Path]:
+def validation_dirs(cfg: Config, rank: int = 0) -> list[Path | ShardLocation]:
     """The shard folder of every validation source (synthetic held-out sets are written by rank 0)."""
     from vla_scale.data.pipeline import _wait_for
 
@@ -57,23 +58,24 @@ def validation_dirs(cfg: Config, rank: int = 0) -> list[Path]:
             if rank == 0 and not (d / "index.json").is_file():
                 write_synthetic_source(cfg, index[v.name], d, held_out=True)
             _wait_for(d / "index.json", f"held-out synthetic source '{v.name}'")
-        else:
-            d = Path(v.path)
-            if not (d / "index.json").is_file():
-                raise DataError(f"data.val_sources.{k}.path={v.path!r} is not a shard folder (no index.json)")
+        else:  # a local folder or a URL (read through the shard cache, like training sources)
+            st = cfg.data.storage
+            d = resolve_source(v.path, name=f"val_{v.name}", cache_dir=st.cache_dir, timeout=st.download_timeout_s,
+                               what=f"data.val_sources.{k}.path")
         dirs.append(d)
     return dirs
 
 
-def _read(folder: Path, limit: int, chunk: int = 1) -> list[dict[str, Any]]:
+def _read(folder: Path | ShardLocation, limit: int, chunk: int = 1) -> list[dict[str, Any]]:
     streaming = import_streaming()
+    remote, local = (folder.remote, folder.local) if isinstance(folder, ShardLocation) else (None, folder)
     if chunk > 1:  # per-step robot rows become (T, D) chunks as in training (vla_scale.data.chunks)
         from vla_scale.data.chunks import ChunkedCoTrainingDataset
 
-        ds = ChunkedCoTrainingDataset(local=str(folder), shuffle=False, batch_size=1, chunk=chunk,
+        ds = ChunkedCoTrainingDataset(remote=remote, local=str(local), shuffle=False, batch_size=1, chunk=chunk,
                                       batching_method="random")
     else:
-        ds = streaming.StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
+        ds = streaming.StreamingDataset(remote=remote, local=str(local), shuffle=False, batch_size=1)
     try:
         # num_samples, not len(): under several ranks len() is one rank's share of an epoch.
         return [ds[i] for i in range(min(limit, int(ds.num_samples)))]
