@@ -20,6 +20,7 @@ from vla_scale.data.converters import CONVERTERS, convert_hdf5, convert_lerobot,
 from vla_scale.data.converters import llava as llava_module
 from vla_scale.data.converters.hdf5 import instruction_from_filename
 from vla_scale.data.converters.llava import iter_json_records
+from vla_scale.data.camera_images import decode_camera_image
 from vla_scale.data.schema import optional_array
 from vla_scale.errors import DataError
 
@@ -185,7 +186,7 @@ def _check_robot_samples(samples, lengths, *, tol, wrist=True, skip=()):
         assert s["task"] == "robot" and s["instruction"] == TASKS[e % 2]
         np.testing.assert_array_equal(s["action"], np.array(_action(e, t), np.float32))
         np.testing.assert_array_equal(s["state"], np.array([e, t, 1.0], np.float32))
-        image = np.asarray(s["image"].convert("RGB")).astype(int)
+        image = np.asarray(decode_camera_image(s["image"])).astype(int)
         assert np.abs(image - _colour(e, t)).mean() < tol, (e, t, image.mean(axis=(0, 1)), _colour(e, t))
         if wrist:
             w = np.asarray(Image.open(io.BytesIO(s["wrist_image"])).convert("RGB")).astype(int)
@@ -353,7 +354,7 @@ def test_hdf5_libero_layout(tmp_path, read_plain):
         assert s["instruction"] == "put the bowl on the plate"
         np.testing.assert_array_equal(s["action"], np.array([d, t, 0.1, 0.2, 0.3, 0.0, -1.0 + 2 * (t % 2)], np.float32))
         np.testing.assert_array_equal(s["state"], np.array([d] * 6 + [0.5, 0.5], np.float32))
-        img = np.asarray(s["image"].convert("RGB")).astype(int)
+        img = np.asarray(decode_camera_image(s["image"])).astype(int)
         assert img[-2:, -2:].mean() > 200 and img[10:14, 2:6].mean() < 10  # rotated 180: bright corner bottom-right
         assert abs(img[2:6, 2:6].mean() - (10 * t + 40 * d) % 200) < 6
         assert s["wrist_image"][:2] == b"\xff\xd8"
@@ -363,10 +364,13 @@ def test_hdf5_folder_instruction_from_file_name_and_bad_demos(tmp_path, read_pla
     make_libero(tmp_path / "suite" / "LIVING_ROOM_SCENE2_pick_up_the_ketchup_demo.hdf5", problem_info=False,
                 nan=(1, 3))
     make_libero(tmp_path / "suite" / "STUDY_SCENE1_close_the_box_demo.hdf5", problem_info=False, short=2)
+    with pytest.raises(DataError, match=r"pick_up_the_ketchup_demo\.hdf5: demo_0: no language instruction.*"
+                                        r"--instruction-from-filename"):
+        convert_hdf5(tmp_path / "suite", tmp_path / "out", progress=False, skip_bad=True)  # never the name silently
     with pytest.raises(DataError, match=r"pick_up_the_ketchup_demo\.hdf5: demo_1, step 3: action\[4\] is inf"):
-        convert_hdf5(tmp_path / "suite", tmp_path / "out", progress=False)
+        convert_hdf5(tmp_path / "suite", tmp_path / "out", progress=False, instruction_from_filename=True)
     summary = convert_hdf5(tmp_path / "suite", tmp_path / "out", skip_bad=True, progress=False,
-                           dataset_name="libero_toy")
+                           dataset_name="libero_toy", instruction_from_filename=True)
     assert summary["samples"] == 24 and summary["episodes"] == 4
     assert summary["skipped"]["reasons"] == {"non-finite action": 1, "length mismatch": 1}
     assert any("close_the_box_demo.hdf5: demo_2, step 5: obs/agentview_rgb has 5 frames for 6 actions" in m
@@ -430,19 +434,19 @@ def test_llava_to_vl_shards(tmp_path, read_plain, jsonl):
     ]
     assert {s["task"] for s in samples} == {"affordance"} and {int(s["episode"]) for s in samples} == {-1}
     source = np.asarray(Image.open(tmp_path / "images" / "img0.png").convert("RGB")).astype(int)
-    assert np.abs(np.asarray(samples[0]["image"].convert("RGB")).astype(int) - source).mean() < 4
+    assert np.abs(np.asarray(decode_camera_image(samples[0]["image"])).astype(int) - source).mean() < 4
 
 
 def test_llava_bad_samples(tmp_path, read_plain):
     src = make_llava(tmp_path, RECORDS[:1] + BAD_RECORDS + RECORDS[1:])
-    with pytest.raises(DataError, match=r"data\.json: record 1 \(id no-image\): the record has no image"):
+    with pytest.raises(DataError, match=r"data\.json: record 2 \(id missing-file\): image file .*nope\.png"):
         convert_llava(src, tmp_path / "out", images=tmp_path / "images", task="vqa", progress=False)
     summary = convert_llava(src, tmp_path / "out", images=tmp_path / "images", task="vqa", skip_bad=True,
                             progress=False)
-    assert summary["samples"] == 3 and summary["skipped"]["samples"] == 3
-    assert summary["skipped"]["reasons"] == {"missing image": 2, "bad conversation": 1}
+    assert summary["samples"] == 4 and summary["skipped"]["samples"] == 2  # the text-only record is a sample
+    assert summary["skipped"]["reasons"] == {"missing image": 1, "bad conversation": 1}
     assert any("record 2 (id missing-file): image file" in m for m in summary["skipped"]["examples"])
-    assert len(read_plain(tmp_path / "out")) == 3
+    assert len(read_plain(tmp_path / "out")) == 4
 
 
 def test_json_array_is_read_incrementally(tmp_path, monkeypatch):
@@ -468,7 +472,7 @@ def test_cli_convert_and_stats(tmp_path, capsys, read_plain):
     from vla_scale.actions import ActionNormalizer
     from vla_scale.data.stats import load_stats
 
-    assert set(CONVERTERS) == {"lerobot", "hdf5", "llava"}
+    assert set(CONVERTERS) == {"lerobot", "hdf5", "llava", "rlds"}
     src = make_lerobot_v21(tmp_path / "ds")
     out = tmp_path / "shards"
     assert main(["convert", "lerobot", str(src), str(out), "--wrist-camera", WRIST, "--no-progress"]) == 0
@@ -492,7 +496,7 @@ def test_cli_convert_and_stats(tmp_path, capsys, read_plain):
     assert main(["convert", "llava", str(llava), str(tmp_path / "v"), "--images", str(tmp_path / "vl" / "images"),
                  "--task", "spatial", "--skip-bad", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["samples"] == 3 and summary["skipped"]["samples"] == 3
+    assert summary["samples"] == 4 and summary["skipped"]["samples"] == 2
     assert main(["convert", "llava", str(llava), str(tmp_path / "w"), "--no-progress"]) == 2
     assert "needs --task" in capsys.readouterr().err
 
@@ -518,3 +522,154 @@ def test_convert_llava_reports_records_over_max_tokens(tmp_path, tiny_llava, cap
     assert json.loads((tmp_path / "out" / "conversion.json").read_text())["max_tokens"]["over"] == 1
     assert main(["convert", "llava", str(src), str(tmp_path / "out2"), "--task", "vqa", "--max-tokens", "5"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14: the converters' gaps (instructions, filter keys, LIBERO's orientation, cameras, corrupt data,
+# text-only and multi-image LLaVA records)
+# ---------------------------------------------------------------------------------------------
+def _robomimic(path: Path, *, env_args=None, mask=None, demos=3, steps=4, corrupt=None) -> Path:
+    """A robomimic-layout file (no problem_info): chunked, compressed frames, one chunk per step."""
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        if env_args is not None:
+            data.attrs["env_args"] = json.dumps(env_args)
+        for d in range(demos):
+            g = data.create_group(f"demo_{d}")
+            g.create_dataset("actions", data=np.full((steps, 7), d, np.float64))
+            obs = g.create_group("obs")
+            obs.create_dataset("agentview_image", data=np.stack([_marked(t, d) for t in range(steps)]),
+                               chunks=(1, 16, 16, 3), compression="gzip")
+            obs.create_dataset("robot0_eye_in_hand_image", data=np.stack([_marked(t, d)[:, ::-1] for t in range(steps)]))
+            obs.create_dataset("sideview_image", data=np.stack([255 - _marked(t, d) for t in range(steps)]))
+        if mask is not None:
+            m = f.create_group("mask")
+            for key, names in mask.items():
+                m.create_dataset(key, data=np.array([n.encode() for n in names]))
+    if corrupt is not None:  # overwrite one stored chunk (demo, step) of agentview_image with garbage
+        with h5py.File(path, "r") as f:
+            info = f[f"data/demo_{corrupt[0]}/obs/agentview_image"].id.get_chunk_info(corrupt[1])
+        with open(path, "r+b") as fh:
+            fh.seek(info.byte_offset)
+            fh.write(b"\xff" * info.size)
+    return path
+
+
+def test_robomimic_instruction_never_comes_from_the_file_name(tmp_path, read_plain):
+    src = _robomimic(tmp_path / "image_v141.hdf5")
+    with pytest.raises(DataError, match=r"image_v141\.hdf5: demo_0: no language instruction.*--instruction TEXT"):
+        convert_hdf5(src, tmp_path / "out", progress=False)
+    summary = convert_hdf5(src, tmp_path / "out", instruction="lift the cube", progress=False)
+    assert {s["instruction"] for s in read_plain(tmp_path / "out")} == {"lift the cube"}
+    assert summary["samples"] == 12
+    src2 = _robomimic(tmp_path / "b" / "image_v141.hdf5",
+                      env_args={"env_name": "Lift", "env_kwargs": {"lang": "pick up the red cube"}})
+    convert_hdf5(src2, tmp_path / "out2", progress=False)
+    assert {s["instruction"] for s in read_plain(tmp_path / "out2")} == {"pick up the red cube"}
+
+
+def test_filter_key_converts_only_the_masked_demos(tmp_path, read_plain):
+    src = _robomimic(tmp_path / "lift.hdf5", mask={"train": ["demo_0", "demo_2"], "valid": ["demo_1"]})
+    convert_hdf5(src, tmp_path / "train", instruction="lift", filter_key="train", progress=False)
+    convert_hdf5(src, tmp_path / "valid", instruction="lift", filter_key="valid", progress=False)
+    assert [float(s["action"][0]) for s in read_plain(tmp_path / "train")] == [0.0] * 4 + [2.0] * 4
+    assert [float(s["action"][0]) for s in read_plain(tmp_path / "valid")] == [1.0] * 4
+    with pytest.raises(DataError, match=r"--filter-key 'test' is not in the file's mask/ group .*\['train', 'valid'\]"):
+        convert_hdf5(src, tmp_path / "x", instruction="lift", filter_key="test", progress=False)
+
+
+def test_libero_is_flipped_when_the_file_says_opengl_and_both_cameras_come_along(tmp_path, read_plain):
+    import h5py
+
+    src = make_libero(tmp_path / "a" / "put_the_bowl_on_the_plate_demo.hdf5", demos=1, steps=2)
+    plain = convert_hdf5(src, tmp_path / "plain", progress=False)
+    with h5py.File(src, "r+") as f:
+        f["data"].attrs["macros_image_convention"] = "opengl"  # what LIBERO's own files say
+    flipped = convert_hdf5(src, tmp_path / "flipped", progress=False)
+    forced = convert_hdf5(src, tmp_path / "forced", flip_images=False, progress=False)
+    assert plain["samples"] == flipped["samples"] == forced["samples"] == 2
+
+    def corner(folder):  # where the bright 4x4 marker sits: "top-left" upright, "bottom-right" rotated
+        img = np.asarray(decode_camera_image(read_plain(folder)[0]["image"])).astype(int)
+        return "top-left" if img[:2, :2].mean() > 200 else "bottom-right" if img[-2:, -2:].mean() > 200 else "?"
+
+    assert (corner(tmp_path / "plain"), corner(tmp_path / "flipped"), corner(tmp_path / "forced")) == \
+        ("top-left", "bottom-right", "top-left")
+    # LIBERO's second camera (eye_in_hand_rgb) is the wrist camera by default, flipped with the first.
+    s = read_plain(tmp_path / "flipped")[1]
+    wrist = np.asarray(Image.open(io.BytesIO(s["wrist_image"])).convert("RGB")).astype(int)
+    assert np.abs(wrist - _marked(1, 0)[::-1][::-1, ::-1]).mean() < 6
+
+
+def test_named_cameras_are_read_from_hdf5_obs_and_lerobot_features(tmp_path):
+    """The reading side of named cameras: each converter hands the writer every camera, by name."""
+    from vla_scale.data.converters.common import decode_image
+    from vla_scale.data.converters.hdf5 import _pending
+    from vla_scale.data.converters.lerobot import _load_dataset, _pending_episodes, _VideoCursor
+
+    src = _robomimic(tmp_path / "lift.hdf5", demos=1, steps=2)
+    gen = _pending([src], camera=None, wrist_camera=None, state_keys=(), flip_images=None, instruction="lift",
+                   cameras={"side": "sideview_image"})  # the file stays open while the generator lives
+    ep = next(gen).load()
+    assert set(ep.cameras) == {"side"} and ep.wrist_images is not None
+    side = np.asarray(decode_image(ep.cameras["side"][1], "x")).astype(int)
+    assert np.abs(side - (255 - _marked(1, 0))).mean() < 6
+    wrist = np.asarray(decode_image(ep.wrist_images[1], "x")).astype(int)
+    assert np.abs(wrist - _marked(1, 0)[:, ::-1]).mean() < 6
+
+    root = make_lerobot_v21(tmp_path / "ds", lengths=(2,))
+    info = json.loads((root / "meta/info.json").read_text())
+    ds = _load_dataset(root, info, [])
+    pending = _pending_episodes(ds, action_key="action", state_key=None, video={TOP: _VideoCursor(0.01)},
+                                cameras={"primary": TOP, "left_wrist": WRIST})
+    ep = next(pending).load()
+    gen.close()
+    assert set(ep.cameras) == {"left_wrist"} and ep.wrist_images is None
+    got = np.asarray(decode_image(ep.cameras["left_wrist"][1], "x")).astype(int)
+    assert np.abs(got - _colour(0, 1, wrist=True)).max() == 0
+    with pytest.raises(DataError, match="camera name 'primary'"):
+        convert_lerobot(root, tmp_path / "o", cameras={"primary": WRIST}, progress=False)
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_corrupt_hdf5_chunk_names_file_demo_and_step(tmp_path, skip_bad):
+    src = _robomimic(tmp_path / "lift.hdf5", corrupt=(1, 2))
+    with pytest.raises(DataError, match=r"lift\.hdf5: demo_1, step 2: cannot read obs/agentview_image"):
+        convert_hdf5(src, tmp_path / "out", instruction="lift", skip_bad=skip_bad, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_corrupt_parquet_page_names_file_episode_and_step(tmp_path, skip_bad):
+    import pyarrow.parquet as pq
+
+    root = make_lerobot_v21(tmp_path / "ds")
+    path = root / "data/chunk-000/episode_000001.parquet"
+    meta = pq.ParquetFile(path).metadata
+    col = next(meta.row_group(0).column(i) for i in range(meta.num_columns)
+               if meta.row_group(0).column(i).path_in_schema.startswith("action"))
+    with open(path, "r+b") as fh:  # garble the action column's page header
+        fh.seek(col.data_page_offset)
+        fh.write(b"\xff" * 24)
+    with pytest.raises(DataError, match=r"episode_000001\.parquet: episode 1, step 0 or later.*cannot read the "
+                                        r"parquet data"):
+        convert_lerobot(root, tmp_path / "out", skip_bad=skip_bad, progress=False)
+
+
+def test_llava_text_only_records_are_samples_without_an_image_and_multi_image_ones_are_skipped(tmp_path,
+                                                                                               read_plain):
+    from vla_scale.data.schema import camera_image
+
+    text_only = {"id": "sharegpt", "conversations": [{"from": "human", "value": "Write a haiku."},
+                                                     {"from": "gpt", "value": "Old pond, a frog."}]}
+    multi = {"id": "multi", "image": ["img0.png", "img2.png"], "conversations": RECORDS[0]["conversations"]}
+    src = make_llava(tmp_path, [RECORDS[0], text_only, multi, RECORDS[1]])
+    summary = convert_llava(src, tmp_path / "out", images=tmp_path / "images", task="vqa", progress=False)
+    assert summary["samples"] == 3
+    assert summary["skipped"]["reasons"] == {"multi-image record": 1} and summary["skipped"]["samples"] == 1
+    samples = read_plain(tmp_path / "out")
+    assert [camera_image(s, "primary") is None for s in samples] == [False, True, False]
+    assert samples[1]["turns"] == [{"question": "Write a haiku.", "answer": "Old pond, a frog."}]

@@ -143,12 +143,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(n: int, cfg_json: Path, out: Path, steps: int, save_at="-", resume=None, tmp=None):
+def _torchrun(n: int, cfg_json: Path, out: Path, steps: int, save_at="-", resume=None, tmp=None, labels=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(WORKER), str(cfg_json), str(out), str(steps), str(save_at)]
     if resume:
         cmd.append(str(resume))
-    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           **({"DATA_WORKER_LABELS": "1"} if labels else {})}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.load(open(f"{out}.rank{k}.json"))["steps"] for k in range(n)]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from streaming_helpers import read_plain  # noqa: F401  (fixture)
+from vla_scale.data.camera_images import decode_camera_image
 from vla_scale.data.stats import stats_for_shards
 from vla_scale.errors import ConfigError
 from vla_scale.eval.backend import Backend
@@ -111,7 +112,7 @@ def test_demonstrations_become_robot_shards_with_statistics(tmp_path, read_plain
     rows = read_plain(out)
     assert len(rows) == summary["samples"]
     for row in rows:
-        image = np.asarray(row["image"])
+        image = np.asarray(decode_camera_image(row["image"]))
         assert image.dtype == np.uint8 and image.shape == (128, 128, 3)
         assert row["action"].dtype == np.float32 and row["action"].shape == (7,)
         assert row["action"][6] in (0.0, 1.0)
@@ -123,7 +124,7 @@ def test_demonstrations_become_robot_shards_with_statistics(tmp_path, read_plain
     # The first frame is the reset observation: the same pixels the backend renders (up to JPEG).
     with MujocoBackend() as backend:
         first = backend.reset("pick_place", 0).images["primary"].astype(int)
-    assert np.abs(np.asarray(rows[0]["image"]).astype(int) - first).mean() < 3
+    assert np.abs(np.asarray(decode_camera_image(rows[0]["image"])).astype(int) - first).mean() < 3
     stats, path = stats_for_shards(out)
     assert path.exists() and stats["dim"] == 7 and stats["count"] == len(rows)
     assert stats["binary_dims"] == [6] and stats["mask"][6] is False  # the gripper stays raw 0/1

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from vla_scale.data.camera_images import decode_camera_image
 from vla_scale.errors import ConfigError
 from vla_scale.train.metrics import read_metrics
 from vla_scale.train.trainer import Trainer
@@ -79,7 +80,7 @@ def test_validation_preprocesses_images_as_the_exported_policy_does(tiny_config)
     scale = inference_preprocessing(True)["center_crop_scale"]
     raw = _read(validation_dirs(trainer.cfg)[0], 6)
     for stored, sample in zip(raw, trainer.validator.samples["robot"]):
-        want = to_pixels(center_crop(Image.fromarray(np.asarray(stored["image"].convert("RGB"))), scale), 32)
+        want = to_pixels(center_crop(Image.fromarray(np.asarray(decode_camera_image(stored["image"]))), scale), 32)
         assert torch.equal(sample["pixels"], want)
     for stored, sample in zip(_read(validation_dirs(trainer.cfg)[1], 6), trainer.validator.samples["vqa"]):
-        assert torch.equal(sample["pixels"], to_pixels(np.asarray(stored["image"].convert("RGB")), 32))  # VL: as is
+        assert torch.equal(sample["pixels"], to_pixels(np.asarray(decode_camera_image(stored["image"])), 32))  # VL: as is

@@ -184,13 +184,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     applies = {"images": ("llava",), "task": ("llava",), "max_tokens": ("llava",), "tokenizer": ("llava",),
                "camera": ("lerobot", "hdf5"),
                "wrist_camera": ("lerobot", "hdf5"), "state_keys": ("lerobot", "hdf5"), "action_key": ("lerobot",),
-               "flip_images": ("hdf5",), "instruction": ("hdf5",)}
+               "flip_images": ("hdf5",), "instruction": ("hdf5",), "extra_camera": ("lerobot", "hdf5"),
+               "filter_key": ("hdf5",), "instruction_from_filename": ("hdf5",), "rlds_config": ("rlds",),
+               "split": ("rlds",)}
     for option, kinds in applies.items():
         if getattr(args, option) not in (None, False) and args.kind not in kinds:
             raise DataError(f"--{option.replace('_', '-')} applies to {' and '.join(kinds)} only, not {args.kind}")
+    from vla_scale.data.camera_images import ImageCodec
+
     options = dict(skip_bad=args.skip_bad, overwrite=args.overwrite, dataset_name=args.dataset_name,
-                   size_limit=args.size_limit, compression=args.compression, progress=not args.no_progress)
+                   size_limit=args.size_limit, compression=args.compression, progress=not args.no_progress,
+                   codec=ImageCodec(args.image_format, args.image_quality))
     state_keys = _csv(args.state_keys)
+    cameras = {}
+    for item in args.extra_camera or []:  # NAME=KEY, issue 14's named cameras
+        name, sep, key = item.partition("=")
+        if not sep or not name.strip() or not key.strip():
+            raise DataError(f"--extra-camera takes NAME=KEY (e.g. left_wrist=observation.images.cam_left_wrist), "
+                            f"got {item!r}")
+        cameras[name.strip()] = key.strip()
     if args.kind == "llava":
         if args.task is None:
             raise DataError("convert llava needs --task vqa, spatial or affordance")
@@ -198,12 +210,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif args.kind == "lerobot":
         if state_keys is not None and len(state_keys) > 1:
             raise DataError(f"--state-keys: a LeRobot dataset has one state feature; got {state_keys}")
-        options.update(camera=args.camera, wrist_camera=args.wrist_camera, action_key=args.action_key or "action")
+        options.update(camera=args.camera, wrist_camera=args.wrist_camera, action_key=args.action_key or "action",
+                       cameras=cameras)
         if state_keys is not None:
             options["state_key"] = state_keys[0] if state_keys else None
+    elif args.kind == "rlds":
+        options.update(rlds_config=args.rlds_config, split=args.split or "train")
     else:
         options.update(camera=args.camera, wrist_camera=args.wrist_camera, state_keys=state_keys,
-                       flip_images=args.flip_images, instruction=args.instruction)
+                       flip_images=args.flip_images, instruction=args.instruction, cameras=cameras,
+                       filter_key=args.filter_key, instruction_from_filename=args.instruction_from_filename)
     summary = CONVERTERS[args.kind](args.src, args.out, **options)
     print(json.dumps(summary, indent=2))
     return 0
@@ -223,8 +239,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
                         f"got {args.keep_dims!r}") from None
     report = {}
     for folder in args.shards:
-        stats, path = stats_for_shards(folder, out=args.out, keep_dims=keep_dims, progress=not args.no_progress)
-        report[str(path)] = {k: stats[k] for k in ("samples", "count", "dim", "mask", "q01", "q99", "min", "max")}
+        stats, path = stats_for_shards(folder, out=args.out, keep_dims=keep_dims, progress=not args.no_progress,
+                                       outlier_factor=args.outlier_factor)
+        report[str(path)] = {k: stats[k] for k in ("samples", "count", "dim", "mask", "q01", "q99", "min", "max",
+                                                   "outliers")}
+        outliers = stats["outliers"]
+        if outliers["count"]:
+            print(f"WARNING: {folder}: {outliers['count']} robot sample(s) with non-finite or absurd actions were left "
+                  f"out of the statistics (listed under 'outliers' in {path}); the first: "
+                  + "; ".join(f"episode {o['episode']} step {o['step']} ({o['where']}): {o['reason']}"
+                              for o in outliers["examples"][:3]), file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -407,9 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "are errors naming file, episode and step), and writes atomically: OUT appears "
                                     "only when complete. Prints a JSON summary. Then run `vla-scale stats OUT` for "
                                     "robot data.")
-    cv.add_argument("kind", choices=("lerobot", "hdf5", "llava"), help="source format")
+    cv.add_argument("kind", choices=("lerobot", "hdf5", "llava", "rlds"), help="source format (rlds needs the "
+                                                                               "extra vla-scale[rlds])")
     cv.add_argument("src", help="source folder or file")
-    cv.add_argument("out", help="output shard folder (refused if it exists and is not empty, unless --overwrite)")
+    cv.add_argument("out", help="output shard folder, or a URL on object storage (s3://bucket/path, gs://, hf://, "
+                                "azure://...: staged locally shard by shard, index.json uploaded last); refused if "
+                                "it already holds a dataset, unless --overwrite")
     cv.add_argument("--skip-bad", action="store_true",
                     help="skip bad episodes (robot: the whole episode) or samples (llava) and count them in the "
                          "summary, instead of stopping at the first")
@@ -432,12 +459,30 @@ def build_parser() -> argparse.ArgumentParser:
                          "concatenated (default LIBERO ee_states,gripper_states or robomimic eef/gripper keys); "
                          "'none' for no state")
     cv.add_argument("--action-key", default=None, help="lerobot: the action feature (default: action)")
-    cv.add_argument("--flip-images", action="store_true",
-                    help="hdf5: rotate frames 180 degrees (LIBERO renders upside down)")
-    cv.add_argument("--instruction", default=None, help="hdf5: instruction for every episode (overrides attributes "
-                                                        "and file names)")
+    cv.add_argument("--flip-images", action="store_const", const=True, default=None,
+                    help="hdf5: rotate frames 180 degrees (default: when the file says macros_image_convention="
+                         "'opengl', as LIBERO's do)")
+    cv.add_argument("--no-flip-images", dest="flip_images", action="store_const", const=False,
+                    help="hdf5: never rotate frames, whatever the file says")
+    cv.add_argument("--instruction", default=None, help="hdf5: instruction for every episode (overrides attributes)")
+    cv.add_argument("--instruction-from-filename", action="store_true",
+                    help="hdf5: when a file holds no instruction, take it from the file name (LIBERO names files "
+                         "after their task); without it such a file is an error")
+    cv.add_argument("--filter-key", default=None, metavar="KEY",
+                    help="hdf5: convert only the demos listed in the file's mask/KEY (robomimic: train, valid, ...)")
+    cv.add_argument("--rlds-config", default=None, metavar="NAME",
+                    help="rlds: the dataset's standardisation (rlds, fractal20220817_data, bridge_dataset; default: "
+                         "the dataset's name when listed, else rlds)")
+    cv.add_argument("--split", default=None, help="rlds: the TFDS split to convert (default: train)")
+    cv.add_argument("--extra-camera", action="append", default=None, metavar="NAME=KEY",
+                    help="lerobot/hdf5: one more camera, stored as camera NAME (data.cameras) from feature or obs "
+                         "KEY; repeat for several")
     cv.add_argument("--size-limit", default="64mb", help="shard size before starting a new shard (default: 64mb)")
     cv.add_argument("--compression", default=None, help="shard compression, e.g. zstd or zstd:7 (default: none)")
+    cv.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg",
+                    help="how every camera is stored (default jpeg); source frames already in JPEG are kept byte for "
+                         "byte either way, and PNG ones under png")
+    cv.add_argument("--image-quality", type=int, default=95, metavar="Q", help="JPEG quality 1-100 (default 95)")
     cv.add_argument("--no-progress", action="store_true", help="no progress bar")
     cv.set_defaults(func=cmd_convert)
 
@@ -447,11 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "max, count, and the normalisation mask (dimensions only ever 0 or 1, such as a "
                                     "gripper, are kept raw unless --keep-dims says otherwise). Written atomically to "
                                     "SHARDS/stats.json, which the action normalizer reads.")
-    st.add_argument("shards", nargs="+", help="shard folder(s) written by `vla-scale convert`; each gets its own file")
+    st.add_argument("shards", nargs="+", help="shard folder(s) written by `vla-scale convert`, or their URLs "
+                                              "(s3://...: stats.json is uploaded beside the shards); each gets its "
+                                              "own file")
     st.add_argument("--out", default=None, help="write here instead of SHARDS/stats.json (one folder only)")
     st.add_argument("--keep-dims", default=None, metavar="DIMS",
                     help="comma-separated dimensions kept raw (mask false), e.g. 6; 'none' to normalise all "
                          "(default: detect {0,1}-valued dimensions)")
+    st.add_argument("--outlier-factor", type=float, default=10.0, metavar="F",
+                    help="actions beyond F robust ranges (q99 - q01) outside [q01, q99], and non-finite ones, are "
+                         "left out and reported by episode and step (default 10)")
     st.add_argument("--no-progress", action="store_true", help="no progress bar")
     st.set_defaults(func=cmd_stats)
     return p

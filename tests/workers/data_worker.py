@@ -2,10 +2,12 @@
 
     torchrun --nproc_per_node N tests/workers/data_worker.py CONFIG_JSON OUT_PREFIX STEPS [SAVE_AT] [RESUME_STATE]
 
-Writes OUT_PREFIX.rank{r}.json: {"steps": [[sample ids of step 0], ...]} and,
+Writes OUT_PREFIX.rank{r}.json: {"steps": [[sample ids of step 0], ...]} (with DATA_WORKER_LABELS=1,
+[sample id, digest of its labels] pairs) and,
 with SAVE_AT, OUT_PREFIX.state.json (rank 0) after SAVE_AT steps.
 """
 import faulthandler
+import hashlib
 import json
 import os
 import sys
@@ -32,7 +34,11 @@ def main() -> None:
         loader.load_state_dict(json.load(open(resume)))
     record = []
     for step in range(steps):
-        ids = [i for mb in loader.next_step() for i in mb["sample_id"].tolist()]
+        mbs = loader.next_step()
+        ids = [i for mb in mbs for i in mb["sample_id"].tolist()]
+        if os.environ.get("DATA_WORKER_LABELS"):  # what each sample is trained on, not only which it is
+            ids = [[i, hashlib.sha256(repr(lab[lab != -100].tolist()).encode()).hexdigest()[:16]]
+                   for mb in mbs for i, lab in zip(mb["sample_id"].tolist(), mb["labels"])]
         record.append(ids)
         if save_at is not None and step + 1 == save_at and rank == 0:
             json.dump(loader.state_dict(), open(out + ".state.json", "w"))

@@ -34,6 +34,7 @@ _CHOICES = {
     "train.strategy": ("single", "deepspeed"),
     "train.on_nonfinite": ("skip", "stop"),
     "data.overlong": ("truncate", "drop", "error"),
+    "data.state": ("none", "text", "projection"),
     "deepspeed.grad_accum_dtype": ("fp32", "bf16"),
     "deepspeed.communication_data_type": ("fp32", "bf16"),
 }
@@ -160,6 +161,31 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
+def _validate_storage(st: Any) -> None:
+    hashes = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "sha3_224", "sha3_256", "sha3_384",
+              "sha3_512", "xxh32", "xxh64", "xxh128", "xxh3_64", "xxh3_128")  # streaming.base.hashing
+    if st.validate_hash is not None and st.validate_hash not in hashes:
+        near = difflib.get_close_matches(str(st.validate_hash), hashes, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"data.storage.validate_hash={st.validate_hash!r} is not one of {list(hashes)} or null"
+                          f"{hint}")
+    if st.cache_limit is not None:
+        from vla_scale.data.streaming_compat import import_streaming
+
+        import_streaming()
+        from streaming.base.util import bytes_to_int
+
+        try:
+            if bytes_to_int(st.cache_limit) <= 0:
+                raise ValueError("not positive")
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"data.storage.cache_limit={st.cache_limit!r}: use a size such as '200gb' or "
+                              f"'500mb' ({e})") from None
+    if not st.download_timeout_s > 0 or st.download_retry < 0:
+        raise ConfigError(f"data.storage.download_timeout_s must be positive and data.storage.download_retry "
+                          f">= 0, got {st.download_timeout_s}, {st.download_retry}")
+
+
 def validate(cfg: Config) -> None:
     """Checks across fields; raises `ConfigError` naming the key."""
     for key, choices in _CHOICES.items():
@@ -198,6 +224,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_length={d.max_length} is too short for a prompt and an answer; use at least 8")
     if not d.sources:
         raise ConfigError("data.sources: at least one source is needed")
+    # Cameras and state (issue 14): names become column names, the state mode needs its model part.
+    if not d.cameras or len(set(d.cameras)) != len(d.cameras):
+        raise ConfigError(f"data.cameras must list at least one camera, each once; got {list(d.cameras)}")
+    for i, c in enumerate(d.cameras):
+        if not c.isidentifier():
+            raise ConfigError(f"data.cameras.{i}={c!r}: use a name like 'primary', 'wrist' or 'left_wrist' (it "
+                              f"names the shard column image_<name>)")
+    if d.state == "projection" and m.state_dim <= 0:
+        raise ConfigError("data.state=projection needs model.state_dim set to the size of the robot state")
+    if d.state != "projection" and m.state_dim:
+        raise ConfigError(f"model.state_dim={m.state_dim} builds a state projection, but data.state={d.state!r} "
+                          f"does not feed it; set data.state=projection or model.state_dim=0")
+    if d.state == "text" and not 2 <= d.state_bins <= 1000:
+        raise ConfigError(f"data.state_bins must be in 2..1000, got {d.state_bins}")
     for i, s in enumerate(d.sources):
         if s.task not in TASKS:
             near = difflib.get_close_matches(s.task, TASKS, n=1)
@@ -212,6 +252,7 @@ def validate(cfg: Config) -> None:
             hint = f"; did you mean '{near[0]}'?" if near else ""
             raise ConfigError(f"data.val_sources.{i}.name={s.name!r} is not a training source "
                               f"({sorted(train_names)}){hint}: a validation set is held-out data of one")
+    _validate_storage(d.storage)
     if d.val_samples <= 0:
         raise ConfigError(f"data.val_samples must be positive, got {d.val_samples}")
     if t.val_every < 0:

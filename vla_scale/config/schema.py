@@ -79,6 +79,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # "auto": bf16 on GPU, fp32 on CPU; or "fp32" / "bf16".
     precision: str = "auto"
+    # Width of the robot state fed through a trainable projection as one prefix token after the
+    # cameras (data.state: projection needs it equal to the state's size); 0: no state projection.
+    state_dim: int = 0
 
 
 @dataclass
@@ -102,8 +105,10 @@ class SourceConfig:
     name: str = "robot"
     # "robot", "vqa", "spatial" or "affordance".
     task: str = "robot"
-    # "synthetic" (the built-in generator, written as shards into the run folder)
-    # or a local folder of MDS shards written by `vla-scale convert`.
+    # "synthetic" (the built-in generator, written as shards into the run folder),
+    # a local folder of MDS shards written by `vla-scale convert`, or the URL of one
+    # on object storage (s3://bucket/ds, gs://..., hf://..., azure://...; cached locally
+    # in data.storage.cache_dir).
     path: str = "synthetic"
     # Share of every global batch (weights are normalized to sum to 1; each global
     # batch holds exactly round(weight x batch) samples of this source).
@@ -124,6 +129,24 @@ class SyntheticDataConfig:
     samples_per_source: int = 256
     # Image side of generated samples (resized to model.image_size).
     image_size: int = 32
+
+
+@dataclass
+class StorageConfig:
+    # Node-local folder where shards of remote sources (s3://, gs://, hf://... any URL
+    # mosaicml-streaming reads) are cached; one sub-folder per source and dataset version.
+    # null: <TMPDIR>/vla-scale-shard-cache. Put it on local disk (NVMe), not on shared storage.
+    cache_dir: Optional[str] = None
+    # Most bytes the shard cache may hold ("200gb", "500mb" or a number); the least recently used
+    # shards are evicted beyond it. null: no limit. streaming needs at least 4x the largest shard.
+    cache_limit: Optional[str] = None
+    # Hash checked on every shard before it is read (shards carry sha1 and xxh64 since they are
+    # written with hashes): remote shards when downloaded, local ones the first time each process
+    # opens them. null: no checks. Shards written without that hash are read unchecked (a warning).
+    validate_hash: Optional[str] = "xxh64"
+    # Seconds to wait for one shard download, and retries before a download is an error.
+    download_timeout_s: float = 300.0
+    download_retry: int = 2
 
 
 @dataclass
@@ -162,6 +185,20 @@ class DataConfig:
     val_sources: List[SourceConfig] = field(default_factory=list)
     # At most this many samples of each validation source are read (once) and evaluated.
     val_samples: int = 32
+    # Cameras the model sees, in prefix order: "primary" is the shards' `image` column, any other
+    # name N the column `image_N` (old shards' `wrist_image` serves as "wrist"). Each camera adds
+    # its patch tokens to the prefix; a robot source lacking a listed camera is an error, VL
+    # samples carry the primary only (the others are masked out, as is the image of a text-only
+    # VL sample).
+    cameras: List[str] = field(default_factory=lambda: ["primary"])
+    # The robot's proprioceptive state (the shards' `state` column), normalised to [-1, 1] with its
+    # q01/q99 statistics: "none"; "text" (pi0.5-style: each value discretised into state_bins bins,
+    # written as integers in the robot prompt); "projection" (a trainable linear map to one prefix
+    # token; set model.state_dim to the state's size).
+    state: str = "none"
+    state_bins: int = 256
+    # Where shards of remote sources are cached, and how shards are checked (data.storage.*).
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 @dataclass

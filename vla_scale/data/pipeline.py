@@ -1,6 +1,7 @@
 """From configured sources to this rank's micro-batches for one optimizer step.
 
-    sources (MDS shard folders; "synthetic" ones are generated into the run folder)
+    sources (MDS shard folders, or their URLs on object storage read through a node-local
+             cache (vla_scale.data.storage); "synthetic" ones are generated into the run folder)
       -> one mosaicml-streaming StreamingDataset with a Stream per source,
          stratified batching: every global batch holds exactly
          round(weight x batch) samples of each source
@@ -37,10 +38,14 @@ from vla_scale.actions import ActionNormalizer
 from vla_scale.actions.normalizer import binarize, check_raw_dims
 from vla_scale.config.schema import Config, SourceConfig
 from vla_scale.data.augment import augment_image, center_crop
+from vla_scale.data.camera_images import camera_column
+from vla_scale.data.chunks import CHUNK_KEY, VALID_KEY
 from vla_scale.data.images import to_pixels
 from vla_scale.data.mixture import batch_counts, smallest_batch_including
 from vla_scale.data.prompts import PromptBuilder
-from vla_scale.data.schema import ROBOT_TASK, STATS_FILE, robot_sample, vl_sample
+from vla_scale.data.schema import ROBOT_TASK, STATS_FILE, camera_image, optional_array, robot_sample, vl_sample
+from vla_scale.data.state import STATE_KEY, StateNormalizer, state_text
+from vla_scale.data.storage import ShardLocation, resolve_source
 from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.data.synthetic import make_samples
 from vla_scale.errors import DataError
@@ -90,40 +95,43 @@ def write_synthetic_source(cfg: Config, index: int, out: Path, held_out: bool = 
                                   task=s["task"], dataset=f"synthetic-{src.name}", where=where), where)
 
 
-def source_dirs(cfg: Config, rank: int = 0) -> list[Path]:
-    """The shard folder of every source; rank 0 generates synthetic ones, the others wait for them."""
-    dirs = []
+def source_dirs(cfg: Config, rank: int = 0) -> list[ShardLocation]:
+    """Where every source's shards are read (a local folder, or a remote URL and its node-local cache);
+    rank 0 generates synthetic sources, the others wait for them."""
+    out = []
+    st = cfg.data.storage
     for i, src in enumerate(cfg.data.sources):
+        path = src.path
         if src.path == "synthetic":
             d = synthetic_dir(cfg, i)
             if rank == 0 and not (d / "index.json").is_file():
                 write_synthetic_source(cfg, i, d)
             _wait_for(d / "index.json", f"synthetic source '{src.name}'")
-        else:
-            d = Path(src.path)
-            if not (d / "index.json").is_file():
-                raise DataError(f"data.sources.{i}.path={src.path!r} is not a shard folder (no index.json); "
-                                f"write one with `vla-scale convert`")
-        dirs.append(d)
-    return dirs
+            path = str(d)
+        out.append(resolve_source(path, name=src.name, cache_dir=st.cache_dir, timeout=st.download_timeout_s,
+                                  what=f"data.sources.{i}.path"))
+    return out
 
 
-def source_stats(cfg: Config, dirs: list[Path], rank: int = 0) -> dict[str, dict[str, Any]]:
-    """Action statistics per robot source: `stats:` if set, else DIR/stats.json, else computed once."""
-    from vla_scale.data.stats import load_stats, stats_for_shards
+def source_stats(cfg: Config, dirs: list[ShardLocation], rank: int = 0) -> dict[str, dict[str, Any]]:
+    """Action statistics per robot source: `stats:` if set, else PATH/stats.json (also on a remote),
+    else computed once."""
+    from vla_scale.data.stats import load_stats, read_folder_stats, stats_for_shards
 
     out: dict[str, dict[str, Any]] = {}
-    for i, (src, d) in enumerate(zip(cfg.data.sources, dirs)):
+    for i, (src, loc) in enumerate(zip(cfg.data.sources, dirs)):
         if src.task != ROBOT_TASK:
             continue
+        d = loc.remote or loc.local
+        found = None if src.stats else read_folder_stats(d)
         if src.stats:
             out[src.name] = load_stats(src.stats)
-        elif (d / STATS_FILE).is_file():
-            out[src.name] = load_stats(d / STATS_FILE)
+        elif found is not None:
+            out[src.name] = found
         else:
             # Never write into a user's dataset folder: computed statistics go to the run folder
             # (synthetic shards live in the run folder already).
-            target = d / STATS_FILE if src.path == "synthetic" else (
+            target = loc.local / STATS_FILE if src.path == "synthetic" else (
                 Path(cfg.run.output_dir) / "stats" / f"{src.name}.json")
             if rank == 0 and not target.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +146,35 @@ def source_stats(cfg: Config, dirs: list[Path], rank: int = 0) -> dict[str, dict
         check_raw_dims(out[src.name], src.binarize_threshold, f"data.sources.{i} ('{src.name}')")
     if not out:
         raise DataError("data.sources: at least one robot source is needed (action statistics come from it)")
+    if cfg.data.state != "none":
+        add_state_stats(cfg, dirs, out, rank)
     return out
+
+
+def add_state_stats(cfg: Config, dirs: list[ShardLocation], stats: dict[str, dict[str, Any]], rank: int = 0) -> None:
+    """Put the state's q01/q99 under stats[source]["state"] (data.state text|projection): from the source's
+    statistics when they hold them, else computed once from the (local) shards into the run folder."""
+    from vla_scale.data.state import compute_state_stats
+    from vla_scale.data.stats import load_stats, write_stats
+
+    for src, loc in zip(cfg.data.sources, dirs):
+        if src.name not in stats or STATE_KEY in stats[src.name]:
+            continue
+        if getattr(loc, "remote", None):
+            raise DataError(f"source '{src.name}' ({loc.remote}): data.state={cfg.data.state!r} needs the state's "
+                            f"statistics; computing them reads local shards only: give the source a stats file "
+                            f"with a 'state' entry ({{q01, q99}}) in data.sources.N.stats")
+        target = Path(cfg.run.output_dir) / "stats" / f"{src.name}.state.json"
+        if rank == 0 and not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_stats(compute_state_stats(getattr(loc, "local", loc)), target)
+        _wait_for(target, f"state statistics of source '{src.name}'")
+        stats[src.name] = {**stats[src.name], STATE_KEY: load_stats(target)}
+    for name, s in stats.items():
+        dim = len(s[STATE_KEY]["q01"])
+        if cfg.data.state == "projection" and dim != cfg.model.state_dim:
+            raise DataError(f"source '{name}': its state has {dim} values but model.state_dim is "
+                            f"{cfg.model.state_dim}; set model.state_dim={dim}")
 
 
 # -- per-sample processing (runs in loader workers) ---------------------------
@@ -169,22 +205,26 @@ class SampleProcessor:
         self.thresholds = {src.name: src.binarize_threshold for src in cfg.data.sources}
         self.overlong = cfg.data.overlong
         self.truncated_count = self.dropped_count = 0
-        prompts.check_robot_fits((self.dim,) if self.chunk == 1 else (self.chunk, self.dim))
+        self.cameras = list(cfg.data.cameras)
+        self.state_mode, self.state_bins = cfg.data.state, cfg.data.state_bins
+        self.state_normalizers = ({name: StateNormalizer.from_stats(s[STATE_KEY]) for name, s in stats.items()}
+                                  if self.state_mode != "none" else {})
+        state_dim = max((n.dim for n in self.state_normalizers.values()), default=0)
+        # The widest state text: every value in the last bin (digits are single tokens).
+        worst_state = state_text(np.ones(state_dim), self.state_bins) if self.state_mode == "text" else None
+        prompts.check_robot_fits((self.dim,) if self.chunk == 1 else (self.chunk, self.dim), worst_state)
 
     def sample(self, s: dict[str, Any]) -> dict[str, Any]:
         stream = int(s["_stream"])
         name = self.source_of_stream[stream]
         where = f"source '{name}' sample {int(s['_uid'])}"
-        image = s["image"]
-        # Robot frames only: VL answers may hold image coordinates that a crop would falsify.
-        if self.augment and s["task"] == ROBOT_TASK:
-            rng = np.random.default_rng([self.seed, int(s["_uid"]), int(s["_epoch"])])
-            image = augment_image(image.convert("RGB"), rng)
-        elif self.center_crop_scale is not None and s["task"] == ROBOT_TASK:
-            image = center_crop(image.convert("RGB"), self.center_crop_scale)  # evaluation: what the policy sees
-        pixels = to_pixels(np.asarray(image.convert("RGB")), self.image_size)
+        pixels, present = self.camera_pixels(s, where)
+        valid_steps = None
         if s["task"] == ROBOT_TASK:
             action = np.asarray(s["action"], dtype=np.float32)
+            if self.chunk > 1 and CHUNK_KEY in s:  # built from the following steps (vla_scale.data.chunks)
+                action = np.asarray(s[CHUNK_KEY], dtype=np.float32)
+                valid_steps = int(np.asarray(s[VALID_KEY]).sum())
             expect = (self.dim,) if self.chunk == 1 else (self.chunk, self.dim)
             if action.shape != expect:
                 raise DataError(f"{where}: action has shape {action.shape}, the config expects {expect} "
@@ -201,9 +241,17 @@ class SampleProcessor:
                 raise DataError(f"{where}: action dimension {k} is kept raw but holds "
                                 f"{normalized.reshape(-1, self.dim)[:, k].tolist()}, outside [-1, 1]; set "
                                 f"binarize_threshold on the source or normalise the dimension")
+        state, state_txt = None, None
+        if self.state_mode != "none" and s["task"] == ROBOT_TASK:
+            raw_state = optional_array(s.get("state"))
+            if raw_state is None:
+                raise DataError(f"{where}: data.state={self.state_mode!r} but the sample has no state; convert the "
+                                f"dataset with its state key, or set data.state=none")
+            state = self.state_normalizers[name].normalize(raw_state, where)
+            state_txt = state_text(state, self.state_bins) if self.state_mode == "text" else None
         try:
             if s["task"] == ROBOT_TASK:
-                tok = self.prompts.build_robot(s["instruction"], normalized, self.overlong)
+                tok = self.prompts.build_robot(s["instruction"], normalized, self.overlong, valid_steps, state_txt)
             else:
                 tok = self.prompts.build_vl_turns(list(s["turns"]), self.overlong)
         except DataError as e:
@@ -215,8 +263,39 @@ class SampleProcessor:
                             "dropped" if tok.dropped else "truncated")
             self.truncated_count += tok.truncated
             self.dropped_count += tok.dropped
-        return {"input_ids": tok.input_ids, "labels": tok.labels, "choice": tok.choice, "source": stream,
-                "pixels": pixels, "sample_id": int(s["_uid"]), "truncated": tok.truncated, "dropped": tok.dropped}
+        out = {"input_ids": tok.input_ids, "labels": tok.labels, "choice": tok.choice, "source": stream,
+               "pixels": pixels, "image_mask": present, "sample_id": int(s["_uid"]), "truncated": tok.truncated,
+               "dropped": tok.dropped}
+        if self.state_mode == "projection":
+            dim = next(iter(self.state_normalizers.values())).dim
+            out["state"] = torch.from_numpy(state) if state is not None else torch.zeros(dim)
+            out["state_mask"] = state is not None
+        return out
+
+    def camera_pixels(self, s: dict[str, Any], where: str) -> tuple[torch.Tensor, list[bool]]:
+        """Pixels of every camera in data.cameras ((3, H, W) for one, (C, 3, H, W) for several) and which
+        the sample has. A robot sample must have them all; VL samples have the primary at most."""
+        robot = s["task"] == ROBOT_TASK
+        pixels, present = [], []
+        for k, cam in enumerate(self.cameras):
+            image = camera_image(s, cam, where)
+            if image is None:
+                if robot:
+                    raise DataError(f"{where}: no camera {cam!r} (column {camera_column(cam)!r}) in this robot "
+                                    f"sample, but data.cameras lists it")
+                pixels.append(torch.zeros(3, self.image_size, self.image_size))
+                present.append(False)
+                continue
+            # Robot frames only: VL answers may hold image coordinates that a crop would falsify. Each camera
+            # draws its own crop (the primary keeps the seed it always had).
+            if self.augment and robot:
+                rng = np.random.default_rng([self.seed, int(s["_uid"]), int(s["_epoch"])] + ([k] if k else []))
+                image = augment_image(image, rng)
+            elif self.center_crop_scale is not None and robot:
+                image = center_crop(image, self.center_crop_scale)  # evaluation: what the policy sees
+            pixels.append(to_pixels(np.asarray(image.convert("RGB")), self.image_size))
+            present.append(True)
+        return (pixels[0] if len(pixels) == 1 else torch.stack(pixels)), present
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate([self.sample(s) for s in batch], self.prompts.tokenizer.pad_token_id)
@@ -237,7 +316,14 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
         mask[i, :n] = 1
         choice[i, :n] = torch.from_numpy(np.asarray(s["choice"], dtype=bool)) if s.get("choice") is not None \
             else labels[i, :n] != IGNORE_INDEX
-    return {"pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": ids,
+    extra = {}
+    if "state" in samples[0]:  # data.state: projection
+        extra = {"state": torch.stack([s["state"] for s in samples]),
+                 "state_mask": torch.tensor([bool(s["state_mask"]) for s in samples])}
+    masks = [s.get("image_mask") or [True] for s in samples]
+    if any(len(m) > 1 or not all(m) for m in masks):  # several cameras, or a sample without an image
+        extra["image_mask"] = torch.tensor(masks, dtype=torch.bool)
+    return {**extra, "pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": ids,
             "attention_mask": mask, "labels": labels, "choice_mask": choice,
             "source": torch.tensor([s["source"] for s in samples]),
             "sample_id": torch.tensor([s.get("sample_id", -1) for s in samples]),
@@ -282,31 +368,44 @@ def mixture_counts(cfg: Config) -> dict[str, int]:
     return {src.name: c for src, c in zip(sources, counts) if c > 0}
 
 
-def co_training_dataset(cfg: Config, dirs: list[Path], rank_batch: int):
+def co_training_dataset(cfg: Config, dirs: list[ShardLocation] | list[Path], rank_batch: int):
     """One StreamingDataset over every source in use, `rank_mixed` batching; and the per-batch counts."""
-    streaming = import_streaming()
+    from vla_scale.data.chunks import ChunkedCoTrainingDataset
     from vla_scale.data.streaming_dataset import RANK_MIXED, CoTrainingDataset
 
     counts = mixture_counts(cfg)
     t = cfg.train
-    folder = {src.name: d for src, d in zip(cfg.data.sources, dirs)}
+    st = cfg.data.storage
+    folder = {src.name: d if isinstance(d, ShardLocation) else resolve_source(str(d), name=src.name, cache_dir=None)
+              for src, d in zip(cfg.data.sources, dirs)}
     # Proportions are the exact per-batch counts over the batch, so stratified batching
     # reproduces them batch after batch.
-    streams = [streaming.Stream(local=str(folder[name]), proportion=c / t.global_batch_size)
+    streams = [folder[name].stream(proportion=c / t.global_batch_size, validate_hash=st.validate_hash,
+                                   download_timeout=st.download_timeout_s, download_retry=st.download_retry)
                for name, c in counts.items()]
-    dataset = CoTrainingDataset(
-        streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
-        batching_method=RANK_MIXED, micro_batch_size=t.micro_batch_size,
-        num_canonical_nodes=cfg.data.num_canonical_nodes, replication=None,
-        # streaming's own default, fixed here rather than at the first iteration, so the sample order
-        # is fully determined by the config (and the work can be generated without iterating).
-        shuffle_block_size=max(4_000_000 // cfg.data.num_canonical_nodes, 1 << 18),
-    )
+    # actions.chunk > 1: robot samples carry the (T, D) chunk starting at them, read from the following
+    # rows of the same episode (a pure function of the sample id, so resume and world-size changes hold).
+    chunked = {"chunk": cfg.actions.chunk} if cfg.actions.chunk > 1 else {}
+    try:
+        dataset = (ChunkedCoTrainingDataset if chunked else CoTrainingDataset)(
+            **chunked, validate_hash=st.validate_hash, cache_limit=st.cache_limit,
+            streams=streams, batch_size=rank_batch, shuffle=True, shuffle_seed=cfg.data.shuffle_seed,
+            batching_method=RANK_MIXED, micro_batch_size=t.micro_batch_size,
+            num_canonical_nodes=cfg.data.num_canonical_nodes, replication=None,
+            # streaming's own default, fixed here rather than at the first iteration, so the sample order
+            # is fully determined by the config (and the work can be generated without iterating).
+            shuffle_block_size=max(4_000_000 // cfg.data.num_canonical_nodes, 1 << 18),
+        )
+    except ValueError as e:
+        if "ache limit" in str(e) or "cache usage" in str(e):
+            raise DataError(f"data.storage.cache_limit={st.cache_limit!r}: {e}") from None
+        raise
     return dataset, counts
 
 
 class CoTrainingLoader:
-    def __init__(self, cfg: Config, prompts: PromptBuilder, stats: dict[str, dict[str, Any]], dirs: list[Path],
+    def __init__(self, cfg: Config, prompts: PromptBuilder, stats: dict[str, dict[str, Any]],
+                 dirs: list[ShardLocation] | list[Path],
                  rank: int = 0, world_size: int = 1):
         t = cfg.train
         # Each rank's slice of a global batch is cut into `resolve_accumulation` micro-batches; a world

@@ -68,19 +68,38 @@ class PromptBuilder:
         """Token ids of user text, special-token strings included as plain text."""
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
-    def robot_prompt(self, instruction: str) -> str:
+    def robot_prompt(self, instruction: str, state: str | None = None) -> str:
+        """The robot prompt; `state` (data.state: text, `vla_scale.data.state.state_text`) follows the
+        question, pi0.5-style: "... take to open the drawer? State: 12 200 45." """
         instruction = instruction.strip().rstrip("?.! ")
-        return ROBOT_TEMPLATE.format(instruction=instruction[:1].lower() + instruction[1:])
+        text = ROBOT_TEMPLATE.format(instruction=instruction[:1].lower() + instruction[1:])
+        return text if state is None else f"{text} State: {state}."
 
-    def build_robot(self, instruction: str, normalized_action: np.ndarray, overlong: str = "error") -> TokenizedSample:
-        prompt = self.prompt_ids(self.robot_prompt(instruction))
-        sample = self._fit([prompt, list(self.action_tokenizer.encode(normalized_action))], overlong, robot=True)
+    def build_robot(self, instruction: str, normalized_action: np.ndarray, overlong: str = "error",
+                    valid_steps: int | None = None, state: str | None = None) -> TokenizedSample:
+        """`valid_steps`: for a (T, D) chunk padded past its episode's end, how many leading steps are
+        real; the tokens of the padded steps get no label (no loss, no accuracy). EOS keeps its label:
+        the grammar forces it after T steps whatever they hold."""
+        prompt = self.prompt_ids(self.robot_prompt(instruction, state))
+        answer = list(self.action_tokenizer.encode(normalized_action))
+        sample = self._fit([prompt, answer], overlong, robot=True)
         # A robot action is never cut: it is whole (ending in EOS), or the sample was dropped.
         answer_at = next((i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX), len(sample.labels))
         action = np.asarray(normalized_action)
         grammar = self.action_tokenizer.grammar(self.tokenizer.eos_token_id,
                                                 chunk=action.shape[0] if action.ndim == 2 else None)
         sample.choice = [False] * answer_at + grammar.choice_positions(sample.labels[answer_at:])
+        if valid_steps is not None and action.ndim == 2 and valid_steps < action.shape[0] and not sample.dropped:
+            if valid_steps < 1:
+                raise DataError(f"an action chunk needs at least one real step, got valid_steps={valid_steps}")
+            real = self.action_tokenizer.encode(action[:valid_steps])
+            # Every piece belongs to one value (a separator travels with the next value's sign), so the
+            # tokens of the first k steps are a prefix of the chunk's tokens.
+            if answer[:len(real)] != list(real):
+                raise AssertionError("action tokens of a chunk's first steps are not a prefix of the chunk's")
+            for i in range(answer_at + len(real), answer_at + len(answer)):
+                sample.labels[i] = IGNORE_INDEX
+                sample.choice[i] = False
         return sample
 
     def build_vl(self, question: str, answer: str, overlong: str = "error") -> TokenizedSample:
@@ -95,11 +114,12 @@ class PromptBuilder:
             segments.append(self.text_ids(" " + turn["answer"].strip()))
         return self._fit(segments, overlong)
 
-    def check_robot_fits(self, action_shape: tuple[int, ...]) -> None:
-        """ConfigError at start when max_length cannot hold a robot prompt and a whole action."""
+    def check_robot_fits(self, action_shape: tuple[int, ...], state: str | None = None) -> None:
+        """ConfigError at start when max_length cannot hold a robot prompt (with `state` text, the longest
+        the state can write) and a whole action."""
         # Negative with every decimal nonzero: the longest text either string style writes for a value.
         worst = np.full(action_shape, -0.123456789)
-        need = len(self.prompt_ids(self.robot_prompt("x"))) + len(self.action_tokenizer.encode(worst)) + 1
+        need = len(self.prompt_ids(self.robot_prompt("x", state))) + len(self.action_tokenizer.encode(worst)) + 1
         if need > self.max_length:
             raise ConfigError(f"data.max_length={self.max_length} cannot hold a robot sample: a one-word instruction "
                               f"and a whole action take {need} tokens; raise data.max_length to at least {need}")

@@ -26,24 +26,37 @@ estimates, so
 where range = max - min of that dimension (plus a floor of max|x| * 2^-52,
 which keeps bin indices exact in int64 and is far below float32 resolution).
 Each sample's action is read straight from the MDS shard (the image columns
-are never read or decoded). This module never modifies the shards.
+are never read or decoded), after the shard is checked against the size and
+hash in index.json; a damaged shard is an error naming it (and the sample
+where the damage is in the sample layout). The folder may be a remote URL
+(shards downloaded one at a time, stats.json uploaded beside them).
+
+Non-finite actions and absurd ones (beyond `outlier_factor` robust ranges,
+see `outlier_fence`) are not statistics of the robot: they are left out and
+reported by shard, sample, episode and step under "outliers". This module
+never modifies the shards.
 """
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from vla_scale.data.schema import ROBOT_TASK, STATS_FILE
+from vla_scale.data.storage import ShardFolder, is_remote, join
+from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.errors import DataError
 
 DEFAULT_BINS = 16384
+# Actions beyond this many robust ranges (q99 - q01) outside [q01, q99] are reported and left out.
+DEFAULT_OUTLIER_FACTOR = 10.0
+_MAX_OUTLIERS = 50  # examples kept in stats.json; the count is exact
 QUANTILES = (0.01, 0.99)
 _BATCH = 8192  # action rows per sketch update
 
@@ -237,114 +250,206 @@ class ActionStatistics:
 # ---------------------------------------------------------------------------------------------
 # reading actions from MDS shards
 # ---------------------------------------------------------------------------------------------
-def _index(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "index.json"
-    try:
-        shards = json.loads(path.read_text())["shards"]
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: {folder} is not a shard folder (write one with `vla-scale convert`)") \
-            from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not a valid MDS index ({e})") from None
+@dataclass(frozen=True)
+class ActionRecord:
+    """One robot sample's action as stored, and where it is: shard file, sample, episode and step."""
+
+    action: np.ndarray
+    where: str
+    episode: int
+    step: int
+
+
+def _check_index(folder: ShardFolder, shards: list[dict[str, Any]]) -> None:
     for s in shards:
         if s.get("format") != "mds" or "action" not in s.get("column_names", []):
-            raise DataError(f"{path}: shard {s.get('raw_data', {}).get('basename')} is not an MDS shard with an "
-                            f"'action' column")
-    return shards
+            raise DataError(f"{join(folder.path, 'index.json')}: shard {s.get('raw_data', {}).get('basename')} is not "
+                            f"an MDS shard with an 'action' column")
 
 
-def _shard_bytes(folder: Path, shard: dict[str, Any]):
-    """The uncompressed shard as a sliceable buffer: memory-mapped, or decompressed (one shard at a time)."""
-    raw = folder / shard["raw_data"]["basename"]
-    if raw.is_file():
-        with open(raw, "rb") as f:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if shard.get("zip_data"):
-        from vla_scale.data.streaming_compat import import_streaming
+def _samples(buf: Any, shard: dict[str, Any], name: str) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """(sample index, {column: raw bytes}) of the columns stats reads, with every offset bounds-checked, so a
+    damaged shard is a DataError naming the shard and the sample instead of garbage or a TypeError."""
+    names, sizes = shard["column_names"], shard["column_sizes"]
+    wanted = [c for c in ("task", "action", "episode", "step") if c in names]
+    var = [i for i, sz in enumerate(sizes) if sz is None]
+    total = len(buf)
+    expected = int(shard.get("samples", -1))
+    if total < 4:
+        raise DataError(f"{name}: the shard file is truncated ({total} bytes): no sample can be read")
+    n = int(np.frombuffer(buf[0:4], np.uint32)[0])
+    if expected >= 0 and n != expected:
+        raise DataError(f"{name}: the shard header says {n} samples, index.json says {expected}: the file is damaged")
+    if 4 + 4 * (n + 1) > total:
+        raise DataError(f"{name}: the shard file is truncated ({total} bytes) inside its table of sample offsets")
+    offsets = np.frombuffer(buf[4:4 + 4 * (n + 1)], np.uint32).astype(np.int64)
+    for i in range(n):
+        begin, end = int(offsets[i]), int(offsets[i + 1])
+        if end > total:
+            raise DataError(f"{name}, sample {i}: the shard file is truncated: the sample ends at byte {end}, the "
+                            f"file has {total} bytes ({n - i} of {n} samples are cut off); re-convert or re-upload")
+        if begin < 4 + 4 * (n + 1) or end < begin + 4 * len(var):
+            raise DataError(f"{name}, sample {i}: the shard's sample offsets are damaged ({begin}..{end})")
+        col_sizes = list(sizes)
+        for j, sz in zip(var, np.frombuffer(buf[begin:begin + 4 * len(var)], np.uint32)):
+            col_sizes[j] = int(sz)
+        if begin + 4 * len(var) + sum(col_sizes) != end:
+            raise DataError(f"{name}, sample {i}: the sample's column sizes do not add up to its length: the shard "
+                            f"is damaged")
+        starts = np.cumsum([begin + 4 * len(var)] + col_sizes[:-1]).tolist()
+        yield i, {c: buf[starts[names.index(c)]:starts[names.index(c)] + col_sizes[names.index(c)]] for c in wanted}
 
-        import_streaming()
-        from streaming.base.compression import decompress
 
-        zipped = folder / shard["zip_data"]["basename"]
-        try:
-            return decompress(shard["compression"], zipped.read_bytes())
-        except FileNotFoundError:
-            pass
-    raise DataError(f"{folder}: shard file {raw.name} is missing")
+def iter_robot_actions(folder: str | Path) -> Iterator[ActionRecord]:
+    """Every robot sample's action with where it is, in shard order (local folder or remote URL).
 
-
-def iter_robot_actions(folder: str | Path) -> Iterator[tuple[np.ndarray, str]]:
-    """(action array as stored, "shard file, sample i") for every robot sample, in shard order."""
-    from vla_scale.data.streaming_compat import import_streaming
-
+    Each shard is checked against index.json first (size, and hash when written with one), and every
+    sample's offsets are bounds-checked, so corrupt and truncated shards are errors naming the shard
+    (and the sample, where the damage is in the sample layout)."""
     import_streaming()
     from streaming.base.format.mds.encodings import mds_decode
 
-    folder = Path(folder)
-    for shard in _index(folder):
-        names, sizes, encodings = shard["column_names"], shard["column_sizes"], shard["column_encodings"]
-        var = [i for i, s in enumerate(sizes) if s is None]
-        a_col, t_col = names.index("action"), names.index("task") if "task" in names else None
-        buf = _shard_bytes(folder, shard)
-        try:
-            n = int(np.frombuffer(buf[0:4], np.uint32)[0])
-            offsets = np.frombuffer(buf[4:4 + 4 * (n + 1)], np.uint32).astype(np.int64)
-            name = shard["raw_data"]["basename"]
-            for i in range(n):
-                begin = int(offsets[i])
-                col_sizes = list(sizes)
-                for j, s in zip(var, np.frombuffer(buf[begin:begin + 4 * len(var)], np.uint32)):
-                    col_sizes[j] = int(s)
-                starts = np.cumsum([begin + 4 * len(var)] + col_sizes[:-1]).tolist()
-                if t_col is not None:
-                    task = mds_decode(encodings[t_col], buf[starts[t_col]:starts[t_col] + col_sizes[t_col]])
-                    if task != ROBOT_TASK:
-                        continue
-                action = mds_decode(encodings[a_col], buf[starts[a_col]:starts[a_col] + col_sizes[a_col]])
-                yield action, f"{folder / name}, sample {i}"
-        finally:
-            if isinstance(buf, mmap.mmap):
-                buf.close()
+    src = folder if isinstance(folder, ShardFolder) else ShardFolder(folder)
+    try:
+        shards = src.index()
+        _check_index(src, shards)
+        for shard in shards:
+            encodings = dict(zip(shard["column_names"], shard["column_encodings"]))
+            name = join(src.path, shard["raw_data"]["basename"])
+            with src.shard_bytes(shard) as buf:
+                for i, cols in _samples(buf, shard, name):
+                    where = f"{name}, sample {i}"
+                    try:
+                        if "task" in cols and mds_decode(encodings["task"], bytes(cols["task"])) != ROBOT_TASK:
+                            continue
+                        action = mds_decode(encodings["action"], bytes(cols["action"]))
+                        episode = int(mds_decode(encodings["episode"], bytes(cols["episode"]))) if "episode" in cols \
+                            else -1
+                        step = int(mds_decode(encodings["step"], bytes(cols["step"]))) if "step" in cols else -1
+                    except (ValueError, TypeError, UnicodeDecodeError) as e:
+                        raise DataError(f"{where}: cannot decode the sample ({e}): the shard is damaged") from None
+                    yield ActionRecord(np.asarray(action), where, episode, step)
+    finally:
+        if src is not folder:
+            src.close()
+
+
+def outlier_fence(q01: np.ndarray, q99: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Values outside [q01 - f*r, q99 + f*r], r = q99 - q01 (floored so constant dimensions get a margin),
+    are absurd for a dimension: far beyond anything the robust range allows."""
+    scale = np.maximum(np.maximum(np.abs(q01), np.abs(q99)), 1.0)
+    r = np.maximum(q99 - q01, 1e-3 * scale)
+    return q01 - factor * r, q99 + factor * r
+
+
+class _Reservoir:
+    """A uniform random sample of at most `size` action rows (bottom-k of random keys), for a robust fence
+    that absurd values cannot move. Deterministic (fixed seed)."""
+
+    def __init__(self, size: int = 1 << 15) -> None:
+        self.size = size
+        self.rng = np.random.default_rng(0)
+        self.keys = np.empty(0)
+        self.rows: np.ndarray | None = None
+
+    def update(self, rows: np.ndarray) -> None:
+        keys = self.rng.random(rows.shape[0])
+        allk = np.concatenate([self.keys, keys])
+        allr = rows if self.rows is None else np.concatenate([self.rows, rows])
+        if allk.size > self.size:
+            keep = np.argpartition(allk, self.size)[:self.size]
+            allk, allr = allk[keep], allr[keep]
+        self.keys, self.rows = allk, allr
+
+
+def _nonfinite_or_absurd(a: np.ndarray, lo: np.ndarray | None, hi: np.ndarray | None,
+                         binary: np.ndarray | None) -> str | None:
+    flat = a.reshape(-1, a.shape[-1])
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        t, k = (int(x) for x in np.argwhere(bad)[0])
+        return f"non-finite value {flat[t, k]} in dimension {k}" + (f" (chunk row {t})" if a.ndim == 2 else "")
+    if lo is None or hi is None:
+        return None
+    out = (flat < lo) | (flat > hi)
+    if binary is not None:
+        out &= ~binary
+    if out.any():
+        t, k = (int(x) for x in np.argwhere(out)[0])
+        return (f"absurd value {float(flat[t, k]):.6g} in dimension {k} (outside [{lo[k]:.6g}, {hi[k]:.6g}])"
+                + (f" (chunk row {t})" if a.ndim == 2 else ""))
+    return None
 
 
 def compute_action_stats(folder: str | Path, *, keep_dims: Sequence[int] | None = None, bins: int = DEFAULT_BINS,
-                         progress: bool = False) -> dict[str, Any]:
-    """Statistics of the robot actions in one shard folder (one pass, bounded memory)."""
+                         progress: bool = False, outlier_factor: float = DEFAULT_OUTLIER_FACTOR) -> dict[str, Any]:
+    """Statistics of the robot actions in one shard folder, local or remote (bounded memory).
+
+    Actions that are non-finite, or beyond `outlier_factor` times the robust q01-q99 range (a
+    corrupt value, a unit error), are left out of the statistics and listed under "outliers" by
+    dataset position (shard, sample, episode, step). One pass when there are none; a second pass
+    (over the same shards) when there are, so that they cannot widen the quantile sketch.
+    """
     from tqdm.auto import tqdm
 
-    from vla_scale.data.streaming_compat import import_streaming
-
     import_streaming()  # imports torch (seconds): before the progress bar starts, not inside its first step
-    folder = Path(folder)
-    total = sum(int(s.get("samples", 0)) for s in _index(folder))
-    acc = ActionStatistics(bins)
-    rows: list[np.ndarray] = []
-    pending = 0
-    dim = None
-    samples = 0
-    for action, where in tqdm(iter_robot_actions(folder), total=total, unit="sample", desc=f"stats {folder.name}",
-                              disable=not progress):
-        a = np.asarray(action, dtype=np.float32)
-        if a.ndim not in (1, 2):
-            raise DataError(f"{where}: action has shape {a.shape}; expected (D,) or (T, D)")
-        if dim is None:
-            dim = a.shape[-1]
-        elif a.shape[-1] != dim:
-            raise DataError(f"{where}: action has {a.shape[-1]} dimensions, earlier samples have {dim}; a shard "
-                            f"folder must hold one action space (convert datasets into separate folders)")
-        if not np.isfinite(a).all():
-            raise DataError(f"{where}: action has a non-finite value; re-convert the dataset (converters reject these)")
-        rows.append(a.reshape(-1, dim))
-        pending += rows[-1].shape[0]
-        samples += 1
-        if pending >= _BATCH:
-            acc.update(np.concatenate(rows))
-            rows, pending = [], 0
-    if rows:
-        acc.update(np.concatenate(rows))
-    stats = acc.result(keep_dims)
-    stats.update({"samples": samples, "shards": str(folder.resolve()), "bins": bins,
-                  "format": "vla-scale action stats v1"})
+    if not outlier_factor > 0:
+        raise DataError(f"the outlier factor must be positive, got {outlier_factor}")
+    src = ShardFolder(folder)
+    try:
+        total = sum(int(s.get("samples", 0)) for s in src.index())
+
+        def one_pass(lo: np.ndarray | None, hi: np.ndarray | None, binary: np.ndarray | None, desc: str):
+            acc, res = ActionStatistics(bins), _Reservoir()
+            rows: list[np.ndarray] = []
+            pending, dim, samples = 0, None, 0
+            outliers: list[dict[str, Any]] = []
+            n_out = 0
+            for rec in tqdm(iter_robot_actions(src), total=total, unit="sample", desc=desc, disable=not progress):
+                a = np.asarray(rec.action, dtype=np.float32)
+                if a.ndim not in (1, 2):
+                    raise DataError(f"{rec.where}: action has shape {a.shape}; expected (D,) or (T, D)")
+                if dim is None:
+                    dim = a.shape[-1]
+                elif a.shape[-1] != dim:
+                    raise DataError(f"{rec.where}: action has {a.shape[-1]} dimensions, earlier samples have {dim}; "
+                                    f"a shard folder must hold one action space (convert datasets into separate "
+                                    f"folders)")
+                reason = _nonfinite_or_absurd(a, lo, hi, binary)
+                if reason is not None:
+                    n_out += 1
+                    if len(outliers) < _MAX_OUTLIERS:
+                        outliers.append({"where": rec.where, "episode": rec.episode, "step": rec.step,
+                                         "reason": reason})
+                    continue
+                rows.append(a.reshape(-1, dim).astype(np.float64))
+                pending += rows[-1].shape[0]
+                samples += 1
+                if pending >= _BATCH:
+                    block = np.concatenate(rows)
+                    acc.update(block)
+                    res.update(block)
+                    rows, pending = [], 0
+            if rows:
+                block = np.concatenate(rows)
+                acc.update(block)
+                res.update(block)
+            return acc, res, samples, n_out, outliers
+
+        acc, res, samples, n_out, outliers = one_pass(None, None, None, f"stats {src.name}")
+        if acc.sketch is not None and res.rows is not None:
+            lo, hi = outlier_fence(np.quantile(res.rows, QUANTILES[0], axis=0),
+                                   np.quantile(res.rows, QUANTILES[1], axis=0), outlier_factor)
+            binary = acc.binary & acc.seen.all(axis=0)
+            if ((acc.sketch.min < lo) & ~binary).any() or ((acc.sketch.max > hi) & ~binary).any():
+                acc, _, samples, n_absurd, outliers2 = one_pass(lo, hi, binary, f"stats {src.name} (outliers)")
+                n_out, outliers = n_absurd, outliers2
+        stats = acc.result(keep_dims)
+    finally:
+        src.close()
+    stats.update({"samples": samples, "shards": src.path if src.remote else str(Path(src.path).resolve()),
+                  "bins": bins, "format": "vla-scale action stats v1",
+                  "outliers": {"count": n_out, "factor": outlier_factor, "examples": outliers}})
     return stats
 
 
@@ -365,7 +470,17 @@ def write_stats(stats: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_stats(path: str | Path) -> dict[str, Any]:
-    """A stats.json, or the stats.json inside a shard folder."""
+    """A stats.json, or the stats.json inside a shard folder; either may be a remote URL."""
+    if is_remote(path):
+        url = str(path).rstrip("/")
+        folder, name = (url.rsplit("/", 1) if url.endswith(".json") else (url, STATS_FILE))
+        data = ShardFolder(folder).read_file(name, missing_ok=True)
+        if data is None:
+            raise DataError(f"{join(folder, name)} is missing: run `vla-scale stats {folder}`")
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{join(folder, name)}: cannot read the statistics: {e}") from None
     path = Path(path)
     if path.is_dir():
         path = path / STATS_FILE
@@ -377,8 +492,37 @@ def load_stats(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: cannot read the statistics: {e}") from None
 
 
+def read_folder_stats(folder: str | Path) -> dict[str, Any] | None:
+    """FOLDER/stats.json (local or remote) if it exists, else None."""
+    if is_remote(folder):
+        src = ShardFolder(folder)
+        try:
+            data = src.read_file(STATS_FILE, missing_ok=True)
+        finally:
+            src.close()
+        return None if data is None else load_stats_bytes(data, join(str(folder), STATS_FILE))
+    path = Path(folder) / STATS_FILE
+    return load_stats(path) if path.is_file() else None
+
+
+def load_stats_bytes(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: cannot read the statistics: {e}") from None
+
+
 def stats_for_shards(folder: str | Path, *, out: str | Path | None = None, keep_dims: Sequence[int] | None = None,
-                     bins: int = DEFAULT_BINS, progress: bool = False) -> tuple[dict[str, Any], Path]:
-    """Compute and write a folder's statistics (default: FOLDER/stats.json). Returns (stats, path)."""
-    stats = compute_action_stats(folder, keep_dims=keep_dims, bins=bins, progress=progress)
+                     bins: int = DEFAULT_BINS, progress: bool = False,
+                     outlier_factor: float = DEFAULT_OUTLIER_FACTOR) -> tuple[dict[str, Any], Path | str]:
+    """Compute and write a folder's statistics (default: FOLDER/stats.json, uploaded when FOLDER is a URL).
+    Returns (stats, where they were written)."""
+    stats = compute_action_stats(folder, keep_dims=keep_dims, bins=bins, progress=progress,
+                                 outlier_factor=outlier_factor)
+    if out is None and is_remote(folder):
+        src = ShardFolder(folder)
+        try:
+            return stats, src.write_file(STATS_FILE, (json.dumps(stats, indent=2) + "\n").encode())
+        finally:
+            src.close()
     return stats, write_stats(stats, out if out is not None else Path(folder) / STATS_FILE)

@@ -1,4 +1,4 @@
-"""Atomic MDS shard writing with the shard schema's columns.
+"""Atomic MDS shard writing with the shard schema's columns, to a local folder or object storage.
 
 `ShardWriter` wraps mosaicml-streaming's `MDSWriter`: samples are written
 into a sibling folder `OUT.tmp-<random>` and that folder is renamed to OUT
@@ -7,6 +7,19 @@ leaves an OUT that looks complete. An existing non-empty OUT is refused
 unless `overwrite=True`, in which case the old folder is swapped out only
 once the new one is finished. It also keeps the conversion summary
 (samples, episodes, skipped samples/episodes with reasons, bytes).
+
+OUT may be a URL streaming can write (s3://, gs://, oci://, hf://, azure://...).
+Then shards are staged in a local temporary folder and uploaded by
+streaming's own uploader as each one is finished (one upload thread, in
+order, each local copy deleted once uploaded: local disk holds about two
+shards, never the dataset), and index.json is uploaded last, after every
+shard: a remote folder without index.json is not a dataset to any reader,
+so an interrupted upload never looks complete. A remote OUT that already
+holds an index.json is refused unless `overwrite=True`.
+
+Every shard is written with hashes (`HASHES`: sha1 for standard tools,
+xxh64 for fast checks on every read) in index.json; camera columns are
+encoded by one `ImageCodec` (see `vla_scale.data.camera_images`).
 
 It never reads a source dataset and never decides what is a bad sample:
 converters validate, and tell the writer what they skipped.
@@ -18,11 +31,14 @@ import logging
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from vla_scale.data import storage
+from vla_scale.data.camera_images import DEFAULT_CODEC, ImageCodec, is_camera_column
 from vla_scale.data.schema import COLUMNS
 from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.errors import DataError
@@ -30,6 +46,7 @@ from vla_scale.errors import DataError
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE_LIMIT = "64mb"
+HASHES = ("sha1", "xxh64")  # sorted, as MDSWriter requires
 SUMMARY_FILE = "conversion.json"
 _MAX_SKIP_EXAMPLES = 20  # enough to diagnose a pattern, bounded for datasets with millions of bad rows
 
@@ -38,8 +55,14 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """OUT as a Path, after refusing a non-empty OUT (unless overwrite) or a file at OUT."""
+def check_output(out: str | Path, overwrite: bool) -> Path | str:
+    """OUT as a Path (or a URL), after refusing a non-empty OUT (unless overwrite) or a file at OUT."""
+    if storage.is_remote(out):
+        url = storage.check_remote(str(out))
+        if not overwrite and storage.remote_exists(storage.join(url, storage.INDEX_FILE)):
+            raise DataError(f"{url} already holds a shard folder (index.json); pass --overwrite (overwrite=True) "
+                            f"to replace it, or choose another output path")
+        return url
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a folder; choose another output path")
@@ -58,24 +81,39 @@ class ShardWriter:
     """
 
     def __init__(self, out: str | Path, *, overwrite: bool = False, size_limit: int | str | None = DEFAULT_SIZE_LIMIT,
-                 compression: str | None = None, metadata: dict[str, Any] | None = None) -> None:
-        self.out = check_output(out, overwrite).absolute()
+                 compression: str | None = None, metadata: dict[str, Any] | None = None,
+                 codec: ImageCodec | None = None) -> None:
+        checked = check_output(out, overwrite)
+        self.remote: str | None = checked if isinstance(checked, str) else None
         self.overwrite = overwrite
+        self.codec = codec or DEFAULT_CODEC
         self.metadata = dict(metadata or {})
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        stale = sorted(p.name for p in self.out.parent.glob(f"{self.out.name}.tmp-*"))
-        if stale:  # left by a killed conversion (SIGKILL skips our cleanup); never removed here: one may be running
-            log.warning("found %s beside %s: left by an interrupted conversion; delete them once no conversion "
-                        "into %s is running", ", ".join(stale), self.out, self.out.name)
-        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{secrets.token_hex(4)}")
+        if self.remote is None:
+            assert isinstance(checked, Path)
+            self.out: Path | str = checked.absolute()
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            stale = sorted(p.name for p in self.out.parent.glob(f"{self.out.name}.tmp-*"))
+            if stale:  # left by a killed conversion (SIGKILL skips our cleanup); never removed: one may be running
+                log.warning("found %s beside %s: left by an interrupted conversion; delete them once no conversion "
+                            "into %s is running", ", ".join(stale), self.out, self.out.name)
+            self.tmp = self.out.with_name(f"{self.out.name}.tmp-{secrets.token_hex(4)}")
+            target: Any = str(self.tmp)
+        else:
+            self.out = self.remote
+            self.tmp = Path(tempfile.mkdtemp(prefix="vla-scale-upload-"))
+            self.tmp.rmdir()  # MDSWriter creates it, and refuses a folder that exists with contents
+            target = (str(self.tmp), self.remote)
         streaming = import_streaming()
+        self._upload_error: BaseException | None = None
         try:
-            # max_workers=1: the pool only "uploads" local files, threads buy nothing here.
-            self._mds = streaming.MDSWriter(out=str(self.tmp), columns=COLUMNS, compression=compression,
-                                            size_limit=size_limit, max_workers=1)
-        except ValueError as e:  # invalid compression name or size limit
+            # max_workers=1: uploads run in order, so index.json (submitted last) lands after every shard.
+            self._mds = streaming.MDSWriter(out=target, columns=COLUMNS, compression=compression,
+                                            size_limit=size_limit, max_workers=1, hashes=list(HASHES),
+                                            keep_local=self.remote is None)
+        except Exception as e:  # invalid compression name or size limit; an unreachable bucket
             shutil.rmtree(self.tmp, ignore_errors=True)
-            raise DataError(f"cannot write shards to {self.out}: {e}") from None
+            raise DataError(f"cannot write shards to {self.out}: {type(e).__name__}: {e}") from None
+        self._wrap_uploads()
         self._started = time.monotonic()
         self._closed = False
         self.samples = 0
@@ -89,6 +127,25 @@ class ShardWriter:
         self.shards = 0
         self._final: dict[str, Any] | None = None
 
+    def _wrap_uploads(self) -> None:
+        """Keep the first upload failure: streaming's threads only log it and set a flag."""
+        uploader = self._mds.cloud_writer
+        upload_file = uploader.upload_file
+
+        def recording(name: str) -> None:
+            try:
+                upload_file(name)
+            except BaseException as e:
+                self._upload_error = self._upload_error or e
+                raise
+
+        uploader.upload_file = recording
+
+    def _upload_failed(self) -> DataError:
+        e = self._upload_error
+        return DataError(f"uploading shards to {self.out} failed: {type(e).__name__}: {e}" if e is not None else
+                         f"uploading shards to {self.out} failed (see the log above)")
+
     # -- writing ---------------------------------------------------------------------------
     def write(self, sample: dict[str, Any], where: str = "sample") -> None:
         """Write one row built by `schema.robot_sample` / `schema.vl_sample`."""
@@ -97,10 +154,15 @@ class ShardWriter:
         if set(sample) != set(COLUMNS):
             missing, extra = sorted(set(COLUMNS) - set(sample)), sorted(set(sample) - set(COLUMNS))
             raise DataError(f"{where}: sample columns do not match the shard schema (missing {missing}, extra {extra})")
+        row = {k: self.codec.store(v, f"{where} ({k})") if is_camera_column(k) else v for k, v in sample.items()}
         try:
-            self._mds.write(sample)
+            self._mds.write(row)
         except (ValueError, TypeError, KeyError) as e:  # an encoding rejected a value: a bug in the row, not the disk
             raise DataError(f"{where}: cannot encode the sample: {e}") from None
+        except Exception:  # streaming's "One of the threads failed": an upload
+            if self._mds.event.is_set():
+                raise self._upload_failed() from None
+            raise
         self.samples += 1
         if sample["episode"] >= 0:
             key = (sample["dataset"], int(sample["episode"]))
@@ -130,6 +192,8 @@ class ShardWriter:
                         "reasons": dict(self.skip_reasons), "examples": list(self.skip_examples)},
             "shards": self.shards,
             "bytes": self.bytes,
+            "hashes": list(HASHES),
+            "image_codec": self.codec.describe(),
             "seconds": round(time.monotonic() - self._started, 3),
             **self.metadata,
         }
@@ -143,13 +207,24 @@ class ShardWriter:
             if self.samples == 0:
                 raise DataError(f"nothing to write to {self.out}: every sample was skipped or the source is empty "
                                 f"(skipped: {dict(self.skip_reasons) or 'none'})")
-            self._mds.finish()
-            files = [p for p in self.tmp.iterdir() if p.is_file()]
-            self.shards = sum(1 for p in files if p.name.startswith("shard."))
-            self.bytes = sum(p.stat().st_size for p in files)
+            try:
+                self._mds.finish()
+            except Exception:
+                if self._mds.event.is_set():
+                    raise self._upload_failed() from None
+                raise
+            self.shards = len(self._mds.shards)
+            self.bytes = sum(int(((s.get("zip_data") or s["raw_data"]) or {}).get("bytes", 0))
+                             for s in self._mds.shards)
             summary = self.summary
-            (self.tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-            self._move_into_place()
+            if self.remote is None:
+                (self.tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+                self._move_into_place()
+            else:  # after index.json: a report, not part of the dataset
+                self.tmp.mkdir(parents=True, exist_ok=True)
+                (self.tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+                storage.upload(self.tmp, self.remote, [SUMMARY_FILE])
+                shutil.rmtree(self.tmp, ignore_errors=True)
         except BaseException:
             self.abort()
             raise

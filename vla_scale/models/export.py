@@ -55,6 +55,8 @@ def describe(model: VisionLanguageActionModel, actions: dict[str, Any]) -> dict[
         "frozen_encoders": list(model.frozen.encoders.keys()),
         "projector": model.core.projector.describe(),
         "layout": model.core.layout.name,
+        # The state projection's input width (data.state: projection); 0: none.
+        "state_dim": 0 if model.core.state_projection is None else model.core.state_projection.in_features,
         "llm": model.core.llm.config.to_dict(),
         "actions": actions,
     }
@@ -64,7 +66,7 @@ def save_export(model: VisionLanguageActionModel, tokenizer: Any, stats: dict, a
                 out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, overwrite: bool = False,
                 config_yaml: str | None = None,
                 state_dict: dict[str, torch.Tensor] | None = None,
-                image_preprocessing: dict[str, Any] | None = None) -> Path:
+                image_preprocessing: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -87,6 +89,8 @@ def save_export(model: VisionLanguageActionModel, tokenizer: Any, stats: dict, a
         config = describe(model, actions)
         config["tied_weights"] = tied
         config["image_preprocessing"] = image_preprocessing or {"center_crop_scale": None}
+        # What the policy must feed besides the instruction: cameras in prefix order, the state's mode.
+        config["inputs"] = inputs or {"cameras": ["primary"], "state": "none", "state_bins": 256}
         config["dtype"] = str(dtype).replace("torch.", "")
         (tmp / "vla_config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "action_stats.json").write_text(json.dumps(stats, indent=2))
@@ -141,6 +145,8 @@ def load_export(folder: str | os.PathLike, attn_implementation: str = "sdpa"):
                    [e.spec.name for e in encoders], LAYOUTS[layout])
     for e in core.encoders.values():
         e.requires_grad_(True)
+    if config.get("state_dim"):
+        core.attach_state_projection(int(config["state_dim"]))
     model = VisionLanguageActionModel(frozen, core, config["image_size"], config["num_image_tokens"])
     try:
         state = load_file(str(folder / WEIGHTS))

@@ -361,6 +361,8 @@ def assemble_vla(cfg: ModelConfig, llm: nn.Module, source: SourceParts | None,
     frozen = FrozenEncoders([e for e in encoders if not e.spec.trainable])
     core = VLACore([e for e in encoders if e.spec.trainable], projector, llm, [e.spec.name for e in encoders],
                    layout_for_source(source.source_type if source is not None else "parts"))
+    if cfg.state_dim:
+        core.attach_state_projection(cfg.state_dim)  # data.state: projection
     vla = VisionLanguageActionModel(frozen, core, cfg.image_size, num_tokens)
     log.info("VLA built: %d image tokens, frozen %.2fM params (%s), trainable %.2fM params",
              num_tokens, vla.frozen_parameter_count() / 1e6, ",".join(frozen.encoders.keys()) or "none",

@@ -13,6 +13,15 @@
 - `core`: everything trained (`VLACore`: trainable encoders, projector,
   LLM). A training strategy wraps `core` alone.
 
+Several cameras and the robot state: `pixel_values` may be (B, C, 3, H, W), C cameras in
+`data.cameras` order; each camera goes through every encoder and the projector on its own and its
+patch tokens follow the previous camera's, so the image prefix is C x P tokens. With a state
+projection (`model.state_dim` > 0) one more prefix token, a linear map of the normalised state,
+follows the cameras. `image_mask` (B, C) and `state_mask` (B,) say which of those a sample has
+(a text-only VL sample has no image, a VL sample no wrist camera and no state): absent ones are
+masked out of attention and, since position ids count real tokens only, the LLM computes exactly
+what it would with them left out.
+
 The loss is cross-entropy on answer tokens (labels != -100) only, and the LM
 head is applied only at those positions: a 7B model with a 32k vocabulary
 never materialises (batch x sequence x vocabulary) logits in training.
@@ -128,7 +137,19 @@ class FrozenEncoders(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = flat_cameras(images)
         return {name: enc(images) for name, enc in self.encoders.items()}
+
+
+def flat_cameras(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, 3, H, W) camera stacks -> (B*C, 3, H, W), sample-major; (B, 3, H, W) unchanged."""
+    return images.flatten(0, 1) if images.ndim == 5 else images
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The optional keyword inputs of `VLACore.forward` found in a collated batch (cameras' and state's
+    presence, the state itself): what every strategy passes besides the positional ones."""
+    return {k: batch[k] for k in ("image_mask", "state", "state_mask") if k in batch}
 
 
 class VLACore(nn.Module):
@@ -142,28 +163,62 @@ class VLACore(nn.Module):
         self.llm = llm
         self.encoder_order = list(encoder_order)
         self.layout = layout
+        # Set by `attach_state_projection` (model.state_dim > 0): the normalised state as one prefix token.
+        self.state_projection: nn.Linear | None = None
+
+    def attach_state_projection(self, state_dim: int) -> None:
+        """A trainable (state_dim -> LLM width) linear map; starts at zero so that step 0 is the source VLM's
+        computation plus a zero token (its value, not its presence, is what the model learns to use)."""
+        width = self.llm.get_input_embeddings().weight.shape[1]
+        self.state_projection = nn.Linear(int(state_dim), width)
+        nn.init.zeros_(self.state_projection.weight)
+        nn.init.zeros_(self.state_projection.bias)
 
     # -- pieces -----------------------------------------------------------
     def image_tokens(self, images: torch.Tensor, frozen_features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Projected image tokens (B, P, H_llm) from images and the frozen encoders' features."""
+        """Projected image tokens (B, C*P, H_llm) from images ((B, 3, H, W) or C cameras (B, C, 3, H, W))
+        and the frozen encoders' features (computed over the flattened cameras); cameras in order."""
+        cameras = images.shape[1] if images.ndim == 5 else 1
+        flat = flat_cameras(images)
         feats = []
         proj_dtype = self.projector.layers[0].weight.dtype
         for name in self.encoder_order:
-            f = frozen_features[name] if name in frozen_features else self.encoders[name](images)
+            f = frozen_features[name] if name in frozen_features else self.encoders[name](flat)
             feats.append(f.to(proj_dtype))
-        return self.projector(feats)
+        tokens = self.projector(feats)  # (B*C, P, H)
+        return tokens.reshape(tokens.shape[0] // cameras, cameras * tokens.shape[1], tokens.shape[2])
+
+    def prefix_tokens(self, images: torch.Tensor, frozen_features: dict[str, torch.Tensor],
+                      image_mask: torch.Tensor | None = None, state: torch.Tensor | None = None,
+                      state_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Everything placed where the image goes: the cameras' tokens, then the state token (with a state
+        projection and a `state`). Returns (tokens (B, N, H), mask (B, N) or None when all are present)."""
+        tokens = self.image_tokens(images, frozen_features)
+        b, n = tokens.shape[:2]
+        mask = None
+        if image_mask is not None:
+            per_camera = n // image_mask.shape[1]
+            mask = image_mask.to(tokens.device).bool().repeat_interleave(per_camera, dim=1)
+        if self.state_projection is not None and state is not None:
+            proj = self.state_projection(state.to(self.state_projection.weight.dtype).to(tokens.device))
+            tokens = torch.cat([tokens, proj[:, None].to(tokens.dtype)], dim=1)
+            present = (torch.ones(b, dtype=torch.bool, device=tokens.device) if state_mask is None
+                       else state_mask.to(tokens.device).bool())
+            mask = torch.cat([mask if mask is not None else present.new_ones(b, n), present[:, None]], dim=1)
+        return tokens, mask
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor,
-              labels: torch.Tensor | None = None) -> LLMInputs:
+              labels: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> LLMInputs:
         """Place the image tokens as the layout says. `input_ids` start with BOS.
 
         The prefix (prefix-LM layouts) is the image plus every text position before the first
-        answer token (label != -100); without labels, everything given is prompt.
+        answer token (label != -100); without labels, everything given is prompt. `image_mask`
+        (B, P): 0 at image tokens a sample does not have (see the module docstring).
         """
         text = self.llm.get_input_embeddings()(input_ids)
         image_tokens = image_tokens.to(text.dtype)
         b, p = image_tokens.shape[:2]
-        ones = attention_mask.new_ones(b, p)
+        ones = attention_mask.new_ones(b, p) if image_mask is None else image_mask.to(attention_mask)
         if self.layout.image_first:
             embeds = torch.cat([image_tokens, text], dim=1)
             mask = torch.cat([ones, attention_mask], dim=1)
@@ -233,14 +288,16 @@ class VLACore(nn.Module):
     # -- training forward --------------------------------------------------
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, frozen_features: dict[str, torch.Tensor],
-                num_items: torch.Tensor | None = None, choice_mask: torch.Tensor | None = None) -> VLAOutput:
+                num_items: torch.Tensor | None = None, choice_mask: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None, state: torch.Tensor | None = None,
+                state_mask: torch.Tensor | None = None) -> VLAOutput:
         """`num_items`: the divisor of the summed token loss. The strategies pass the answer-token
         count of the whole global batch (all micro-batches, all ranks), so that the gradient of an
         optimizer step does not depend on how the batch was split (see `vla_scale.train.strategy`).
         `choice_mask` (like `labels`): the answer positions whose token accuracy is counted (for
         actions, where the grammar leaves a choice); default every answer token."""
-        img = self.image_tokens(images, frozen_features)
-        inputs = self.embed(input_ids, attention_mask, img, labels)
+        img, prefix_mask = self.prefix_tokens(images, frozen_features, image_mask, state, state_mask)
+        inputs = self.embed(input_ids, attention_mask, img, labels, prefix_mask)
         hidden = self.decoder()(**self.llm_kwargs(inputs), use_cache=False).last_hidden_state
         # Position t predicts token t+1; keep only positions whose target is an answer token.
         targets = inputs.labels[:, 1:]
@@ -279,7 +336,7 @@ class VisionLanguageActionModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], num_items: torch.Tensor | None = None) -> VLAOutput:
         feats = self.frozen(batch["pixel_values"])
         return self.core(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"], feats,
-                         num_items, batch.get("choice_mask"))
+                         num_items, batch.get("choice_mask"), **model_inputs(batch))
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.core.image_tokens(images, self.frozen(images))

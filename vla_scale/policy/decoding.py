@@ -133,16 +133,17 @@ def constrained_greedy_batch(core, prompts: list[LLMInputs], grammar, max_tokens
 
 @torch.no_grad()
 def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], grammar,
-                   keep_logits: bool = False) -> BatchDecodeResult:
+                   keep_logits: bool = False, state: torch.Tensor | None = None) -> BatchDecodeResult:
     """The policy's whole decode for a batch of observations: image tokens of `pixels` (B, C, H, W), each
     prompt of `prompt_ids` (BOS first, any lengths) placed by the model's layout, then constrained greedy
-    decoding of all rows at once.
+    decoding of all rows at once. Several cameras: `pixels` (B, C, 3, H, W); `state` (B, S): the normalised
+    state for a model with a state projection (one more prefix token, as in training).
 
     The one home of this sequence: `VLAPolicy` and the trainer's validation both call it (through
     `decode_action` for one observation), so what validation reports is what the policy does.
     """
     core = model.core
-    images = model.image_tokens(pixels)
+    images, _ = core.prefix_tokens(pixels, model.frozen(pixels), state=state)
     prompts = []
     for r, row in enumerate(prompt_ids):
         ids = torch.tensor([row], device=pixels.device)

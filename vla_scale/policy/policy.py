@@ -24,6 +24,8 @@ from vla_scale.config.schema import ActionConfig
 from vla_scale.data.augment import center_crop
 from vla_scale.data.images import rgb_array, to_pixels
 from vla_scale.data.prompts import PromptBuilder
+from vla_scale.data.camera_images import PRIMARY_CAMERA
+from vla_scale.data.state import STATE_KEY, StateNormalizer, state_text
 from vla_scale.errors import ConfigError, DataError
 from vla_scale.models.export import load_export
 from vla_scale.policy.decoding import BatchDecodeResult, DecodeResult, decode_actions
@@ -48,14 +50,26 @@ def select_stats(stats: dict, unnorm_key: str | None) -> tuple[str | None, dict]
 
 class VLAPolicy:
     def __init__(self, model, tokenizer, stats: dict, actions: ActionConfig, device: torch.device | str = "cpu",
-                 max_length: int = 4096, unnorm_key: str | None = None, center_crop_scale: float | None = None):
+                 max_length: int = 4096, unnorm_key: str | None = None, center_crop_scale: float | None = None,
+                 inputs: dict[str, Any] | None = None):
         self.device = torch.device(device)
+        # Cameras (prefix order) and state mode as trained (the export's "inputs"); default: one camera, no state.
+        inputs = inputs or {}
+        self.cameras = list(inputs.get("cameras") or [PRIMARY_CAMERA])
+        self.state_mode = inputs.get("state", "none")
+        self.state_bins = int(inputs.get("state_bins", 256))
         self.center_crop_scale = center_crop_scale
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.actions = actions
         self.unnorm_key, chosen = select_stats(stats, unnorm_key)
         self.normalizer = ActionNormalizer.from_stats(chosen)
+        self.state_normalizer = None
+        if self.state_mode != "none":
+            if STATE_KEY not in chosen:
+                raise ConfigError(f"this model reads the robot state ({self.state_mode}) but the statistics of "
+                                  f"{self.unnorm_key!r} hold none")
+            self.state_normalizer = StateNormalizer.from_stats(chosen[STATE_KEY])
         self.action_tokenizer = make_action_tokenizer(actions, tokenizer)
         self.grammar = self.action_tokenizer.grammar(tokenizer.eos_token_id, chunk=actions.chunk)
         self.prompts = PromptBuilder(tokenizer, self.action_tokenizer, max_length)
@@ -74,18 +88,22 @@ class VLAPolicy:
         # Exports that predate the record were written without a crop setting: no crop.
         crop = config.get("image_preprocessing", {}).get("center_crop_scale")
         return cls(model, tokenizer, stats, ActionConfig(**config["actions"]), device, unnorm_key=unnorm_key,
-                   center_crop_scale=crop)
+                   center_crop_scale=crop, inputs=config.get("inputs"))
 
     @torch.no_grad()
-    def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:
+    def predict_action(self, image: np.ndarray, instruction: str, state: np.ndarray | None = None) -> np.ndarray:
         """Unnormalised action: shape (D,), or (T, D) for action chunks (`predict_actions` with one row)."""
-        action = self.predict_actions([image], [instruction])[0]
+        action = self.predict_actions([image], [instruction], None if state is None else [state])[0]
         self.last_decode = self.last_batch_decode.rows[0]
         return action
 
     @torch.no_grad()
-    def predict_actions(self, images: Sequence[np.ndarray | Image.Image], instructions: Sequence[str]) -> np.ndarray:
+    def predict_actions(self, images: Sequence[Any], instructions: Sequence[str],
+                        states: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """Unnormalised actions for a batch of observations: shape (B, D), or (B, T, D) for action chunks.
+
+        `images[i]`: the primary camera's image, or {camera: image} naming every camera the model was
+        trained with; `states[i]`: the raw robot state, when the model reads it.
 
         One batched prefill and one batched constrained decode; each row gets the action that
         `predict_action` gives it alone (`decoding.constrained_greedy_batch`).
@@ -104,21 +122,47 @@ class VLAPolicy:
                 pixels.append(self.pixels(image))
             except DataError as err:
                 raise DataError(f"predict_actions: images[{i}]: {err}") from None
-        ids = [self.prompts.prompt_ids(self.prompts.robot_prompt(text)) for text in instructions]
-        result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar)
+        norm_states = self._states(states, len(images))
+        texts = [None if s is None or self.state_mode != "text" else state_text(s, self.state_bins)
+                 for s in norm_states]
+        ids = [self.prompts.prompt_ids(self.prompts.robot_prompt(text, st)) for text, st in zip(instructions, texts)]
+        state = (torch.from_numpy(np.stack(norm_states)).to(self.device)
+                 if self.state_mode == "projection" else None)
+        result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar, state=state)
         self.last_batch_decode = result
         chunk = self.actions.chunk if self.actions.chunk > 1 else None
         normalized = np.asarray([self.action_tokenizer.decode(row.ids, chunk=chunk) for row in result.rows],
                                 dtype=np.float64)
         return np.asarray(self.normalizer.unnormalize(normalized), dtype=np.float32)
 
-    def pixels(self, image: np.ndarray | Image.Image) -> torch.Tensor:
-        """uint8 (3, S, S) model input: training's pixel path, with its random crop replaced by the centre crop."""
+    def _states(self, states: Sequence[np.ndarray] | None, n: int) -> list[np.ndarray | None]:
+        if self.state_normalizer is None:
+            return [None] * n
+        if states is None or len(states) != n:
+            raise DataError(f"predict_actions: this model reads the robot state ({self.state_mode}); pass one state "
+                            f"per observation (states=)")
+        return [self.state_normalizer.normalize(s, f"predict_actions: states[{i}]") for i, s in enumerate(states)]
+
+    def pixels(self, image: Any) -> torch.Tensor:
+        """uint8 model input, (3, S, S) or (C, 3, S, S) for several cameras: training's pixel path, with its
+        random crop replaced by the centre crop."""
+        if len(self.cameras) > 1 or isinstance(image, dict):
+            if not isinstance(image, dict) or set(self.cameras) - set(image):
+                have = sorted(image) if isinstance(image, dict) else "one image"
+                raise DataError(f"this model sees cameras {self.cameras}; pass {{camera: image}} with each (got "
+                                f"{have})")
+            views = [self._view(image[c]) for c in self.cameras]
+            return views[0] if len(views) == 1 else torch.stack(views)
+        return self._view(image)
+
+    def _view(self, image: np.ndarray | Image.Image) -> torch.Tensor:
         image = rgb_array(image)  # a malformed image is named before the crop could misread it
         if self.center_crop_scale is not None:
             image = center_crop(Image.fromarray(image), self.center_crop_scale)
         return to_pixels(image, self.model.image_size)
 
     def __call__(self, observation: dict[str, Any]) -> np.ndarray:
-        """Simulator-style call: {"image": HxWx3 uint8, "instruction": str} -> action."""
-        return self.predict_action(observation["image"], observation["instruction"])
+        """Simulator-style call: {"image": HxWx3 uint8 (or "images": {camera: image}), "instruction": str,
+        "state": the raw state, for a model that reads it} -> action."""
+        image = observation["images"] if "images" in observation else observation["image"]
+        return self.predict_action(image, observation["instruction"], observation.get("state"))

@@ -87,7 +87,7 @@ import torch
 from vla_scale.config.schema import Config, ModelConfig
 from vla_scale.errors import CheckpointError, ConfigError, TrainingError
 from vla_scale.models.loading import MaterializingView, build_vla, build_vla_on_rank0
-from vla_scale.models.vla import VisionLanguageActionModel
+from vla_scale.models.vla import VisionLanguageActionModel, model_inputs
 from vla_scale.train import distributed
 from vla_scale.train.batching import resolve_accumulation
 from vla_scale.train.checkpoint import TMP_MARK, fsync_files, read_metadata
@@ -210,8 +210,8 @@ class _EngineView(torch.nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "_core", core)  # not a child: its children are ours already
 
-    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:  # VLACore.forward's arguments
-        out = self._core(*args)
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:  # VLACore.forward's arguments
+        out = self._core(*args, **kwargs)
         return out.loss, out.sample_loss_sum, out.sample_tokens, out.sample_correct, out.sample_choices
 
 
@@ -345,7 +345,8 @@ class DeepSpeedStrategy(Strategy):
                 feats = self.model.frozen(mb["pixel_values"])
                 loss, loss_sum, n_tok, n_correct, n_choices = engine(mb["pixel_values"], mb["input_ids"],
                                                                      mb["attention_mask"], mb["labels"], feats,
-                                                                     num_items, mb.get("choice_mask"))
+                                                                     num_items, mb.get("choice_mask"),
+                                                                     **model_inputs(mb))
             sums.append(loss_sum)
             toks.append(n_tok)
             corr.append(n_correct)

@@ -96,4 +96,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "fp32", fo
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     return save_export(model, tokenizer, stats, config_to_dict(cfg)["actions"], out, dtype=torch_dtype,
                        overwrite=force, config_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)),
-                       image_preprocessing=inference_preprocessing(cfg.data.augment))
+                       image_preprocessing=inference_preprocessing(cfg.data.augment),
+                       inputs={"cameras": list(cfg.data.cameras), "state": cfg.data.state,
+                               "state_bins": cfg.data.state_bins})

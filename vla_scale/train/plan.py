@@ -537,7 +537,7 @@ class MemoryPlan:
         lines.append(f"  {'largest layer':<40}{m(c.largest_layer)}  {c.largest_layer_name}")
         lines.append(f"  vocabulary: {self.tokenizer_length} tokens ({tok}), embeddings padded to a multiple of 64 "
                      f"= {c.vocab}")
-        lines += ["", f"Per-rank memory (GiB)   micro-batch {self.micro_batch}, sequence {c.image_tokens} image + "
+        lines += ["", f"Per-rank memory (GiB)   micro-batch {self.micro_batch}, sequence {self.seq_len - self.text_tokens} image + "
                       f"{self.text_tokens} text = {self.seq_len} tokens, {self.answer_tokens} answer tokens/sample",
                   f"  {'bf16 parameters' if self.precision == 'bf16' else 'fp32 parameters':<44}{g(self.params_bytes)}"
                   f"   {self.params_bytes * w / max(c.trainable, 1):.0f} B x P / W",
@@ -626,7 +626,11 @@ def estimate(counts: ParameterCounts, cfg: Config, gpus_per_node: int, nodes: in
     sub_group = int(getattr(ds, "sub_group_size", DEFAULT_SUB_GROUP_SIZE))
 
     b = cfg.train.micro_batch_size
-    image_tokens = counts.image_tokens
+    # Every camera in data.cameras adds one image's tokens to the prefix and runs the encoders once more;
+    # a state projection adds one token.
+    data_cfg = getattr(cfg, "data", None)
+    cameras = len(getattr(data_cfg, "cameras", None) or ["primary"])
+    image_tokens = counts.image_tokens * cameras + (1 if int(getattr(cfg.model, "state_dim", 0) or 0) else 0)
     if text_tokens is None:
         text_tokens = cfg.data.max_length  # the longest text a sample may have; image tokens come on top
     s = image_tokens + text_tokens
@@ -634,9 +638,9 @@ def estimate(counts: ParameterCounts, cfg: Config, gpus_per_node: int, nodes: in
     llm = counts.llm_shape
     answer = min(answer_tokens_per_sample(cfg), text_tokens)
 
-    enc_act = {n: stack_activation_bytes(sh, sh.tokens_per_sample, b, checkpointing=False, scores=scores,
+    enc_act = {n: stack_activation_bytes(sh, sh.tokens_per_sample, b * cameras, checkpointing=False, scores=scores,
                                          value_bytes=vb) for n, sh in counts.encoder_shapes.items()}
-    enc_ckpt = {n: stack_activation_bytes(sh, sh.tokens_per_sample, b, checkpointing=True, scores=scores,
+    enc_ckpt = {n: stack_activation_bytes(sh, sh.tokens_per_sample, b * cameras, checkpointing=True, scores=scores,
                                           value_bytes=vb) for n, sh in counts.encoder_shapes.items()}
     pw = counts.projector_widths or [0]
     proj_values = 2 * pw[0] + 2 * sum(pw[1:-1]) + pw[-1]

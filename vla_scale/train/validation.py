@@ -39,13 +39,14 @@ from vla_scale.data.augment import inference_preprocessing
 from vla_scale.data.pipeline import SampleProcessor, collate, write_synthetic_source
 from vla_scale.data.prompts import PromptBuilder
 from vla_scale.data.schema import ROBOT_TASK
+from vla_scale.data.storage import ShardLocation, resolve_source
 from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.errors import DataError
 from vla_scale.models.vla import IGNORE_INDEX, VisionLanguageActionModel
 from vla_scale.policy.decoding import decode_actions
 
 
-def validation_dirs(cfg: Config, rank: int = 0) -> list[Path]:
+def validation_dirs(cfg: Config, rank: int = 0) -> list[Path | ShardLocation]:
     """The shard folder of every validation source (synthetic held-out sets are written by rank 0)."""
     from vla_scale.data.pipeline import _wait_for
 
@@ -57,17 +58,24 @@ def validation_dirs(cfg: Config, rank: int = 0) -> list[Path]:
             if rank == 0 and not (d / "index.json").is_file():
                 write_synthetic_source(cfg, index[v.name], d, held_out=True)
             _wait_for(d / "index.json", f"held-out synthetic source '{v.name}'")
-        else:
-            d = Path(v.path)
-            if not (d / "index.json").is_file():
-                raise DataError(f"data.val_sources.{k}.path={v.path!r} is not a shard folder (no index.json)")
+        else:  # a local folder or a URL (read through the shard cache, like training sources)
+            st = cfg.data.storage
+            d = resolve_source(v.path, name=f"val_{v.name}", cache_dir=st.cache_dir, timeout=st.download_timeout_s,
+                               what=f"data.val_sources.{k}.path")
         dirs.append(d)
     return dirs
 
 
-def _read(folder: Path, limit: int) -> list[dict[str, Any]]:
+def _read(folder: Path | ShardLocation, limit: int, chunk: int = 1) -> list[dict[str, Any]]:
     streaming = import_streaming()
-    ds = streaming.StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
+    remote, local = (folder.remote, folder.local) if isinstance(folder, ShardLocation) else (None, folder)
+    if chunk > 1:  # per-step robot rows become (T, D) chunks as in training (vla_scale.data.chunks)
+        from vla_scale.data.chunks import ChunkedCoTrainingDataset
+
+        ds = ChunkedCoTrainingDataset(remote=remote, local=str(local), shuffle=False, batch_size=1, chunk=chunk,
+                                      batching_method="random")
+    else:
+        ds = streaming.StreamingDataset(remote=remote, local=str(local), shuffle=False, batch_size=1)
     try:
         # num_samples, not len(): under several ranks len() is one rank's share of an epoch.
         return [ds[i] for i in range(min(limit, int(ds.num_samples)))]
@@ -101,7 +109,7 @@ class Validator:
         self.samples: dict[str, list[dict[str, Any]]] = {}
         micro = cfg.train.micro_batch_size
         for k, (name, folder) in enumerate(zip(names, validation_dirs(cfg, rank))):
-            raw = _read(folder, cfg.data.val_samples)
+            raw = _read(folder, cfg.data.val_samples, cfg.actions.chunk)
             if not raw:
                 raise DataError(f"data.val_sources.{k} ('{name}'): {folder} holds no samples")
             processed = [processor.sample({**s, "_stream": k, "_uid": i, "_epoch": 0}) for i, s in enumerate(raw)]
@@ -117,7 +125,7 @@ class Validator:
         self.grammar = prompts.action_tokenizer.grammar(prompts.tokenizer.eos_token_id, chunk=self.chunk)
         # The held-out actions as the model is asked to write them (decoded from their label tokens), once.
         decode, d = prompts.action_tokenizer.decode, cfg.actions.dim
-        self.targets = {n: np.asarray([decode(s["labels"][_answer_start(s["labels"]):], chunk=self.chunk)
+        self.targets = {n: np.asarray([decode(s["input_ids"][_answer_start(s["labels"]):], chunk=self.chunk)
                                        for s in self.samples[n]], np.float64).reshape(len(self.samples[n]), -1, d)
                         for n in robot}
 
@@ -146,7 +154,8 @@ class Validator:
             rows = samples[k:k + micro]
             images = [samples[(k + i + 1) % n]["pixels"] if shuffled else s["pixels"] for i, s in enumerate(rows)]
             prompts = [s["input_ids"][:_answer_start(s["labels"])] for s in rows]
-            result = decode_actions(model, torch.stack(images).to(device), prompts, self.grammar)
+            state = torch.stack([s["state"] for s in rows]).to(device) if "state" in rows[0] else None
+            result = decode_actions(model, torch.stack(images).to(device), prompts, self.grammar, state=state)
             out += [self.prompts.action_tokenizer.decode(r.ids, chunk=self.chunk) for r in result.rows]
         return np.asarray(out, np.float64).reshape(n, -1, self.cfg.actions.dim)
 

@@ -15,11 +15,13 @@ from vla_scale.data.converters.common import BadSampleError
 from vla_scale.data.converters.hdf5 import convert_hdf5
 from vla_scale.data.converters.lerobot import convert_lerobot
 from vla_scale.data.converters.llava import convert_llava
+from vla_scale.data.converters.rlds import convert_rlds
 
 CONVERTERS: dict[str, Callable[..., dict[str, Any]]] = {
     "lerobot": convert_lerobot,
     "hdf5": convert_hdf5,
     "llava": convert_llava,
+    "rlds": convert_rlds,  # needs the optional extra vla-scale[rlds] (tensorflow-datasets)
 }
 
-__all__ = ["CONVERTERS", "BadSampleError", "convert_hdf5", "convert_lerobot", "convert_llava"]
+__all__ = ["CONVERTERS", "BadSampleError", "convert_hdf5", "convert_lerobot", "convert_llava", "convert_rlds"]

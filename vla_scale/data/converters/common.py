@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from vla_scale.data.schema import jpeg_bytes, robot_sample
+from vla_scale.data.camera_images import DEFAULT_CODEC, ImageCodec
+from vla_scale.data.schema import robot_sample
 from vla_scale.data.writer import ShardWriter
 from vla_scale.errors import DataError
 
@@ -53,14 +54,14 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         raise BadSampleError("undecodable image", f"{where}: cannot decode the image: {e}") from None
 
 
-def encode_frame(frame: np.ndarray, where: str) -> bytes:
-    """A decoded RGB frame (video, HDF5) -> JPEG bytes (quality 95) for the in-memory episode.
+def encode_frame(frame: np.ndarray, where: str, codec: ImageCodec = DEFAULT_CODEC) -> bytes:
+    """A decoded RGB frame (video, HDF5) -> bytes in the shards' own codec, for the in-memory episode.
 
-    JPEG keeps a 1000-step 480x640 episode near 60 MB where PNG would take
-    about ten times that; at quality 95 the loss is far below the shard's own
-    JPEG encoding.
+    These bytes are what the shard stores (the writer keeps them as they are), so a frame is
+    compressed once. With the default JPEG 95 a 1000-step 480x640 episode stays near 60 MB; with
+    the png codec it takes about ten times that.
     """
-    return jpeg_bytes(np.ascontiguousarray(frame), where)
+    return codec.encode(np.ascontiguousarray(frame), where)
 
 
 @dataclass
@@ -78,6 +79,8 @@ class RobotEpisode:
     instructions: Sequence[str]  # one per step (LeRobot tasks may change within an episode)
     states: np.ndarray | None = None  # (T, S)
     wrist_images: Sequence[bytes | None] | None = None
+    # Other cameras by name (data.cameras), encoded, one per step; "wrist" may come here or in wrist_images.
+    cameras: dict[str, Sequence[bytes | None]] | None = None
     # True when the converter encoded the images itself (video, HDF5): no need to decode them to validate.
     images_verified: bool = False
 
@@ -111,7 +114,9 @@ def validate_episode(ep: RobotEpisode, action_dim: int | None) -> None:
         t, k = _first_bad(bad)
         raise BadSampleError("non-finite action", f"{ep.where}, step {t}: action[{k}] is {a[t, k]} "
                                                   f"({int(bad.any(axis=1).sum())} of {steps} steps are non-finite)")
-    for name, seq in (("images", ep.images), ("instructions", ep.instructions), ("wrist images", ep.wrist_images)):
+    extra = [(f"camera {k!r} images", v) for k, v in (ep.cameras or {}).items()]
+    for name, seq in (("images", ep.images), ("instructions", ep.instructions), ("wrist images", ep.wrist_images),
+                      *extra):
         if seq is not None and len(seq) != steps:
             raise BadSampleError("length mismatch", f"{ep.where}, step {min(len(seq), steps)}: {len(seq)} {name} "
                                                     f"for {steps} actions")
@@ -124,7 +129,8 @@ def validate_episode(ep: RobotEpisode, action_dim: int | None) -> None:
         if bad.any():
             t, k = _first_bad(bad)
             raise BadSampleError("non-finite state", f"{ep.where}, step {t}: state[{k}] is {s[t, k]}")
-    for name, seq in (("image", ep.images), ("wrist image", ep.wrist_images)):
+    for name, seq in (("image", ep.images), ("wrist image", ep.wrist_images),
+                      *[(f"camera {k!r} image", v) for k, v in (ep.cameras or {}).items()]):
         if seq is None:
             continue
         for t, data in enumerate(seq):
@@ -154,8 +160,11 @@ def write_robot_episodes(writer: ShardWriter, pending: Iterable[PendingEpisode],
             action_dim = ep.actions.shape[1]
             for t in range(ep.actions.shape[0]):
                 where = f"{ep.where}, step {t}"
-                wrist = None if ep.wrist_images is None else decode_image(ep.wrist_images[t], where + " (wrist)")
-                writer.write(robot_sample(image=decode_image(ep.images[t], where), wrist_image=wrist,
+                # Encoded bytes go to the writer as they are: it keeps JPEG (and PNG under the png codec)
+                # byte for byte and encodes anything else once (vla_scale.data.camera_images).
+                wrist = None if ep.wrist_images is None else ep.wrist_images[t]
+                cams = {k: v[t] for k, v in (ep.cameras or {}).items()}
+                writer.write(robot_sample(image=ep.images[t], wrist_image=wrist, cameras=cams,
                                           instruction=ep.instructions[t], action=ep.actions[t],
                                           state=None if ep.states is None else ep.states[t], dataset=dataset,
                                           episode=ep.episode, step=t, where=where), where=where)

@@ -39,6 +39,7 @@ import numpy as np
 
 from vla_scale.data.converters.common import (BadSampleError, PendingEpisode, ProgressCallback, RobotEpisode,
                                               dataset_name_for, encode_frame, write_robot_episodes)
+from vla_scale.data.camera_images import DEFAULT_CODEC, ImageCodec
 from vla_scale.data.writer import DEFAULT_SIZE_LIMIT, ShardWriter, check_output
 from vla_scale.errors import DataError
 
@@ -238,8 +239,9 @@ class _VideoCursor:
     the group of pictures for every episode.
     """
 
-    def __init__(self, tolerance_s: float) -> None:
+    def __init__(self, tolerance_s: float, codec: ImageCodec = DEFAULT_CODEC) -> None:
         self.tolerance_s = tolerance_s
+        self.codec = codec  # frames are encoded once, in the shards' own codec
         self.path: Path | None = None
         self._container = None
         self._stream = None
@@ -304,7 +306,7 @@ class _VideoCursor:
                                                           f"{self.tolerance_s:.4f} s of t={q:.4f} s (nearest: {nearest}); "
                                                           f"the video is shorter than the episode or out of sync")
                 rgb = self._reformatter.reformat(best, format="rgb24").to_ndarray()
-                out.append(encode_frame(rgb, f"{where}, step {step}"))
+                out.append(encode_frame(rgb, f"{where}, step {step}", self.codec))
             return out
         except av.FFmpegError as e:
             self.close()
@@ -314,7 +316,7 @@ class _VideoCursor:
 # ---------------------------------------------------------------------------------------------
 # episodes
 # ---------------------------------------------------------------------------------------------
-def _pending_episodes(ds: _Dataset, *, action_key: str, state_key: str | None, cameras: list[str],
+def _pending_episodes(ds: _Dataset, *, action_key: str, state_key: str | None, cameras: dict[str, str],
                       video: dict[str, _VideoCursor]) -> Iterator[PendingEpisode]:
     """Walks the data files in order, splitting rows into episodes; yields each as a PendingEpisode."""
     import pyarrow as pa
@@ -337,11 +339,22 @@ def _pending_episodes(ds: _Dataset, *, action_key: str, state_key: str | None, c
         if action_key not in names:
             raise DataError(f"{data_file}: no {action_key!r} column (columns: {names}); pass --action-key")
         columns = [c for c in [action_key, state_key, "timestamp", "frame_index", "episode_index", "task_index",
-                               *[k for k in cameras if ds.features[k]["dtype"] != "video"]] if c and c in names]
+                               *[k for k in cameras.values() if ds.features[k]["dtype"] != "video"]]
+                   if c and c in names]
         seen: set[int] = set()
         current: int | None = None
         parts: list = []
-        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+        row = 0  # file row of the next batch, to name a corrupt page's episode and step
+        batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:  # pyarrow's errors for a corrupt page (OSError, ArrowInvalid...): stop, never skip
+                raise DataError(f"{data_file}: {_row_place(data_file, row, expected)}: cannot read the "
+                                f"parquet data (a corrupt page?): {e}") from None
+            row += batch.num_rows
             if "episode_index" in batch.schema.names:
                 ids = np.asarray(batch.column("episode_index").to_numpy(zero_copy_only=False), dtype=np.int64)
             else:  # v2 files hold one episode and may omit the column
@@ -369,6 +382,23 @@ def _pending_episodes(ds: _Dataset, *, action_key: str, state_key: str | None, c
                                f"file has no rows for it")
 
 
+def _row_place(data_file: Path, row: int, episodes: list[_Episode]) -> str:
+    """ "episode E, step S" of a file row (from the episode_index column alone), or the row range."""
+    import pyarrow.parquet as pq
+
+    try:
+        ids = pq.read_table(data_file, columns=["episode_index"]).column(0).to_numpy()
+    except Exception:  # that column is unreadable too, or absent (a v2 file holds one episode)
+        if len(episodes) == 1:
+            return f"episode {episodes[0].index}, step {row} or later"
+        return f"rows from {row} (episodes {episodes[0].index}-{episodes[-1].index})"
+    if row >= len(ids):
+        return f"row {row}"
+    episode = int(ids[row])
+    step = row - int(np.flatnonzero(ids == episode)[0])
+    return f"episode {episode}, step {step} or later (rows from {row})"
+
+
 def _failing(e: _Episode, data_file: Path, reason: str, message: str) -> PendingEpisode:
     def load() -> RobotEpisode:
         raise BadSampleError(reason, message)
@@ -377,9 +407,11 @@ def _failing(e: _Episode, data_file: Path, reason: str, message: str) -> Pending
 
 
 def _episode(ds: _Dataset, data_file: Path, meta: dict[int, _Episode], index: int, rows, action_key: str,
-             state_key: str | None, cameras: list[str], video: dict[str, _VideoCursor]) -> PendingEpisode:
+             state_key: str | None, cameras: dict[str, str], video: dict[str, _VideoCursor]) -> PendingEpisode:
+    """`cameras`: camera name ("primary", "wrist", others) -> image/video feature key."""
     where = f"{data_file}: episode {index}"
     ep = meta.get(index)
+    names = list(cameras)
 
     def load() -> RobotEpisode:
         if ep is None:
@@ -403,14 +435,16 @@ def _episode(ds: _Dataset, data_file: Path, meta: dict[int, _Episode], index: in
                                                    f"({times[t - 1]} then {times[t]})")
         instructions = _instructions(ds, rows, ep, where)
         images = []
-        for key in cameras:
+        for key in cameras.values():
             if ds.features[key]["dtype"] == "video":
                 path, offset = ep.videos[key]
                 images.append(video[key].frames_at(path, times + offset, f"{where} ({key})"))
             else:
                 images.append(_parquet_images(rows.column(key), ds.root, f"{where} ({key})"))
+        named = dict(zip(names, images))
         return RobotEpisode(where=where, episode=index, actions=actions, states=states, instructions=instructions,
-                            images=images[0], wrist_images=images[1] if len(images) > 1 else None)
+                            images=named["primary"], wrist_images=named.get("wrist"),
+                            cameras={n: v for n, v in named.items() if n not in ("primary", "wrist")})
 
     return PendingEpisode(where, ep.length if ep is not None else None, load)
 
@@ -439,11 +473,13 @@ def convert_lerobot(src: str | Path, out: str | Path, *, camera: str | None = No
                     dataset_name: str | None = None, skip_bad: bool = False, overwrite: bool = False,
                     size_limit: int | str | None = DEFAULT_SIZE_LIMIT, compression: str | None = None,
                     progress: bool = True, video_tolerance_s: float | None = None,
-                    callback: ProgressCallback | None = None) -> dict[str, Any]:
+                    callback: ProgressCallback | None = None, codec: ImageCodec | None = None,
+                    cameras: dict[str, str] | None = None) -> dict[str, Any]:
     """Convert a local LeRobotDataset folder (v2.x or v3.0) to robot shards in OUT; returns the summary.
 
     camera: the primary image feature (default: the first image/video feature in
-    meta/info.json); wrist_camera: an optional second one; state_key: the
+    meta/info.json); wrist_camera: an optional second one; cameras: more, {name: feature}
+    (e.g. {"left_wrist": "observation.images.cam_left_wrist"}, ALOHA's); state_key: the
     proprioception feature (None or "" for none; silently absent when the
     dataset has no such feature). Instructions are the task strings, per step.
     video_tolerance_s: how far the nearest video frame may be from a step's
@@ -460,24 +496,32 @@ def convert_lerobot(src: str | Path, out: str | Path, *, camera: str | None = No
         raise DataError(f"{root / 'meta/info.json'}: no feature with dtype 'image' or 'video'; a robot shard needs "
                         f"a camera")
     camera = camera or image_keys[0]
-    cameras = [camera] + ([wrist_camera] if wrist_camera else [])
-    for key in cameras:
+    named = {"primary": camera, **({"wrist": wrist_camera} if wrist_camera else {})}
+    for cam_name, key in (cameras or {}).items():
+        if not cam_name.isidentifier() or cam_name in named:
+            raise DataError(f"camera name {cam_name!r}: use an identifier other than 'primary' and 'wrist' (those "
+                            f"are --camera and --wrist-camera)")
+        named[cam_name] = key
+    for key in named.values():
         if key not in image_keys:
             raise DataError(f"{root}: camera {key!r} is not an image or video feature; available: {image_keys}")
+    cameras = list(dict.fromkeys(named.values()))  # feature keys, each decoded once
     if action_key not in features:
         raise DataError(f"{root}: no {action_key!r} feature; available: {list(features)}")
     state_key = state_key if state_key and state_key in features else None
     ds = _load_dataset(root, info, [k for k in cameras if features[k]["dtype"] == "video"])
     name = dataset_name_for(root, dataset_name)
     tolerance = video_tolerance_s if video_tolerance_s is not None else 0.25 / ds.fps
-    video = {k: _VideoCursor(tolerance) for k in cameras}  # one per camera, so each decodes forward through its file
+    codec = codec or DEFAULT_CODEC
+    video = {k: _VideoCursor(tolerance, codec) for k in cameras}  # one per camera, so each decodes forward through its file
     meta = {"kind": "lerobot", "source": str(root.resolve()), "codebase_version": info.get("codebase_version"),
-            "dataset": name, "camera": camera, "wrist_camera": wrist_camera, "state_key": state_key}
+            "dataset": name, "camera": camera, "wrist_camera": wrist_camera, "state_key": state_key,
+            "cameras": {k: v for k, v in named.items() if k not in ("primary", "wrist")}}
     try:
         with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression,
-                         metadata=meta) as writer:
+                         metadata=meta, codec=codec) as writer:
             write_robot_episodes(writer, _pending_episodes(ds, action_key=action_key, state_key=state_key,
-                                                           cameras=cameras, video=video),
+                                                           cameras=named, video=video),
                                  dataset=name, skip_bad=skip_bad, total=len(ds.episodes), progress=progress,
                                  callback=callback)
     finally:

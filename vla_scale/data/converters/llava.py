@@ -13,8 +13,12 @@ JSON file's folder); absolute paths are used as they are.
 A JSON array is read incrementally (one record at a time with the standard
 library's `JSONDecoder.raw_decode` over a sliding buffer), so memory holds one
 record and one image, never the whole file. --skip-bad granularity here is
-the SAMPLE (record): a record without an image, with a missing or undecodable
-image file, or with unpaired turns is skipped and counted.
+the SAMPLE (record): a record with a missing or undecodable image file, or
+with unpaired turns is skipped and counted. A record without an "image" (the
+text-only ShareGPT rows of LLaVA's 665k mix) becomes a VL sample without an
+image (the model skips the image prefix for it). A record with several images
+is skipped under its own reason "multi-image record", with or without
+--skip-bad (one image per VL sample), and counted in the summary.
 With `max_tokens` and `tokenizer` (the model's folder), each record is
 tokenized with the training prompt and the summary's `max_tokens` entry counts
 those longer than the limit (they are still written: `data.overlong` decides
@@ -29,6 +33,7 @@ from typing import Any, Iterator
 
 from vla_scale.data.converters.common import BadSampleError, ProgressCallback, dataset_name_for, decode_image
 from vla_scale.data.schema import VL_TASKS, vl_sample
+from vla_scale.data.camera_images import ImageCodec
 from vla_scale.data.writer import DEFAULT_SIZE_LIMIT, ShardWriter, check_output
 from vla_scale.errors import DataError
 
@@ -147,14 +152,24 @@ def conversation_turns(conversations: Any, where: str) -> list[dict[str, str]]:
     return turns
 
 
-def _image_path(record: dict, images: Path, where: str) -> Path:
+class MultiImageRecord(BadSampleError):
+    """A record with several images: skipped (counted under its own reason), with or without --skip-bad."""
+
+
+def _image_path(record: dict, images: Path, where: str) -> Path | None:
+    """The record's image file; None for a text-only record (no "image" key: ShareGPT rows of the mix)."""
+    if "image" not in record or record["image"] is None:
+        return None
     image = record.get("image")
     if isinstance(image, list):
-        if len(image) != 1:
-            raise BadSampleError("missing image", f"{where}: {len(image)} images; one image per sample is supported")
+        if len(image) > 1:
+            raise MultiImageRecord("multi-image record", f"{where}: {len(image)} images; a VL sample has one image, "
+                                                         f"so multi-image records are skipped")
+        if not image:
+            return None
         image = image[0]
     if not isinstance(image, str) or not image.strip():
-        raise BadSampleError("missing image", f"{where}: the record has no image")
+        raise BadSampleError("missing image", f"{where}: the record's image is {image!r}, not a file name")
     path = Path(image)
     path = path if path.is_absolute() else images / path
     if not path.is_file():
@@ -166,7 +181,7 @@ def convert_llava(src: str | Path, out: str | Path, *, task: str, images: str | 
                   dataset_name: str | None = None, skip_bad: bool = False, overwrite: bool = False,
                   size_limit: int | str | None = DEFAULT_SIZE_LIMIT, compression: str | None = None,
                   progress: bool = True, callback: ProgressCallback | None = None, max_tokens: int | None = None,
-                  tokenizer: str | Path | None = None) -> dict[str, Any]:
+                  tokenizer: str | Path | None = None, codec: ImageCodec | None = None) -> dict[str, Any]:
     """Convert a LLaVA-style JSON/JSONL file plus its image folder to vision-language shards; returns the summary.
 
     task: "vqa", "spatial" or "affordance" (the co-training source this data feeds).
@@ -191,7 +206,8 @@ def convert_llava(src: str | Path, out: str | Path, *, task: str, images: str | 
                             "examples": []}
     if length is not None:
         meta["max_tokens"] = over  # the writer keeps this same dict: the counts reach conversion.json
-    with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta) as writer, \
+    with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta,
+                     codec=codec) as writer, \
             tqdm(unit="sample", desc=f"convert {name}", disable=not progress) as bar:
         for i, record in enumerate(iter_json_records(src)):
             rid = record.get("id") if isinstance(record, dict) else None
@@ -201,9 +217,11 @@ def convert_llava(src: str | Path, out: str | Path, *, task: str, images: str | 
                     raise BadSampleError("bad record", f"{where}: expected an object, got {type(record).__name__}")
                 turns = conversation_turns(record.get("conversations"), where)
                 path = _image_path(record, image_dir, where)
-                image = decode_image(path.read_bytes(), f"{where} ({path})")
+                image = None if path is None else path.read_bytes()
+                if image is not None:
+                    decode_image(image, f"{where} ({path})")  # validated here; the file's own bytes are stored
             except BadSampleError as e:
-                if not skip_bad:
+                if not skip_bad and not isinstance(e, MultiImageRecord):
                     raise
                 writer.skip(e.reason, str(e), samples=1)
                 continue
