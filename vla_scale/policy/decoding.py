@@ -133,13 +133,15 @@ def constrained_greedy_batch(core, prompts: list[LLMInputs], grammar, max_tokens
 
 @torch.no_grad()
 def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], grammar,
-                   keep_logits: bool = False) -> BatchDecodeResult:
+                   keep_logits: bool = False, static: bool = False) -> BatchDecodeResult:
     """The policy's whole decode for a batch of observations: image tokens of `pixels` (B, C, H, W), each
     prompt of `prompt_ids` (BOS first, any lengths) placed by the model's layout, then constrained greedy
     decoding of all rows at once.
 
     The one home of this sequence: `VLAPolicy` and the trainer's validation both call it (through
     `decode_action` for one observation), so what validation reports is what the policy does.
+    `static`: decode over a preallocated cache with the grammar on the device
+    (`static_decoding.constrained_greedy_static`: same ids, choices and passes).
     """
     core = model.core
     images = model.image_tokens(pixels)
@@ -147,6 +149,10 @@ def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], gra
     for r, row in enumerate(prompt_ids):
         ids = torch.tensor([row], device=pixels.device)
         prompts.append(core.embed(ids, torch.ones_like(ids), images[r:r + 1]))
+    if static and not keep_logits:
+        from vla_scale.policy.static_decoding import constrained_greedy_static
+
+        return constrained_greedy_static(core, prompts, grammar)
     return constrained_greedy_batch(core, prompts, grammar, keep_logits=keep_logits)
 
 

@@ -48,7 +48,8 @@ def select_stats(stats: dict, unnorm_key: str | None) -> tuple[str | None, dict]
 
 class VLAPolicy:
     def __init__(self, model, tokenizer, stats: dict, actions: ActionConfig, device: torch.device | str = "cpu",
-                 max_length: int = 4096, unnorm_key: str | None = None, center_crop_scale: float | None = None):
+                 max_length: int = 4096, unnorm_key: str | None = None, center_crop_scale: float | None = None,
+                 decoder: str = "auto"):
         self.device = torch.device(device)
         self.center_crop_scale = center_crop_scale
         self.model = model.to(self.device).eval()
@@ -59,12 +60,30 @@ class VLAPolicy:
         self.action_tokenizer = make_action_tokenizer(actions, tokenizer)
         self.grammar = self.action_tokenizer.grammar(tokenizer.eos_token_id, chunk=actions.chunk)
         self.prompts = PromptBuilder(tokenizer, self.action_tokenizer, max_length)
+        self.decoder = self._choose_decoder(decoder)
         self.last_decode: DecodeResult | None = None  # the last predict_action's decode
         self.last_batch_decode: BatchDecodeResult | None = None  # the last call's, per row
 
+    def _choose_decoder(self, decoder: str) -> str:
+        """'static' (preallocated KV cache, grammar on the device, no host sync in the loop) or 'eager'
+        (dynamic cache, grammar on the host). 'auto': static on CUDA, eager on CPU, where it measured faster
+        (BENCHMARKS.md, decode section); eager for LLMs with sliding-window layers either way."""
+        from vla_scale.policy.static_decoding import supports_static
+
+        if decoder not in ("auto", "static", "eager"):
+            raise ConfigError(f"decoder must be 'auto', 'static' or 'eager', got {decoder!r}")
+        if not supports_static(self.model.core):
+            if decoder == "static":
+                raise ConfigError("decoder='static' needs an LLM without sliding-window layers; use 'eager'")
+            return "eager"
+        if decoder == "auto":
+            return "static" if self.device.type == "cuda" else "eager"
+        return decoder
+
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, unnorm_key: str | None = None) -> "VLAPolicy":
+                        dtype: torch.dtype | None = None, unnorm_key: str | None = None,
+                        decoder: str = "auto") -> "VLAPolicy":
         """Load an export folder (`vla-scale export`); GPU and bf16 when available unless told otherwise."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, tokenizer, stats, config = load_export(Path(folder))
@@ -74,7 +93,7 @@ class VLAPolicy:
         # Exports that predate the record were written without a crop setting: no crop.
         crop = config.get("image_preprocessing", {}).get("center_crop_scale")
         return cls(model, tokenizer, stats, ActionConfig(**config["actions"]), device, unnorm_key=unnorm_key,
-                   center_crop_scale=crop)
+                   center_crop_scale=crop, decoder=decoder)
 
     @torch.no_grad()
     def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:
@@ -105,7 +124,8 @@ class VLAPolicy:
             except DataError as err:
                 raise DataError(f"predict_actions: images[{i}]: {err}") from None
         ids = [self.prompts.prompt_ids(self.prompts.robot_prompt(text)) for text in instructions]
-        result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar)
+        result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar,
+                                static=self.decoder == "static")
         self.last_batch_decode = result
         chunk = self.actions.chunk if self.actions.chunk > 1 else None
         normalized = np.asarray([self.action_tokenizer.decode(row.ids, chunk=chunk) for row in result.rows],
