@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vla_scale.kernels import MAX_ALLOWED, constrained_argmax
+from vla_scale.kernels import constrained_argmax
 from vla_scale.models.vla import LLMInputs
 
 
@@ -80,9 +80,6 @@ def constrained_greedy_batch(core, prompts: list[LLMInputs], grammar, max_tokens
     kept: list[list[torch.Tensor]] | None = [[] for _ in range(b)] if keep_logits else None
     # Each grammar state's allowed ids, built once on the device (padded with -1): row r gathers its state's.
     table = grammar.allowed_table().to(device)
-    # The Triton kernel takes up to MAX_ALLOWED ids per row; wider grammars (the 256-bin baseline)
-    # use the gathered-row PyTorch path, which still never forms V-wide logits.
-    backend = "torch" if table.shape[1] > MAX_ALLOWED else None
     while True:
         for r in range(b):  # jump-forward: forced tokens are appended without a model step
             while not grammar.is_done(states[r]) and (forced := grammar.forced(states[r])) is not None:
@@ -119,7 +116,7 @@ def constrained_greedy_batch(core, prompts: list[LLMInputs], grammar, max_tokens
         allowed = table.index_select(0, torch.tensor([states[r] for r in active], device=device))
         # The grammar's ids are valid by construction: skip the per-call input validation.
         tokens = constrained_argmax(h.to(head.weight.dtype), head.weight, allowed,
-                                    bias=getattr(head, "bias", None), validate=False, backend=backend).tolist()
+                                    bias=getattr(head, "bias", None), validate=False).tolist()
         for r, token in zip(active, tokens):
             choices[r] += 1
             out[r].append(token)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vla_scale.kernels import MAX_ALLOWED, constrained_argmax
+from vla_scale.kernels import constrained_argmax
 from vla_scale.models.vla import LLMInputs
 from vla_scale.policy.decoding import BatchDecodeResult, DecodeResult
 
@@ -157,7 +157,6 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     head = core.llm.get_output_embeddings()
     bias = getattr(head, "bias", None)
     b, w = len(prompts), dg.width
-    backend = "torch" if dg.allowed.shape[1] > MAX_ALLOWED else None
 
     start_run = torch.tensor([dg.start_run], dtype=torch.long, device=device)
     inputs = LLMInputs.left_padded([p.extended(embed(start_run)) if dg.start_run else p for p in prompts])
@@ -192,8 +191,7 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     for it in range(dg.max_choices):
         finished = state == done
         allowed = dg.allowed.index_select(0, state)
-        token = constrained_argmax(hidden.to(head.weight.dtype), head.weight, allowed, bias=bias, validate=False,
-                                   backend=backend)
+        token = constrained_argmax(hidden.to(head.weight.dtype), head.weight, allowed, bias=bias, validate=False)
         pick = (allowed == token[:, None]).long().argmax(1)
         entered = dg.nxt[state, pick]
         seq = torch.cat([token[:, None], dg.run_ids.index_select(0, entered)], 1)  # (B, W)
