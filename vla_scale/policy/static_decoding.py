@@ -144,13 +144,14 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     `sync_every`: check every N iterations whether all rows are done and stop early (one host sync each
     time); 0 never checks (the loop runs `max_choices` iterations: right for the fixed style on a GPU,
     whose actions all make about the same number of choices). Default: 1 on CPU, where a "sync" is free,
-    0 elsewhere.
+    0 elsewhere. With 1, each pass is also only as wide as the step's longest forced run (not W).
     """
     from transformers import StaticCache
 
     device = prompts[0].embeds.device
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 0
+    adaptive = sync_every == 1  # host reads every step anyway: feed only as wide as this step needs
     dg = DeviceGrammar.build(grammar, device)
     decoder = core.decoder()
     embed = core.llm.get_input_embeddings()
@@ -208,13 +209,16 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
             break
         # Feed each row's new tokens (its choice + forced run), right-aligned, unless it just finished.
         need = state != done
-        shift = ar[None] - (w - seq_len[:, None])
+        # Fixed width W (one shape for every pass), or on CPU, where reading a value costs nothing and
+        # every padded column costs compute, the widest run of this step.
+        width = w if not adaptive else int(torch.where(need, seq_len, 0).max())
+        shift = ar[None, :width] - (width - seq_len[:, None])
         real = (shift >= 0) & need[:, None]
         ids = torch.where(real, seq.gather(1, shift.clamp(min=0)), 0)
-        key_real[:, cur:cur + w] = real
+        key_real[:, cur:cur + width] = real
         passes += need.long()
         hidden = run(embed(ids), cur)
-        cur += w
+        cur += width
     # The one copy to the host.
     out_h, len_h, passes_h, choices_h = (t.tolist() for t in (out, out_len, passes, choices))
     rows = [DecodeResult(out_h[r][:len_h[r]], passes_h[r], choices_h[r]) for r in range(b)]
