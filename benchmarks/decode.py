@@ -147,6 +147,41 @@ def run(export: Path, style: str, batch: int, repeats: int, device: str, bandwid
     return row
 
 
+def text_formats(n: int = 2000) -> list[dict]:
+    """Per action style and decimals, on the demo's synthetic robot actions (normalised with their own 1st/99th
+    percentiles, gripper kept 0/1): decoded tokens, choice positions (= LLM passes a decode makes for exactly
+    this text: forced characters ride along) and the rounding error the text format alone costs (mean
+    |round trip - action| in normalised and raw units). No model: the accuracy cost of the format itself."""
+    from vla_scale.actions import ActionNormalizer
+    from vla_scale.actions.string_tokenizer import StringActionTokenizer
+    from vla_scale.data.synthetic import make_samples
+    from vla_scale.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    raw = np.stack([s["action"] for s in make_samples("robot", n, seed=0)])
+    mask = [True] * 6 + [False]
+    norm = ActionNormalizer.from_actions(raw, mask)
+    normalized = norm.normalize(raw)
+    rows = []
+    for style in ("fixed", "vla-plus"):
+        for decimals in (4, 3, 2):
+            at = StringActionTokenizer(tok, 7, decimals=decimals, style=style)
+            grammar = at.grammar(tok.eos_token_id)
+            tokens, choices, back = [], [], []
+            for a in normalized:
+                ids = list(at.encode(a)) + [tok.eos_token_id]
+                tokens.append(len(ids))
+                choices.append(sum(grammar.choice_positions(ids)))
+                back.append(at.decode(ids))
+            back = np.asarray(back)
+            rows.append({"style": style, "decimals": decimals, "tokens_per_action": float(np.mean(tokens)),
+                         "passes_per_action": float(np.mean(choices)),
+                         "normalized_abs_error": float(np.abs(back - normalized)[:, :6].mean()),
+                         "raw_abs_error": float(np.abs(norm.unnormalize(back) - raw)[:, :6].mean()),
+                         "raw_action_scale": float(np.abs(raw[:, :6]).mean())})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
@@ -158,7 +193,21 @@ def main() -> None:
                     help="LLM sizes (default 64x2 and 256x4; add 2048x20 (~1B) or 4096x32 (~7B) on a GPU)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--styles", default=",".join(STYLES))
+    ap.add_argument("--formats", action="store_true",
+                    help="only the text-format table (tokens, passes, rounding error per style and decimals)")
     args = ap.parse_args()
+    if args.formats:
+        rows = text_formats()
+        for r in rows:
+            print(f"{r['style']:8} decimals {r['decimals']}: {r['tokens_per_action']:5.1f} tokens, "
+                  f"{r['passes_per_action']:5.1f} passes per action; rounding error {r['normalized_abs_error']:.2e} "
+                  f"normalised, {r['raw_abs_error']:.2e} raw (mean |action| {r['raw_action_scale']:.3f})")
+        out = Path(args.out or Path(__file__).parent / "results" / "decode_formats.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"benchmark": "decode_formats", "date": datetime.date.today().isoformat(),
+                                   "rows": rows}, indent=2))
+        print(f"wrote {out}")
+        return
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
