@@ -65,9 +65,10 @@ class VLAPolicy:
         self.last_batch_decode: BatchDecodeResult | None = None  # the last call's, per row
 
     def _choose_decoder(self, decoder: str) -> str:
-        """'static' (preallocated KV cache, grammar on the device, no host sync in the loop) or 'eager'
-        (dynamic cache, grammar on the host). 'auto': static on CUDA, eager on CPU, where it measured faster
-        (BENCHMARKS.md, decode section); eager for LLMs with sliding-window layers either way."""
+        """'static' (preallocated KV cache, grammar on the device, no host sync in the loop on a GPU) or
+        'eager' (dynamic cache, grammar on the host): the same actions. 'auto': static wherever the LLM
+        allows it (no sliding-window layers); on CPU it measured as fast as eager or faster at B = 1 and 8
+        and even at 32 (BENCHMARKS.md, 1c); torch.compile was not faster there."""
         from vla_scale.policy.static_decoding import supports_static
 
         if decoder not in ("auto", "static", "eager"):
@@ -76,9 +77,7 @@ class VLAPolicy:
             if decoder == "static":
                 raise ConfigError("decoder='static' needs an LLM without sliding-window layers; use 'eager'")
             return "eager"
-        if decoder == "auto":
-            return "static" if self.device.type == "cuda" else "eager"
-        return decoder
+        return "static" if decoder == "auto" else decoder
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,

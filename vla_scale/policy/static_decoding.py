@@ -24,9 +24,10 @@ step needs the host:
 
 On a GPU the loop body is capturable (fixed shapes, no `.item()`, no
 `.tolist()`); capturing it in CUDA graphs is not done yet (no GPU to test it
-on; see BENCHMARKS.md). On a CPU the eager decoder is faster for the models
-we can run here (measured in `benchmarks/decode.py`), so `VLAPolicy` uses
-this one by default only on CUDA.
+on; see BENCHMARKS.md). On a CPU, where reading a value back costs nothing,
+the loop checks every step whether all rows are done and feeds passes only
+as wide as the step needs; measured there (`benchmarks/decode.py`) it is as
+fast as the eager decoder or faster, so `VLAPolicy` uses it by default.
 
 Not for LLMs with sliding-window layers (their static cache layers are
 shorter than the mask): `supports_static` says so and the policy falls back
