@@ -321,7 +321,10 @@ class PolicyServer:
             self.requests_refused += 1
             return _error(None, "DataError", "message", f"message: {err}")
         try:
-            request = parse_request(data, self.limits)
+            try:
+                request = parse_request(data, self.limits)
+            except RecursionError:
+                raise RequestError("message", "nested too deeply") from None
         except RequestError as err:
             self.requests_refused += 1
             rid = data.get("id") if isinstance(data, dict) and isinstance(data.get("id"), (int, str)) else None
