@@ -67,3 +67,22 @@ def test_device_grammar_runs_cover_every_forced_token(tiny_llava, tmp_path):
         assert g.is_done(state) or g.forced(state) is None  # a run ends at a choice or at the end
     with pytest.raises(ConfigError, match="decoder must be"):
         VLAPolicy.from_pretrained(tmp_path / "export", device="cpu", decoder="graphs")
+
+
+def test_a_large_cpu_batch_feeds_one_token_per_pass_and_decodes_the_same_actions(tiny_llava, tmp_path):
+    """From 16 rows on a CPU the static decoder feeds one token per row per pass (compute-bound: no
+    padding to the longest forced run); the ids are the eager decoder's, only the pass counts grow."""
+    _export(tiny_llava, tmp_path / "export", "actions.style=fixed")
+    eager = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu", decoder="eager")
+    static = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu", decoder="static")
+    assert static.pass_width(VLAPolicy.CPU_NARROW_BATCH) == 1 and static.pass_width(8) is None
+    images, instructions = _observations(VLAPolicy.CPU_NARROW_BATCH, seed=4)
+    np.testing.assert_array_equal(static.predict_actions(images, instructions),
+                                  eager.predict_actions(images, instructions))
+    start = len(DeviceGrammar.build(static.grammar, torch.device("cpu")).start_run)  # rides in the prefill
+    for row, alone in zip(static.last_batch_decode.rows, eager.last_batch_decode.rows):
+        assert (row.ids, row.choices) == (alone.ids, alone.choices)
+        last_choice = max(i for i, c in enumerate(static.grammar.choice_positions(row.ids)) if c)
+        # The prefill, then one pass per token from after the start run up to the last choice (what follows
+        # the last choice is never fed).
+        assert row.forward_passes == 1 + last_choice - start > alone.forward_passes

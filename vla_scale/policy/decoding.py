@@ -130,7 +130,7 @@ def constrained_greedy_batch(core, prompts: list[LLMInputs], grammar, max_tokens
 
 @torch.no_grad()
 def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], grammar,
-                   keep_logits: bool = False, static: bool = False) -> BatchDecodeResult:
+                   keep_logits: bool = False, static: bool = False, max_width: int | None = None) -> BatchDecodeResult:
     """The policy's whole decode for a batch of observations: image tokens of `pixels` (B, C, H, W), each
     prompt of `prompt_ids` (BOS first, any lengths) placed by the model's layout, then constrained greedy
     decoding of all rows at once.
@@ -149,7 +149,7 @@ def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], gra
     if static and not keep_logits:
         from vla_scale.policy.static_decoding import constrained_greedy_static
 
-        return constrained_greedy_static(core, prompts, grammar)
+        return constrained_greedy_static(core, prompts, grammar, max_width=max_width)
     return constrained_greedy_batch(core, prompts, grammar, keep_logits=keep_logits)
 
 

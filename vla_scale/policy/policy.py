@@ -79,6 +79,17 @@ class VLAPolicy:
             return "eager"
         return "static" if decoder == "auto" else decoder
 
+    #: CPU batches of at least this many rows feed one token per row per pass (see `pass_width`)
+    CPU_NARROW_BATCH = 16
+
+    def pass_width(self, rows: int) -> int | None:
+        """The most tokens of one row fed per pass of the static decoder (None: a choice and its whole
+        forced run, one pass per choice). On a CPU a batch is compute-bound from about 16 rows: a pass as
+        wide as the longest pending forced run pads every other row to it (about 7x the tokens at B = 32
+        with random weights), so there each row feeds one token per pass, as `generate` does, and forced
+        tokens cost passes. Below that, and on a GPU (weight-bandwidth-bound), forced runs ride along."""
+        return 1 if self.device.type == "cpu" and rows >= self.CPU_NARROW_BATCH else None
+
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, unnorm_key: str | None = None,
@@ -123,8 +134,9 @@ class VLAPolicy:
             except DataError as err:
                 raise DataError(f"predict_actions: images[{i}]: {err}") from None
         ids = [self.prompts.prompt_ids(self.prompts.robot_prompt(text)) for text in instructions]
+        static = self.decoder == "static"
         result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar,
-                                static=self.decoder == "static")
+                                static=static, max_width=self.pass_width(len(ids)) if static else None)
         self.last_batch_decode = result
         chunk = self.actions.chunk if self.actions.chunk > 1 else None
         normalized = np.asarray([self.action_tokenizer.decode(row.ids, chunk=chunk) for row in result.rows],

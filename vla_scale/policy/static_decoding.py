@@ -138,14 +138,18 @@ def _mask(key_real: torch.Tensor, start: int, width: int, prefix: torch.Tensor |
 
 
 @torch.no_grad()
-def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_every: int | None = None
-                              ) -> BatchDecodeResult:
+def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_every: int | None = None,
+                              max_width: int | None = None) -> BatchDecodeResult:
     """`decoding.constrained_greedy_batch` over a static cache with the grammar on the device.
 
     `sync_every`: check every N iterations whether all rows are done and stop early (one host sync each
     time); 0 never checks (the loop runs `max_choices` iterations: right for the fixed style on a GPU,
     whose actions all make about the same number of choices). Default: 1 on CPU, where a "sync" is free,
     0 elsewhere. With 1, each pass is also only as wide as the step's longest forced run (not W).
+
+    `max_width` (with `sync_every=1` only): feed at most this many tokens of a row per pass; a row whose
+    choice + forced run is longer feeds it over several passes before its next choice. Same ids, more
+    passes for that row, far fewer padded tokens when many rows decode together on a CPU (compute-bound).
     """
     from transformers import StaticCache
 
@@ -153,6 +157,8 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 0
     adaptive = sync_every == 1  # host reads every step anyway: feed only as wide as this step needs
+    if max_width is not None and not adaptive:
+        raise ValueError("max_width needs sync_every=1 (the host decides each pass's width)")
     dg = DeviceGrammar.build(grammar, device)
     decoder = core.decoder()
     embed = core.llm.get_input_embeddings()
@@ -163,7 +169,10 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     start_run = torch.tensor([dg.start_run], dtype=torch.long, device=device)
     inputs = LLMInputs.left_padded([p.extended(embed(start_run)) if dg.start_run else p for p in prompts])
     p_cols = inputs.embeds.shape[1]
-    length = p_cols + max(0, dg.max_choices - 1) * w
+    cap = w if max_width is None else max(1, min(int(max_width), w))
+    # Every pass after the prefill is at most W (or `cap`) wide; with a cap, a pass happens at most once per
+    # decoded token.
+    length = p_cols + (max(0, dg.max_choices - 1) * w if cap == w else dg.max_tokens * cap)
     dtype = inputs.embeds.dtype
     cache = StaticCache(config=core.llm.config, max_cache_len=length)
     key_real = torch.zeros((b, length), dtype=torch.bool, device=device)
@@ -190,6 +199,10 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     choices = torch.zeros((b,), dtype=torch.long, device=device)
     ar = torch.arange(w, device=device)
     cur = p_cols
+    if adaptive:
+        rows = _host_driven_loop(dg, run, embed, head, bias, hidden, state, out, out_len, passes, choices, key_real,
+                                 cur, cap)
+        return BatchDecodeResult(rows, max(r.forward_passes for r in rows))
     for it in range(dg.max_choices):
         finished = state == done
         allowed = dg.allowed.index_select(0, state)
@@ -224,3 +237,52 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     out_h, len_h, passes_h, choices_h = (t.tolist() for t in (out, out_len, passes, choices))
     rows = [DecodeResult(out_h[r][:len_h[r]], passes_h[r], choices_h[r]) for r in range(b)]
     return BatchDecodeResult(rows, max(passes_h))
+
+
+def _host_driven_loop(dg: DeviceGrammar, run, embed, head, bias, hidden, state, out, out_len, passes, choices,
+                      key_real, cur: int, cap: int) -> list[DecodeResult]:
+    """The decode loop when reading values back is free (CPU): stop when all rows are done, make each pass
+    only as wide as needed, and feed at most `cap` tokens of a row per pass (its pending tokens are its
+    choice and the forced run after it; a row chooses again only once they are all in the cache)."""
+    b, w = out.shape[0], dg.width
+    max_tokens = out.shape[1] - 1
+    device = out.device
+    ar = torch.arange(w, device=device)
+    pend = torch.zeros((b, w), dtype=torch.long, device=device)
+    pend_len = torch.zeros((b,), dtype=torch.long, device=device)
+    pend_off = torch.zeros((b,), dtype=torch.long, device=device)
+    ready = torch.ones((b,), dtype=torch.bool, device=device)
+    while True:
+        choose = ready & (state != dg.done)
+        if bool(choose.any()):
+            allowed = dg.allowed.index_select(0, state)
+            token = constrained_argmax(hidden.to(head.weight.dtype), head.weight, allowed, bias=bias, validate=False)
+            entered = dg.nxt[state, (allowed == token[:, None]).long().argmax(1)]
+            seq = torch.cat([token[:, None], dg.run_ids.index_select(0, entered)], 1)  # (B, W)
+            seq_len = 1 + dg.run_len.index_select(0, entered)
+            cols = torch.where((ar[None] < seq_len[:, None]) & choose[:, None], out_len[:, None] + ar[None],
+                               max_tokens)
+            out.scatter_(1, cols.clamp(max=max_tokens), seq)
+            out_len += torch.where(choose, seq_len, 0)
+            choices += choose.long()
+            state = torch.where(choose, dg.run_end.index_select(0, entered), state)
+            pend = torch.where(choose[:, None], seq, pend)
+            pend_len = torch.where(choose, seq_len, pend_len)
+            pend_off = torch.where(choose, 0, pend_off)
+        need = (state != dg.done) & (pend_off < pend_len)  # a row that just finished feeds nothing more
+        if not bool(need.any()):
+            break
+        take = torch.where(need, (pend_len - pend_off).clamp(max=cap), 0)
+        width = int(take.max())
+        j = ar[None, :width]
+        first = (width - take)[:, None]  # right-aligned: the row's last fed token in the last column
+        real = (j >= first) & need[:, None]
+        ids = torch.where(real, pend.gather(1, (pend_off[:, None] + j - first).clamp(0, w - 1)), 0)
+        key_real[:, cur:cur + width] = real
+        passes += need.long()
+        hidden = run(embed(ids), cur)
+        cur += width
+        pend_off += take
+        ready = need & (pend_off == pend_len)
+    out_h, len_h, passes_h, choices_h = (t.tolist() for t in (out, out_len, passes, choices))
+    return [DecodeResult(out_h[r][:len_h[r]], passes_h[r], choices_h[r]) for r in range(b)]
