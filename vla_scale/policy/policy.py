@@ -66,9 +66,10 @@ class VLAPolicy:
 
     def _choose_decoder(self, decoder: str) -> str:
         """'static' (preallocated KV cache, grammar on the device, no host sync in the loop on a GPU) or
-        'eager' (dynamic cache, grammar on the host): the same actions. 'auto': static wherever the LLM
-        allows it (no sliding-window layers); on CPU it measured as fast as eager or faster at B = 1 and 8
-        and even at 32 (BENCHMARKS.md, 1c); torch.compile was not faster there."""
+        'eager' (dynamic cache, grammar on the host): the same actions. 'auto' (kept as 'auto' on CPU and
+        decided per call by `uses_static`): static on CUDA; on CPU eager for one row and static for batches,
+        the faster of the two in each case (BENCHMARKS.md, 1c); eager for LLMs with sliding-window layers.
+        torch.compile was not faster on CPU."""
         from vla_scale.policy.static_decoding import supports_static
 
         if decoder not in ("auto", "static", "eager"):
@@ -77,7 +78,13 @@ class VLAPolicy:
             if decoder == "static":
                 raise ConfigError("decoder='static' needs an LLM without sliding-window layers; use 'eager'")
             return "eager"
-        return "static" if decoder == "auto" else decoder
+        if decoder == "auto" and self.device.type != "cpu":
+            return "static"
+        return decoder
+
+    def uses_static(self, rows: int) -> bool:
+        """Whether a call with `rows` observations runs the static decoder."""
+        return self.decoder == "static" or (self.decoder == "auto" and rows > 1)
 
     #: CPU batches of at least this many rows feed one token per row per pass (see `pass_width`)
     CPU_NARROW_BATCH = 16
@@ -134,7 +141,7 @@ class VLAPolicy:
             except DataError as err:
                 raise DataError(f"predict_actions: images[{i}]: {err}") from None
         ids = [self.prompts.prompt_ids(self.prompts.robot_prompt(text)) for text in instructions]
-        static = self.decoder == "static"
+        static = self.uses_static(len(ids))
         result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar,
                                 static=static, max_width=self.pass_width(len(ids)) if static else None)
         self.last_batch_decode = result
