@@ -41,9 +41,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._backend import interpreting, resolve_backend, triton_available
+from ._backend import ENV_VAR, interpreting, resolve_backend, triton_available
 
-__all__ = ["fused_concat_linear", "fused_concat_linear_reference", "ACTIVATIONS", "AUTOTUNE_ENV"]
+__all__ = ["fused_concat_linear", "fused_concat_linear_reference", "ACTIVATIONS", "AUTOTUNE_ENV", "IMPLS", "TUNE_ENV",
+           "concat_linear_choices", "record_choice"]
 
 #: set to "0" to use one fixed tile config instead of autotuning (tests: fewer compiles)
 AUTOTUNE_ENV = "VLA_SCALE_KERNELS_AUTOTUNE"
@@ -170,7 +171,7 @@ if triton_available():
     @triton.jit
     def _concat_linear_kernel_impl(
         xf_ptr, xt_ptr, w_ptr, b_ptr, out_ptr, pre_ptr, gout_ptr,
-        M, N, Df, Dt,
+        M, N, Df, Dt, M_BUCKET,
         stride_xf, stride_xt, stride_w, stride_o,
         HAS_BIAS: tl.constexpr,
         ACTIVATION: tl.constexpr,    # 0 none, 1 gelu (erf), 2 gelu (tanh)
@@ -264,7 +265,9 @@ if triton_available():
     def _build(configs):
         # autotune -> heuristics -> jit; keyed on the GEMM dims (+ MODE: the backward-recompute
         # epilogue reads grad_out and may prefer other tiles). The autotuner also keys on dtypes.
-        return triton.autotune(configs=configs, key=["M", "N", "Df", "Dt", "MODE"])(
+        # M is keyed by its power-of-two bucket (M_BUCKET), so that inference with a new number of
+        # tokens reuses the tuned config of its bucket instead of re-tuning for every length.
+        return triton.autotune(configs=configs, key=["M_BUCKET", "N", "Df", "Dt", "MODE"])(
             triton.heuristics({
                 "EVEN_DF": lambda a: a["Df"] % a["BLOCK_K"] == 0,
                 "EVEN_DT": lambda a: a["Dt"] % a["BLOCK_K"] == 0,
@@ -272,6 +275,11 @@ if triton_available():
 
     _concat_linear_kernel = _build(_configs())
     _concat_linear_kernel_fixed = _build(_fixed_configs())
+
+
+def m_bucket(m: int) -> int:
+    """The token-count bucket tuned configs and recorded choices are keyed by: the next power of two, >= 16."""
+    return max(16, 1 << max(0, int(m) - 1).bit_length())
 
 
 def _autotune_enabled() -> bool:
@@ -306,7 +314,7 @@ def _launch(xf, xt, w, b, act_code: int, mode: int, gout=None):
     kernel[grid](
         xf, xt, w, b if b is not None else out, out,
         pre if pre is not None else out, gout if gout is not None else out,
-        M, N, Df, Dt,
+        M, N, Df, Dt, m_bucket(M),
         xf.stride(0), xt.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=b is not None, ACTIVATION=act_code, MODE=mode,
         UPCAST=upcast, DOT_PRECISION=precision,
@@ -314,17 +322,39 @@ def _launch(xf, xt, w, b, act_code: int, mode: int, gout=None):
     return out, pre
 
 
+def _two_gemm_pre(xf, xt, w, b):
+    """``[xf | xt] @ w.T + b`` as two BLAS GEMMs into one output: ``out = xf @ W_f^T (+ b)``, then
+    ``out += xt @ W_t^T`` (beta = 1). The weight halves are strided views, never copied."""
+    df = xf.shape[1]
+    pre = torch.addmm(b, xf, w[:, :df].t()) if b is not None else torch.mm(xf, w[:, :df].t())
+    return pre.addmm_(xt, w[:, df:].t())
+
+
+def _two_gemm(xf, xt, w, b, act_code: int, store_pre: bool):
+    """(out, pre or None) of the two-GEMM path; the activation runs in place when pre is not kept."""
+    pre = _two_gemm_pre(xf, xt, w, b)
+    if act_code == 0:
+        return pre, None
+    if store_pre:
+        return F.gelu(pre, approximate=_TORCH_APPROX[act_code]), pre
+    return torch.ops.aten.gelu_(pre, approximate=_TORCH_APPROX[act_code]), None
+
+
 class _FusedConcatLinearFn(torch.autograd.Function):
-    """autograd wrapper around the Triton forward; backward on the two weight column blocks."""
+    """autograd wrapper around a concat-free forward (the Triton kernel, or two GEMMs into one output);
+    backward on the two weight column blocks, no GEMM for the frozen input's gradient."""
 
     @staticmethod
-    def forward(ctx, x_frozen, x_train, weight, bias, act_code: int, recompute: bool):
+    def forward(ctx, x_frozen, x_train, weight, bias, act_code: int, recompute: bool, impl: str = "triton"):
         xf, xt, w = _dense_last(x_frozen), _dense_last(x_train), _dense_last(weight)
         b = bias.contiguous() if bias is not None else None
         store_pre = act_code != 0 and not recompute
-        out, pre = _launch(xf, xt, w, b, act_code, mode=1 if store_pre else 0)
+        if impl == "two_gemm":
+            out, pre = _two_gemm(xf, xt, w, b, act_code, store_pre)
+        else:
+            out, pre = _launch(xf, xt, w, b, act_code, mode=1 if store_pre else 0)
         ctx.save_for_backward(xf, xt, w, b, pre)
-        ctx.act_code = act_code
+        ctx.act_code, ctx.impl = act_code, impl
         return out
 
     @staticmethod
@@ -335,6 +365,8 @@ class _FusedConcatLinearFn(torch.autograd.Function):
         grad_out = grad_out.to(xt.dtype)
         if act == 0:
             g = grad_out
+        elif pre is None and ctx.impl == "two_gemm":  # recompute mode, BLAS path: the GEMMs again
+            g = torch.ops.aten.gelu_backward(grad_out, _two_gemm_pre(xf, xt, w, b), approximate=_TORCH_APPROX[act])
         elif pre is None:  # recompute mode: re-run the GEMM, epilogue writes g = grad_out * act'(z)
             g, _ = _launch(xf, xt, w, b, act, mode=2, gout=grad_out)
         else:
@@ -354,7 +386,73 @@ class _FusedConcatLinearFn(torch.autograd.Function):
             # g.sum(0) was measured to allocate an M x N temporary (142.6 MB at the OpenVLA+
             # shape), which raised the backward's peak memory above torch's own.
             grad_b = torch.mm(g.new_ones(1, g.shape[0]), g).view(-1).to(b.dtype)
-        return grad_xf, grad_xt, grad_w, grad_b, None, None
+        return grad_xf, grad_xt, grad_w, grad_b, None, None, None
+
+
+# --------------------------------------------------------------------------- per-shape choice
+#: implementations of the op: the Triton kernel, two BLAS GEMMs into one output, and torch's cat + linear
+IMPLS = ("two_gemm", "triton", "cat")
+#: set to "1" to time every implementation on the first CUDA call of a new shape and keep the fastest
+TUNE_ENV = "VLA_SCALE_CONCAT_LINEAR_TUNE"
+_CHOICES: dict[tuple, dict] = {}
+
+
+def choice_key(xf: torch.Tensor, n: int, dt: int, activation_code: int, grad: bool) -> tuple:
+    """What a recorded choice is keyed by: device, dtype, token-count bucket, the GEMM dims, activation, grad."""
+    dev = torch.cuda.get_device_name(xf.device) if xf.is_cuda else xf.device.type
+    return (dev, str(xf.dtype).replace("torch.", ""), m_bucket(xf.shape[0]), n, xf.shape[1], dt, activation_code, grad)
+
+
+def concat_linear_choices() -> dict[str, dict]:
+    """Every per-shape choice made in this process: key -> {"impl", "ms" (per impl, when measured), "how"}."""
+    return {"/".join(map(str, k)): dict(v) for k, v in _CHOICES.items()}
+
+
+def record_choice(key: tuple, impl: str, how: str = "set", ms: dict | None = None) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    _CHOICES[key] = {"impl": impl, "how": how, **({"ms": ms} if ms else {})}
+
+
+def _run(impl: str, xf, xt, w, b, code: int, recompute: bool, grad: bool, activation):
+    if impl == "cat":
+        return fused_concat_linear_reference(xf, xt, w, b, activation)
+    if grad:
+        return _FusedConcatLinearFn.apply(xf, xt, w, b, code, bool(recompute), impl)
+    xf, xt, w = _dense_last(xf), _dense_last(xt), _dense_last(w)
+    b = b.contiguous() if b is not None else None
+    if impl == "two_gemm":
+        return _two_gemm(xf, xt, w, b, code, store_pre=False)[0]
+    return _launch(xf, xt, w, b, code, mode=0)[0]
+
+
+def _measure(key, xf, xt, w, b, code, recompute, grad, activation, repeats: int = 10) -> str:
+    """Time each implementation on these very inputs (forward, plus backward when grad) and record the fastest."""
+    ms = {}
+    for impl in IMPLS:
+        def once():
+            out = _run(impl, xf, xt, w, b, code, recompute, grad, activation)
+            if grad:
+                out.backward(torch.ones_like(out))
+        try:
+            once()  # compile / autotune outside the timing
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                once()
+            end.record()
+            torch.cuda.synchronize()
+            ms[impl] = start.elapsed_time(end) / repeats
+        except Exception:  # e.g. out of shared memory for a dtype: that implementation is out
+            continue
+    if grad:
+        for t in (xf, xt, w, b):
+            if t is not None and t.grad is not None:
+                t.grad = None
+    best = min(ms, key=ms.get)
+    record_choice(key, best, "measured", {k: round(v, 4) for k, v in ms.items()})
+    return best
 
 
 # --------------------------------------------------------------------------- dispatcher
@@ -367,6 +465,7 @@ def fused_concat_linear(
     *,
     recompute: bool = False,
     backend: str | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """``act(concat(x_frozen, x_train) @ weight.T + bias)`` without the concatenation.
 
@@ -376,9 +475,15 @@ def fused_concat_linear(
         weight: ``(N, Df + Dt)``, as ``nn.Linear`` stores it.
         bias: ``(N,)`` or None.
         activation: ``"gelu"`` (erf), ``"gelu_tanh"`` or None.
-        recompute: Triton path only. False saves the ``(M, N)`` pre-activation for the
-            backward; True saves nothing of that size and re-runs the GEMM in the backward.
-        backend: ``"auto"``/``"triton"``/``"torch"``; None reads ``VLA_SCALE_KERNELS``.
+        recompute: False saves the ``(M, N)`` pre-activation for the backward; True saves nothing of
+            that size and recomputes it in the backward (not for ``impl="cat"``).
+        backend: ``"auto"``/``"triton"``/``"torch"``; None reads ``VLA_SCALE_KERNELS``. ``"torch"`` (and
+            auto off CUDA) is the PyTorch reference; ``"triton"`` named explicitly forces the Triton kernel.
+        impl: on CUDA under auto, which implementation: ``"two_gemm"`` (the default: two cuBLAS GEMMs
+            into one output, then bias and GELU; backward without the frozen input's GEMM), ``"triton"``
+            (the fused kernel: opt in where measured faster) or ``"cat"`` (torch's cat + linear + gelu).
+            None: the choice recorded for this shape (``record_choice``, or measured once per shape when
+            ``VLA_SCALE_CONCAT_LINEAR_TUNE=1``), else ``"two_gemm"``. ``impl="two_gemm"`` also runs on CPU.
 
     Returns ``(..., N)`` in the compute dtype (the autocast dtype under autocast, else
     ``weight.dtype``). Gradients flow to ``x_train``, ``weight``, ``bias``, and to
@@ -395,8 +500,13 @@ def fused_concat_linear(
         raise ValueError(f"weight is {tuple(weight.shape)}, expected (N, {Df} + {Dt})")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias is {tuple(bias.shape)}, expected ({N},)")
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
-    if resolve_backend(backend, x_frozen, x_train, weight, bias) == "torch":
+    forced_triton = (backend if backend is not None else os.environ.get(ENV_VAR, "auto")).strip().lower() == "triton"
+    if impl == "triton":  # named explicitly: the kernel or a clear error, as backend="triton"
+        resolve_backend("triton", x_frozen, x_train, weight, bias)
+    elif impl == "cat" or (impl is None and resolve_backend(backend, x_frozen, x_train, weight, bias) == "torch"):
         return fused_concat_linear_reference(x_frozen, x_train, weight, bias, activation)
 
     dev = x_train.device.type
@@ -407,9 +517,22 @@ def fused_concat_linear(
     w = weight.to(dtype)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (xf, xt, w, bias))
-    if needs_grad:
-        out = _FusedConcatLinearFn.apply(xf, xt, w, bias, code, bool(recompute))
-    else:
-        b = bias.contiguous() if bias is not None else None
-        out, _ = _launch(_dense_last(xf), _dense_last(xt), _dense_last(w), b, code, mode=0)
+    if impl is None:
+        if forced_triton:
+            impl = "triton"
+        else:
+            key = choice_key(xf, N, Dt, code, needs_grad)
+            recorded = _CHOICES.get(key)
+            if recorded is not None:
+                impl = recorded["impl"]
+            elif xf.is_cuda and os.environ.get(TUNE_ENV, "0") not in ("0", "", "false", "False"):
+                with torch.enable_grad() if needs_grad else torch.no_grad():
+                    impl = _measure(key, xf.detach().requires_grad_(xf.requires_grad),
+                                    xt.detach().requires_grad_(xt.requires_grad), w.detach().requires_grad_(w.requires_grad),
+                                    None if bias is None else bias.detach().requires_grad_(bias.requires_grad),
+                                    code, recompute, needs_grad, activation)
+            else:
+                impl = "two_gemm"
+                record_choice(key, impl, "default")
+    out = _run(impl, xf, xt, w, bias, code, recompute, needs_grad, activation)
     return out.reshape(*lead, N)

@@ -254,9 +254,10 @@ def constrained_argmax(
     Args:
         hidden: ``(B, H)`` last hidden states (any float dtype).
         lm_head_weight: ``(V, H)``; any strides (it is never copied).
-        allowed_ids: ``(B, K)`` integer ids, padded with -1 (K <= 128 on the Triton
-            path). May live on the CPU: it is validated there without a device sync
-            and copied to the device asynchronously.
+        allowed_ids: ``(B, K)`` integer ids, padded with -1. K > 128 runs the gathered-row
+            reference whatever the backend (the kernel keeps one K tile per row). May live on
+            the CPU: it is validated there without a device sync and copied to the device
+            asynchronously.
         return_logits: also return the chosen logit, ``(B,)`` float32.
         bias: optional ``(V,)`` LM-head bias.
         backend: ``"auto"``/``"triton"``/``"torch"``; None reads ``VLA_SCALE_KERNELS``.
@@ -269,7 +270,9 @@ def constrained_argmax(
     ties break to the smallest id. Raises ``ValueError`` for a row with no allowed id.
     """
     allowed_ids = _check_inputs(hidden, lm_head_weight, allowed_ids, bias, validate)
-    if resolve_backend(backend, hidden, lm_head_weight, bias) == "torch":
+    # More than MAX_ALLOWED ids per row (the 256-bin baseline grammar): the kernel's one-tile-per-row
+    # design does not take them, so the gathered-row reference runs, here rather than in every caller.
+    if resolve_backend(backend, hidden, lm_head_weight, bias) == "torch" or allowed_ids.shape[1] > MAX_ALLOWED:
         return constrained_argmax_reference(hidden, lm_head_weight, allowed_ids, return_logits,
                                             bias, validate=False)
     ids, logits = _launch(hidden, lm_head_weight, allowed_ids, bias, num_splits, block_h)

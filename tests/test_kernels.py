@@ -371,14 +371,15 @@ def test_constrained_argmax_never_builds_v_wide_logits():
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("recompute", [False, True])
-def test_gpu_concat_linear_openvla_shape_bf16(monkeypatch, recompute):
+@pytest.mark.parametrize("impl", ["two_gemm", "triton"])
+def test_gpu_concat_linear_openvla_shape_bf16(monkeypatch, recompute, impl):
     monkeypatch.setenv("VLA_SCALE_KERNELS_AUTOTUNE", "1")  # the autotuned kernel
     M, Df, Dt, N = 32 * 256, 1152, 1024, 8704
     xf, xt, w, b = _concat_inputs(M, Df, Dt, N, torch.bfloat16, True, seed=21)
     for t in (xt, w, b):
         t.requires_grad_(True)
     y = fused_concat_linear(xf.view(32, 256, Df), xt.view(32, 256, Dt), w, b, "gelu",
-                            recompute=recompute)
+                            recompute=recompute, impl=impl)
     assert y.shape == (32, 256, N)
     go = _randn(32, 256, N, gen=_gen(22), dtype=torch.bfloat16)
     y.backward(go)
@@ -406,3 +407,68 @@ def test_gpu_constrained_argmax_decode_shapes(V, B):
     got_ids, got_logits = constrained_argmax(hidden, W, ids, True)
     _check_argmax(hidden, W, ids.cuda(), None, got_ids, got_logits, atol=2e-2)
     assert int(got_ids[0]) == min(int(ids[0, 0]), int(ids[0, 1]))
+
+
+# ------------------------------------------------------------------ the two-GEMM path and the per-shape choice
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_two_gemm_forward_and_backward_match_the_reference(act, bias, recompute):
+    """The CUDA default (two BLAS GEMMs into one output) is plain torch: its numerics are checked here on CPU."""
+    xf, xt, w, b = _concat_inputs(37, 24, 40, 48, torch.float32, bias, seed=_seed("2g", act, bias))
+    xt.requires_grad_(True)
+    w.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    out = fused_concat_linear(xf, xt, w, b, act, impl="two_gemm", recompute=recompute)
+    ref_inputs = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in (xf, xt, w, b)]
+    ref = fused_concat_linear_reference(*ref_inputs, act)
+    assert rel_err(out, ref) < FWD_TOL[torch.float32]
+    go = torch.randn(out.shape, generator=_gen(3))
+    out.backward(go)
+    ref.backward(go)
+    for mine, theirs in zip((xt, w, b), ref_inputs[1:]):
+        if mine is not None:
+            assert rel_err(mine.grad, theirs.grad) < BWD_TOL[torch.float32]
+    assert xf.grad is None  # the frozen input gets no gradient GEMM
+    with torch.no_grad():  # inference: the activation runs in place on the GEMM output
+        assert rel_err(fused_concat_linear(xf, xt, w, b, act, impl="two_gemm"), ref) < FWD_TOL[torch.float32]
+
+
+def test_cuda_default_is_two_gemm_and_a_recorded_choice_wins(monkeypatch):
+    """The dispatch as it runs on CUDA (the device is what is faked here: `resolve_backend` answers as on CUDA)."""
+    cl = K.concat_linear
+    monkeypatch.setattr(cl, "resolve_backend", lambda backend, *t: "torch" if backend == "torch" else "triton")
+    monkeypatch.setattr(cl, "_CHOICES", {})
+    ran = []
+    real = cl._run
+    monkeypatch.setattr(cl, "_run", lambda impl, *a: ran.append(impl) or real("cat" if impl == "triton" else impl, *a))
+    xf, xt, w, b = _concat_inputs(100, 16, 16, 32, torch.float32, True, seed=4)
+    with torch.no_grad():
+        out = fused_concat_linear(xf, xt, w, b)
+    assert ran == ["two_gemm"] and rel_err(out, fused_concat_linear_reference(xf, xt, w, b)) < 1e-5
+    (key, record), = cl.concat_linear_choices().items()
+    assert record == {"impl": "two_gemm", "how": "default"} and "/128/32/16/16/1/False" in key  # M 100 -> bucket 128
+    cl.record_choice(cl.choice_key(xf, 32, 16, 1, False), "cat", "measured")
+    with torch.no_grad():
+        fused_concat_linear(xf[:70], xt[:70], w, b)  # same bucket: the recorded choice
+        fused_concat_linear(xf, xt, w, b, backend="triton")  # named explicitly: the kernel
+    assert ran == ["two_gemm", "cat", "triton"]
+    with pytest.raises(ValueError, match="impl must be one of"):
+        fused_concat_linear(xf, xt, w, b, impl="cublas")
+
+
+def test_token_counts_share_an_autotune_bucket():
+    cl = K.concat_linear
+    assert [cl.m_bucket(m) for m in (1, 16, 17, 100, 128, 129, 8192, 8193)] == [16, 16, 32, 128, 128, 256, 8192, 16384]
+    assert "M_BUCKET" in cl._concat_linear_kernel.keys and "M" not in cl._concat_linear_kernel.keys
+
+
+def test_more_than_128_allowed_ids_fall_back_inside_the_dispatcher(monkeypatch):
+    cd = K.constrained_decode
+    monkeypatch.setattr(cd, "_launch", lambda *a, **k: pytest.fail("the kernel cannot take K > 128"))
+    g = _gen(9)
+    hidden, weight = _randn(3, 32, gen=g), _randn(400, 32, gen=g)
+    allowed = torch.stack([torch.randperm(400, generator=g)[:200] for _ in range(3)]).to(DEV)
+    got = constrained_argmax(hidden, weight, allowed, backend="triton")
+    assert torch.equal(got, constrained_argmax_reference(hidden, weight, allowed))

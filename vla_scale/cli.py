@@ -97,7 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from vla_scale.eval.evaluate import evaluate
-    from vla_scale.eval.runner import backend_class
+    from vla_scale.eval.runner import backend_class, remote_policy_name
 
     if args.list_suites:
         cls = backend_class(args.backend)
@@ -107,6 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = args.out
     if out is None:
         name = "expert" if args.policy == "expert" else "random" if args.policy == "random" \
+            else remote_policy_name(args.policy) if args.policy.startswith(("ws://", "wss://")) \
             else Path(args.policy).resolve().name
         out = Path("eval_out") / f"{name}-{args.backend}-{args.suite}"
     backend_kwargs = {}
@@ -123,6 +124,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"success {100 * o['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({o['successes']}/{o['n']}), "
           f"variant mean {100 * o['variant_mean']:.1f}%")
     print(f"report: {Path(report['path']) / 'report.md'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    from vla_scale.errors import ConfigError
+    from vla_scale.policy import VLAPolicy
+    from vla_scale.policy.server import TOKEN_ENV, PolicyServer, ServeLimits, is_loopback
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(args.host) and token is None:
+        print(f"warning: serving on {args.host} without a token: anyone who can reach this port can use the "
+              f"policy (pass --token or set {TOKEN_ENV})", file=sys.stderr)
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch must be at least 1, got {args.max_batch}")
+    policy = VLAPolicy.from_pretrained(args.export, device=args.device, unnorm_key=args.unnorm_key)
+    limits = ServeLimits(max_message_bytes=args.max_message_mb << 20)
+    server = PolicyServer(policy, host=args.host, port=args.port, token=token, max_batch=args.max_batch,
+                          batch_wait_ms=args.batch_wait_ms, limits=limits, name=Path(args.export).resolve().name)
+
+    def ready(s: PolicyServer) -> None:
+        print(f"serving {args.export} on {s.url} (device {policy.device}, max batch {s.max_batch}"
+              f"{', token required' if token else ''}); Ctrl-C stops", flush=True)
+
+    try:
+        server.serve_forever(on_ready=ready)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {err}") from None
+    print("stopped", flush=True)
     return 0
 
 
@@ -338,8 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "report.json, report.md, success.png (Wilson 95%% intervals) and GIFs to --out. "
                                     "Backends: mujoco (built in), libero (pip install .[libero]), isaacgym "
                                     "(needs NVIDIA's Isaac Gym; never run on our machines).")
-    ev.add_argument("--policy", required=True, metavar="EXPORT_DIR|expert|random",
-                    help="an export folder (`vla-scale export`), 'expert' (scripted, privileged) or 'random'")
+    ev.add_argument("--policy", required=True, metavar="EXPORT_DIR|ws://HOST:PORT|expert|random",
+                    help="an export folder (`vla-scale export`), a policy server (`vla-scale serve`; its token, if "
+                         "any, from $VLA_SCALE_SERVE_TOKEN), 'expert' (scripted, privileged) or 'random'")
     ev.add_argument("--backend", default="mujoco", choices=("mujoco", "libero", "isaacgym"))
     ev.add_argument("--suite", default="in_distribution",
                     help="mujoco: in_distribution, visual (or one of its variants), novel_objects, language; "
@@ -363,6 +396,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--list-suites", action="store_true", help="list the backend's suites and tasks, then exit")
     ev.set_defaults(func=cmd_eval)
+
+    sv = sub.add_parser("serve", help="serve an export's predict_action(s) over websockets, batching clients",
+                        description="Serve an export folder to robots and simulators: websockets + msgpack with numpy "
+                                    "arrays (openpi's convention). Concurrent requests from all clients are decoded "
+                                    "together in one batched decode. Call it with vla_scale.policy.RemotePolicy(URL) "
+                                    "or `vla-scale eval --policy ws://HOST:PORT`.")
+    sv.add_argument("export", help="export folder written by `vla-scale export`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sv.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    sv.add_argument("--token", default=None,
+                    help="shared token clients must send (default: $VLA_SCALE_SERVE_TOKEN; none: no check)")
+    sv.add_argument("--max-batch", type=int, default=32, help="most observations in one batched decode (default 32)")
+    sv.add_argument("--batch-wait-ms", type=float, default=0.0,
+                    help="wait this long for more requests to fill a batch (default 0: batch what is queued)")
+    sv.add_argument("--max-message-mb", type=int, default=64,
+                    help="largest request in MiB; a larger one closes its connection (default 64)")
+    sv.add_argument("--unnorm-key", default=None,
+                    help="whose action statistics to unnormalise with, when trained on several robot datasets")
+    sv.set_defaults(func=cmd_serve)
 
     pl = sub.add_parser("plan", help="per-GPU memory of a config under ZeRO-3, without weights",
                         description="Build the config's model on the meta device (no weights, no memory; the "

@@ -46,3 +46,7 @@ class EvalError(VLAScaleError, RuntimeError):
 
 class LaunchError(VLAScaleError):
     """A job cannot be submitted: a malformed launch option, no `sbatch` on the PATH, or SLURM refused it."""
+
+
+class PolicyServerError(VLAScaleError, RuntimeError):
+    """A policy server cannot be reached or answered with something other than actions (`vla-scale serve`)."""

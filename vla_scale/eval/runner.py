@@ -167,17 +167,26 @@ class ModelPolicy:
 
 
 def load_policy(spec: str, *, seed: int = 0, device: str | None = None, camera: str | None = None) -> Any:
-    """'expert', 'random', or an export folder."""
+    """'expert', 'random', an export folder, or a policy server's URL (ws://HOST:PORT, `vla-scale serve`)."""
     if spec == "expert":
         return ExpertPolicy()
     if spec == "random":
         return RandomPolicy(seed)
+    if spec.startswith(("ws://", "wss://")):
+        from vla_scale.policy import RemotePolicy
+
+        return ModelPolicy(RemotePolicy(spec), camera=camera, name=remote_policy_name(spec))
     if not os.path.isdir(spec):
-        raise ConfigError(f"--policy {spec!r}: not 'expert', 'random' or an export folder")
+        raise ConfigError(f"--policy {spec!r}: not 'expert', 'random', an export folder or a ws:// URL")
     from vla_scale.policy import VLAPolicy
 
     return ModelPolicy(VLAPolicy.from_pretrained(spec, device=device), camera=camera,
                        name=os.path.basename(os.path.normpath(spec)))
+
+
+def remote_policy_name(url: str) -> str:
+    """A file-name-safe name for a served policy: ws://127.0.0.1:8000 -> remote-127.0.0.1-8000."""
+    return "remote-" + "".join(c if c.isalnum() or c in ".-" else "-" for c in url.split("://", 1)[1]).strip("-")
 
 
 def as_chunk(action: Any, where: str) -> np.ndarray:

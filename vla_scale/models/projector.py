@@ -3,8 +3,11 @@
 A stack of linear layers with an activation between them (LLaVA: 2 layers;
 Prismatic's fused GELU MLP: 3; PaliGemma: 1 plus a 1/sqrt(hidden) scale).
 The concatenation happens at the first layer; on CUDA with two encoders
-(frozen first) the fused Triton kernel computes it without materialising the
-concatenated features. It never owns the encoders.
+(frozen first) `vla_scale.kernels.fused_concat_linear` computes it without
+materialising the concatenated features: by default as two cuBLAS GEMMs into
+one output (no GEMM for the frozen input's gradient), the Triton kernel or
+torch's cat + linear where recorded (or measured) faster for the shape. It
+never owns the encoders.
 """
 from __future__ import annotations
 

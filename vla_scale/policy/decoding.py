@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vla_scale.kernels import MAX_ALLOWED, constrained_argmax
+from vla_scale.kernels import constrained_argmax
 from vla_scale.models.vla import LLMInputs
 
 
@@ -80,9 +80,6 @@ def constrained_greedy_batch(core, prompts: list[LLMInputs], grammar, max_tokens
     kept: list[list[torch.Tensor]] | None = [[] for _ in range(b)] if keep_logits else None
     # Each grammar state's allowed ids, built once on the device (padded with -1): row r gathers its state's.
     table = grammar.allowed_table().to(device)
-    # The Triton kernel takes up to MAX_ALLOWED ids per row; wider grammars (the 256-bin baseline)
-    # use the gathered-row PyTorch path, which still never forms V-wide logits.
-    backend = "torch" if table.shape[1] > MAX_ALLOWED else None
     while True:
         for r in range(b):  # jump-forward: forced tokens are appended without a model step
             while not grammar.is_done(states[r]) and (forced := grammar.forced(states[r])) is not None:
@@ -119,7 +116,7 @@ def constrained_greedy_batch(core, prompts: list[LLMInputs], grammar, max_tokens
         allowed = table.index_select(0, torch.tensor([states[r] for r in active], device=device))
         # The grammar's ids are valid by construction: skip the per-call input validation.
         tokens = constrained_argmax(h.to(head.weight.dtype), head.weight, allowed,
-                                    bias=getattr(head, "bias", None), validate=False, backend=backend).tolist()
+                                    bias=getattr(head, "bias", None), validate=False).tolist()
         for r, token in zip(active, tokens):
             choices[r] += 1
             out[r].append(token)
@@ -133,7 +130,8 @@ def constrained_greedy_batch(core, prompts: list[LLMInputs], grammar, max_tokens
 
 @torch.no_grad()
 def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], grammar,
-                   keep_logits: bool = False, state: torch.Tensor | None = None) -> BatchDecodeResult:
+                   keep_logits: bool = False, state: torch.Tensor | None = None, static: bool = False,
+                   max_width: int | None = None) -> BatchDecodeResult:
     """The policy's whole decode for a batch of observations: image tokens of `pixels` (B, C, H, W), each
     prompt of `prompt_ids` (BOS first, any lengths) placed by the model's layout, then constrained greedy
     decoding of all rows at once. Several cameras: `pixels` (B, C, 3, H, W); `state` (B, S): the normalised
@@ -141,6 +139,8 @@ def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], gra
 
     The one home of this sequence: `VLAPolicy` and the trainer's validation both call it (through
     `decode_action` for one observation), so what validation reports is what the policy does.
+    `static`: decode over a preallocated cache with the grammar on the device
+    (`static_decoding.constrained_greedy_static`: same ids, choices and passes).
     """
     core = model.core
     images, _ = core.prefix_tokens(pixels, model.frozen(pixels), state=state)
@@ -148,6 +148,10 @@ def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], gra
     for r, row in enumerate(prompt_ids):
         ids = torch.tensor([row], device=pixels.device)
         prompts.append(core.embed(ids, torch.ones_like(ids), images[r:r + 1]))
+    if static and not keep_logits:
+        from vla_scale.policy.static_decoding import constrained_greedy_static
+
+        return constrained_greedy_static(core, prompts, grammar, max_width=max_width)
     return constrained_greedy_batch(core, prompts, grammar, keep_logits=keep_logits)
 
 

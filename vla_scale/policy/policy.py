@@ -51,7 +51,7 @@ def select_stats(stats: dict, unnorm_key: str | None) -> tuple[str | None, dict]
 class VLAPolicy:
     def __init__(self, model, tokenizer, stats: dict, actions: ActionConfig, device: torch.device | str = "cpu",
                  max_length: int = 4096, unnorm_key: str | None = None, center_crop_scale: float | None = None,
-                 inputs: dict[str, Any] | None = None):
+                 inputs: dict[str, Any] | None = None, decoder: str = "auto"):
         self.device = torch.device(device)
         # Cameras (prefix order) and state mode as trained (the export's "inputs"); default: one camera, no state.
         inputs = inputs or {}
@@ -73,12 +73,47 @@ class VLAPolicy:
         self.action_tokenizer = make_action_tokenizer(actions, tokenizer)
         self.grammar = self.action_tokenizer.grammar(tokenizer.eos_token_id, chunk=actions.chunk)
         self.prompts = PromptBuilder(tokenizer, self.action_tokenizer, max_length)
+        self.decoder = self._choose_decoder(decoder)
         self.last_decode: DecodeResult | None = None  # the last predict_action's decode
         self.last_batch_decode: BatchDecodeResult | None = None  # the last call's, per row
 
+    def _choose_decoder(self, decoder: str) -> str:
+        """'static' (preallocated KV cache, grammar on the device, no host sync in the loop on a GPU) or
+        'eager' (dynamic cache, grammar on the host): the same actions. 'auto' (kept as 'auto' on CPU and
+        decided per call by `uses_static`): static on CUDA; on CPU eager for one row and static for batches,
+        the faster of the two in each case (BENCHMARKS.md, 1c); eager for LLMs with sliding-window layers.
+        torch.compile was not faster on CPU."""
+        from vla_scale.policy.static_decoding import supports_static
+
+        if decoder not in ("auto", "static", "eager"):
+            raise ConfigError(f"decoder must be 'auto', 'static' or 'eager', got {decoder!r}")
+        if not supports_static(self.model.core):
+            if decoder == "static":
+                raise ConfigError("decoder='static' needs an LLM without sliding-window layers; use 'eager'")
+            return "eager"
+        if decoder == "auto" and self.device.type != "cpu":
+            return "static"
+        return decoder
+
+    def uses_static(self, rows: int) -> bool:
+        """Whether a call with `rows` observations runs the static decoder."""
+        return self.decoder == "static" or (self.decoder == "auto" and rows > 1)
+
+    #: CPU batches of at least this many rows feed one token per row per pass (see `pass_width`)
+    CPU_NARROW_BATCH = 16
+
+    def pass_width(self, rows: int) -> int | None:
+        """The most tokens of one row fed per pass of the static decoder (None: a choice and its whole
+        forced run, one pass per choice). On a CPU a batch is compute-bound from about 16 rows: a pass as
+        wide as the longest pending forced run pads every other row to it (about 7x the tokens at B = 32
+        with random weights), so there each row feeds one token per pass, as `generate` does, and forced
+        tokens cost passes. Below that, and on a GPU (weight-bandwidth-bound), forced runs ride along."""
+        return 1 if self.device.type == "cpu" and rows >= self.CPU_NARROW_BATCH else None
+
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, unnorm_key: str | None = None) -> "VLAPolicy":
+                        dtype: torch.dtype | None = None, unnorm_key: str | None = None,
+                        decoder: str = "auto") -> "VLAPolicy":
         """Load an export folder (`vla-scale export`); GPU and bf16 when available unless told otherwise."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, tokenizer, stats, config = load_export(Path(folder))
@@ -88,7 +123,7 @@ class VLAPolicy:
         # Exports that predate the record were written without a crop setting: no crop.
         crop = config.get("image_preprocessing", {}).get("center_crop_scale")
         return cls(model, tokenizer, stats, ActionConfig(**config["actions"]), device, unnorm_key=unnorm_key,
-                   center_crop_scale=crop, inputs=config.get("inputs"))
+                   center_crop_scale=crop, inputs=config.get("inputs"), decoder=decoder)
 
     @torch.no_grad()
     def predict_action(self, image: np.ndarray, instruction: str, state: np.ndarray | None = None) -> np.ndarray:
@@ -128,7 +163,9 @@ class VLAPolicy:
         ids = [self.prompts.prompt_ids(self.prompts.robot_prompt(text, st)) for text, st in zip(instructions, texts)]
         state = (torch.from_numpy(np.stack(norm_states)).to(self.device)
                  if self.state_mode == "projection" else None)
-        result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar, state=state)
+        static = self.uses_static(len(ids))
+        result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar, state=state,
+                                static=static, max_width=self.pass_width(len(ids)) if static else None)
         self.last_batch_decode = result
         chunk = self.actions.chunk if self.actions.chunk > 1 else None
         normalized = np.asarray([self.action_tokenizer.decode(row.ids, chunk=chunk) for row in result.rows],
