@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from streaming_helpers import read_plain  # noqa: F401  (fixture)
+from vla_scale.data.camera_images import decode_camera_image
 from vla_scale.demo.simdata import VL_FOLDERS, write_scene_questions, write_sim_data
 from vla_scale.errors import ConfigError
 from vla_scale.eval.mujoco_backend import OBJECT_COLOURS
@@ -59,7 +60,7 @@ def _point_hits(samples) -> tuple[int, int]:
         m = re.match(r"Point to where to grasp the (\w+) block\.", q)
         if not m:
             continue
-        img = np.asarray(s["image"].convert("RGB"))
+        img = np.asarray(decode_camera_image(s["image"]).convert("RGB"))
         u, v = (float(t) for t in re.match(r"\((\S+), (\S+)\)", a).groups())
         x, y = int(u * img.shape[1]), int(v * img.shape[0])
         win = _colour_mask(img, m.group(1))[max(0, y - 2):y + 3, max(0, x - 2):x + 3]
@@ -78,7 +79,7 @@ def test_points_and_captions_describe_the_stored_frame(sim_data, read_plain):
         q, a = s["turns"][0]["question"], s["turns"][0]["answer"]
         if q != "Describe the scene.":
             continue
-        img = np.asarray(s["image"].convert("RGB"))
+        img = np.asarray(decode_camera_image(s["image"]).convert("RGB"))
         listed = re.findall(r"an? (\w+) block", a)
         cx = {}
         for name in listed:
@@ -112,5 +113,5 @@ def test_scene_questions_cover_many_layouts_and_match_their_frames(tmp_path, rea
     affordance = read_plain(tmp_path / "scenes" / "affordance")
     hits, checked = _point_hits(affordance)
     assert checked >= 8 and hits == checked  # the gripper is at home: nothing covers a block
-    images = {np.asarray(s["image"].convert("RGB")).tobytes() for s in affordance}
+    images = {np.asarray(decode_camera_image(s["image"]).convert("RGB")).tobytes() for s in affordance}
     assert len(images) == 16  # every scene its own layout

@@ -45,6 +45,7 @@ class VLRecord:
 
 def read_vl_shards(folders: Sequence[str | Path]) -> list[VLRecord]:
     """Every single-turn record of the given VL shard folders (written by `ShardWriter`), in order."""
+    from vla_scale.data.camera_images import decode_camera_image
     from vla_scale.data.streaming_compat import import_streaming
 
     streaming = import_streaming()
@@ -53,8 +54,11 @@ def read_vl_shards(folders: Sequence[str | Path]) -> list[VLRecord]:
         ds = streaming.LocalDataset(local=str(folder))
         for i in range(len(ds)):
             s = ds[i]
+            image = decode_camera_image(s["image"], where=f"{folder} sample {i}")
+            if image is None:
+                continue  # text-only records have nothing to teach about scenes
             for turn in s["turns"]:
-                records.append(VLRecord(np.asarray(s["image"].convert("RGB")), turn["question"], turn["answer"],
+                records.append(VLRecord(np.asarray(image.convert("RGB")), turn["question"], turn["answer"],
                                         s["task"]))
     if not records:
         raise DataError(f"no vision-language records in {', '.join(map(str, folders))}")
