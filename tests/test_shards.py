@@ -264,3 +264,36 @@ def test_reading_back_leaves_no_shared_memory(tmp_path):
     assert done.returncode == 0, done.stderr
     prefix = done.stdout.strip().splitlines()[-1]
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+def test_many_datasets_in_one_process_keep_descriptors_flat_and_leave_no_shared_memory(tmp_path):
+    """streaming keeps every shared-memory block (and its descriptor) alive until exit; a process that builds
+    many datasets (the demo's runs, the ablation, a test session) ran out of descriptors. With
+    `import_streaming` a dataset's blocks close when it is collected, and what it created is still unlinked
+    at exit."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/dev/shm") or not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /dev/shm and /proc")
+    with ShardWriter(tmp_path / "out") as w:
+        w.write(_samples(np.random.default_rng(5))[0])
+    code = ("import gc, os, sys, tempfile; tempfile.tempdir = sys.argv[2]\n"
+            "from vla_scale.data.streaming_compat import import_streaming\n"
+            "st = import_streaming()\n"
+            "def fds(): return len(os.listdir('/proc/self/fd'))\n"
+            "counts, prefixes = [], []\n"
+            "for k in range(30):\n"
+            "    ds = st.StreamingDataset(local=sys.argv[1], shuffle=False, batch_size=1)\n"
+            "    assert ds[0]['instruction'] == 'pick up the red block'\n"
+            "    prefixes.append(f'{ds._shm_prefix_int:06d}_')\n"
+            "    del ds; gc.collect(); counts.append(fds())\n"
+            "print(counts[2], counts[-1]); print(' '.join(prefixes))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    early, late = map(int, done.stdout.splitlines()[-2].split())
+    assert late <= early + 2, (early, late)  # 27 more datasets, no more descriptors
+    prefixes = done.stdout.splitlines()[-1].split()
+    assert not [n for n in os.listdir("/dev/shm") if any(n.startswith(p) for p in prefixes)]
