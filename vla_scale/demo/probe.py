@@ -16,7 +16,7 @@ after fine-tuning, and the random initialisation (a floor).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
