@@ -145,8 +145,12 @@ def test_two_nodes_on_torchruns_shared_store_are_refused_at_start_with_what_to_s
     env = {k: v for k, v in ds_env.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
     out, run = tmp_path / "out", tmp_path / "run"
     results = run_two_nodes(env, out, run, tiny_llava, timeout=180)
+    # Every node fails and nothing trains. The refusal names what to set on the node(s) whose worker got
+    # to it: a node whose agent is torn down by the other node's exit (its rendezvous host left) never
+    # reaches the check, which happens when its worker is still importing (seen under load in CI).
     assert all(r.returncode != 0 for r in results)
-    assert all("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in r.stderr for r in results)
+    named = [r for r in results if "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in r.stderr]
+    assert named, "\n---\n".join(r.stderr[-2000:] for r in results)
     assert not list(out.glob("report_rank*.json")) and not (run / "checkpoints").exists()
 
 

@@ -187,7 +187,7 @@ def vla_config(workdir: Path, b: DemoBudget, source: Path, data: Path, held_out:
                  + [{"name": n, "path": str(held_out / n)} for n, _, _ in mix if n == "affordance"],
                  "val_samples": 128, "max_length": 96},
         "train": {"steps": steps, "global_batch_size": b.batch, "micro_batch_size": b.batch, "lr": b.lr,
-                  "warmup_steps": max(1, steps // 50), "checkpoint_every": max(1, steps // 2), "keep_last_k": 1,
+                  "warmup_steps": max(1, steps // 50), "checkpoint_every": max(1, steps // 2), "keep_last_k": 2,
                   "val_every": max(1, steps // 2), "log_every": max(1, steps // 20), "seed": b.seed if seed is None else seed,
                   "tensorboard": False, "progress": False},
     }
