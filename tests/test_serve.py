@@ -147,7 +147,14 @@ def test_bad_requests_are_refused_naming_the_field_and_the_server_keeps_serving(
              "at most 4"),
             ({"method": "predict_actions", "images": [image, image[:, :, :2]], "instructions": ["a", "b"]},
              "images[1]", "shape"),
-            ({**good, "state": [0.0]}, "state", "unknown field"),
+            ({**good, "states": [[0.0]]}, "states", "unknown field"),  # predict_action takes one "state"
+            ({**good, "state": "up"}, "state", "1-D array of numbers"),
+            ({**good, "state": np.zeros((2, 3))}, "state", "1-D state"),
+            ({**good, "state": [0.0, float("inf")]}, "state[1]", "NaN or infinity"),
+            ({**good, "image": {"primary": image[..., 0]}}, "image.primary", r"shape \(H, W, 3\)"),
+            ({**good, "image": {}}, "image", "no camera images"),
+            ({"method": "predict_actions", "images": [image] * 2, "instructions": ["a"] * 2, "states": [[0.0]]},
+             "states", "2 images but 1 states"),
             ({"method": "predict_action", "image": image}, "instruction", "missing"),
             ({**good, "method": "exec"}, "method", "expected one of"),
         ]

@@ -48,6 +48,8 @@ def evaluate(*, policy: Any = "random", backend: str = "mujoco", suite: str = "i
     kwargs = dict(backend_kwargs or {})
     if getattr(rollout, "in_worker", False) and gifs == 0 and backend == "mujoco":
         kwargs.setdefault("cameras", ())  # an expert that records nothing needs no pixels
+    if len(getattr(rollout, "cameras", ())) > 1:
+        kwargs.setdefault("cameras", tuple(rollout.cameras))  # a model of several cameras: render each of them
 
     bar = None
     done = wins = 0

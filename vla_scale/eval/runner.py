@@ -141,17 +141,36 @@ class RandomPolicy:
 
 
 class ModelPolicy:
-    """A `VLAPolicy` (an export) as a rollout policy: one batched `predict_actions` per round.
+    """A `VLAPolicy` (an export) or a `RemotePolicy` as a rollout policy: one batched `predict_actions` per round.
 
-    `camera` picks the observation image the model sees (default: the backend's first camera);
+    It gives the model what it was trained on: a model of one camera gets `camera` (default: the backend's
+    first camera); a model of several cameras (`policy.cameras`) gets {camera: image} with each of them,
+    by name; a model that reads the robot state (`policy.state_mode`) gets each observation's raw state.
     `batched=False` calls `predict_action` row by row (same actions; for measuring the batching gain)."""
 
     def __init__(self, policy: Any, camera: str | None = None, batched: bool = True, name: str = "model") -> None:
         self.policy, self.camera, self.batched, self.name = policy, camera, batched, name
 
-    def _image(self, obs: Observation) -> np.ndarray:
+    @property
+    def cameras(self) -> list[str]:
+        """The cameras the model reads (one unless it was trained on several)."""
+        cameras = list(getattr(self.policy, "cameras", None) or [])
+        return cameras if len(cameras) > 1 else [self.camera] if self.camera else []
+
+    @property
+    def reads_state(self) -> bool:
+        return getattr(self.policy, "state_mode", "none") != "none"
+
+    def _image(self, obs: Observation) -> Any:
         if not obs.images:
             raise EvalError("the model policy needs camera images, but the backend rendered none")
+        cameras = list(getattr(self.policy, "cameras", None) or [])
+        if len(cameras) > 1:
+            missing = [c for c in cameras if c not in obs.images]
+            if missing:
+                raise ConfigError(f"the model sees cameras {cameras}, but {missing} are not rendered (cameras "
+                                  f"rendered: {sorted(obs.images)}); render them (--cameras {','.join(cameras)})")
+            return {c: obs.images[c] for c in cameras}
         if self.camera is None:
             return next(iter(obs.images.values()))
         if self.camera not in obs.images:
@@ -161,9 +180,13 @@ class ModelPolicy:
     def act(self, observations, episodes, steps):
         images = [self._image(o) for o in observations]
         texts = [o.instruction for o in observations]
+        states = [o.state for o in observations] if self.reads_state else None
         if self.batched:
-            return list(self.policy.predict_actions(images, texts))
-        return [self.policy.predict_action(i, t) for i, t in zip(images, texts)]
+            return list(self.policy.predict_actions(images, texts, states) if states is not None
+                        else self.policy.predict_actions(images, texts))
+        if states is None:
+            return [self.policy.predict_action(i, t) for i, t in zip(images, texts)]
+        return [self.policy.predict_action(i, t, s) for i, t, s in zip(images, texts, states)]
 
 
 def load_policy(spec: str, *, seed: int = 0, device: str | None = None, camera: str | None = None) -> Any:

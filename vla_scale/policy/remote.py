@@ -3,6 +3,8 @@
     policy = RemotePolicy("ws://127.0.0.1:8000", token=None)   # token: or $VLA_SCALE_SERVE_TOKEN
     action = policy.predict_action(image_uint8_hwc, "pick up the red block")
     actions = policy.predict_actions(images, instructions)
+    # a model trained on several cameras and the robot state (policy.cameras, policy.state_mode):
+    action = policy.predict_action({"primary": image, "wrist": wrist}, "pick up the red block", state=state)
 
 Same calls, same shapes and dtypes, same errors as `VLAPolicy`: a request the
 server refuses as malformed raises `DataError` with the server's message
@@ -37,13 +39,16 @@ class RemotePolicy:
         self._ids = itertools.count()
 
     # -- the VLAPolicy interface ----------------------------------------------------
-    def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:
-        """Unnormalised action: (D,), or (T, D) for action chunks."""
-        reply = self._call({"method": "predict_action", "image": self._array(image, "image"),
-                            "instruction": instruction})
-        return np.asarray(reply["action"], dtype=np.float32)
+    def predict_action(self, image: Any, instruction: str, state: np.ndarray | None = None) -> np.ndarray:
+        """Unnormalised action: (D,), or (T, D) for action chunks. `image`: an image, or {camera: image} for
+        a model trained on several cameras; `state`: the raw robot state, for a model that reads it."""
+        request = {"method": "predict_action", "image": self._observation(image, "image"), "instruction": instruction}
+        if state is not None:
+            request["state"] = self._state(state, "state")
+        return np.asarray(self._call(request)["action"], dtype=np.float32)
 
-    def predict_actions(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> np.ndarray:
+    def predict_actions(self, images: Sequence[Any], instructions: Sequence[str],
+                        states: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """Unnormalised actions for a batch: (B, D) or (B, T, D); each row as `predict_action` gives it."""
         if isinstance(instructions, str):
             raise DataError("predict_actions: instructions is one string; pass a list with one instruction per image")
@@ -53,12 +58,30 @@ class RemotePolicy:
                             "pass one instruction per image")
         if not images:
             raise DataError("predict_actions: no observations given (empty images and instructions)")
-        reply = self._call({"method": "predict_actions", "instructions": instructions,
-                            "images": [self._array(im, f"images[{i}]") for i, im in enumerate(images)]})
-        return np.asarray(reply["actions"], dtype=np.float32)
+        request = {"method": "predict_actions", "instructions": instructions,
+                   "images": [self._observation(im, f"images[{i}]") for i, im in enumerate(images)]}
+        if states is not None:
+            if len(states) != len(images):
+                raise DataError(f"predict_actions: {len(images)} images but {len(states)} states")
+            request["states"] = [self._state(s, f"states[{i}]") for i, s in enumerate(states)]
+        return np.asarray(self._call(request)["actions"], dtype=np.float32)
 
     def __call__(self, observation: dict[str, Any]) -> np.ndarray:
-        return self.predict_action(observation["image"], observation["instruction"])
+        """Simulator-style call, as `VLAPolicy.__call__`: {"image" or "images", "instruction", "state"}."""
+        image = observation["images"] if "images" in observation else observation["image"]
+        return self.predict_action(image, observation["instruction"], observation.get("state"))
+
+    @property
+    def cameras(self) -> list[str]:
+        """The cameras the served model was trained on, in its prefix order (the server's metadata)."""
+        self._connect()
+        return list(self.metadata.get("cameras") or ["primary"])
+
+    @property
+    def state_mode(self) -> str:
+        """How the served model reads the robot state: "none", "text" or "projection"."""
+        self._connect()
+        return str(self.metadata.get("state") or "none")
 
     @property
     def unnorm_key(self) -> str | None:
@@ -82,6 +105,19 @@ class RemotePolicy:
         self.close()
 
     # -- transport --------------------------------------------------------------------
+    @classmethod
+    def _observation(cls, image: Any, where: str) -> Any:
+        if isinstance(image, dict):
+            return {str(name): cls._array(im, f"{where}.{name}") for name, im in image.items()}
+        return cls._array(image, where)
+
+    @staticmethod
+    def _state(state: Any, where: str) -> np.ndarray:
+        state = np.asarray(state)
+        if state.dtype.kind not in "iuf":
+            raise DataError(f"{where}: expected the robot state as numbers, got {state.dtype}")
+        return state  # its own dtype: the server normalises exactly what an in-process call would
+
     @staticmethod
     def _array(image: Any, where: str) -> np.ndarray:
         from PIL import Image

@@ -13,6 +13,9 @@ connection, in order:
     -> {"id": 7, "actions": float32 (B, D) or (B, T, D), "forward_passes": [...], "batch_rows": n}
     {"id": 8, "method": "predict_action", "image": uint8 (H, W, 3), "instruction": str}
     -> {"id": 8, "action": float32 (D,) or (T, D), ...}
+    A model trained on several cameras takes each image as {camera: uint8 (H, W, 3)}, and one that reads
+    the robot state takes "state": float (S,) (predict_action) or "states": [float (S,), ...]; the
+    metadata names both ("cameras", "state"), and a request without them is refused naming the field.
     {"method": "metadata"} / {"method": "stats"}
     a bad request -> {"id": ..., "error": {"type": "DataError", "field": "images[1]", "message": "..."}}
 
@@ -68,6 +71,8 @@ class ServeLimits:
     max_image_side: int = 2048  # pixels, each of H and W
     max_instruction_chars: int = 1000
     max_rows: int = 256  # observations in one predict_actions request
+    max_cameras: int = 8  # images in one observation ({camera: image})
+    max_state_dim: int = 1024  # numbers in one state
 
 
 class RequestError(Exception):
@@ -82,8 +87,9 @@ class RequestError(Exception):
 class Request:
     id: Any
     method: str
-    images: list[np.ndarray] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)  # per row: an image, or {camera: image}
     instructions: list[str] = field(default_factory=list)
+    states: list[np.ndarray | None] = field(default_factory=list)  # per row (None: not sent)
 
     @property
     def rows(self) -> int:
@@ -92,6 +98,7 @@ class Request:
 
 _FIELDS = {"predict_action": ("image", "instruction"), "predict_actions": ("images", "instructions"),
            "metadata": (), "stats": ()}
+_OPTIONAL = {"predict_action": ("state",), "predict_actions": ("states",), "metadata": (), "stats": ()}
 
 
 def _nonfinite(value: Any, path: str) -> str | None:
@@ -111,6 +118,33 @@ def _nonfinite(value: Any, path: str) -> str | None:
             if (found := _nonfinite(v, f"{path}.{k}" if path else str(k))) is not None:
                 return found
     return None
+
+
+def _observation_image(value: Any, where: str, limits: ServeLimits) -> Any:
+    """One image, or {camera: image} for a model trained on several cameras."""
+    if not isinstance(value, dict):
+        return _image(value, where, limits)
+    if not value:
+        raise RequestError(where, "no camera images given (an empty map)")
+    if len(value) > limits.max_cameras:
+        raise RequestError(where, f"{len(value)} cameras; at most {limits.max_cameras} are served")
+    for name in value:
+        if not isinstance(name, str) or not name:
+            raise RequestError(where, f"camera names must be non-empty strings, got {name!r}")
+    return {name: _image(image, f"{where}.{name}", limits) for name, image in value.items()}
+
+
+def _state(value: Any, where: str, limits: ServeLimits) -> np.ndarray:
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in value):
+        value = np.asarray(value, dtype=np.float64)
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
+        raise RequestError(where, f"expected a 1-D array of numbers (the raw robot state), got "
+                                  f"{getattr(value, 'dtype', type(value).__name__)}")
+    if value.ndim != 1 or not 1 <= value.shape[0] <= limits.max_state_dim:
+        raise RequestError(where, f"expected a 1-D state of 1 to {limits.max_state_dim} numbers, got shape "
+                                  f"{tuple(value.shape)}")
+    return value
 
 
 def _image(value: Any, where: str, limits: ServeLimits) -> np.ndarray:
@@ -151,7 +185,7 @@ def parse_request(message: Any, limits: ServeLimits) -> Request:
     method = message.get("method")
     if method not in METHODS:
         raise RequestError("method", f"expected one of {', '.join(METHODS)}, got {method!r}")
-    allowed = {"id", "method", *_FIELDS[method]}
+    allowed = {"id", "method", *_FIELDS[method], *_OPTIONAL[method]}
     for key in message:
         if key not in allowed:
             raise RequestError(str(key), f"unknown field for {method}; fields: {', '.join(sorted(allowed))}")
@@ -159,8 +193,10 @@ def parse_request(message: Any, limits: ServeLimits) -> Request:
         if key not in message:
             raise RequestError(key, f"missing (required by {method})")
     if method == "predict_action":
-        return Request(rid, method, [_image(message["image"], "image", limits)],
-                       [_instruction(message["instruction"], "instruction", limits)])
+        state = message.get("state")
+        return Request(rid, method, [_observation_image(message["image"], "image", limits)],
+                       [_instruction(message["instruction"], "instruction", limits)],
+                       [None if state is None else _state(state, "state", limits)])
     if method == "predict_actions":
         images, texts = message["images"], message["instructions"]
         for name, value in (("images", images), ("instructions", texts)):
@@ -172,8 +208,16 @@ def parse_request(message: Any, limits: ServeLimits) -> Request:
             raise RequestError("images", f"{len(images)} observations; at most {limits.max_rows} per request")
         if len(images) != len(texts):
             raise RequestError("instructions", f"{len(images)} images but {len(texts)} instructions")
-        return Request(rid, method, [_image(v, f"images[{i}]", limits) for i, v in enumerate(images)],
-                       [_instruction(v, f"instructions[{i}]", limits) for i, v in enumerate(texts)])
+        states = message.get("states")
+        if states is None:
+            states = [None] * len(images)
+        elif not isinstance(states, (list, tuple)):
+            raise RequestError("states", f"expected a list, got {type(states).__name__}")
+        elif len(states) != len(images):
+            raise RequestError("states", f"{len(images)} images but {len(states)} states")
+        return Request(rid, method, [_observation_image(v, f"images[{i}]", limits) for i, v in enumerate(images)],
+                       [_instruction(v, f"instructions[{i}]", limits) for i, v in enumerate(texts)],
+                       [None if v is None else _state(v, f"states[{i}]", limits) for i, v in enumerate(states)])
     return Request(rid, method)
 
 
@@ -221,6 +265,8 @@ class PolicyServer:
         return {"type": "metadata", "protocol": PROTOCOL, "server": "vla-scale", "name": self.name,
                 "action_dim": getattr(actions, "dim", None), "chunk": getattr(actions, "chunk", None),
                 "unnorm_key": getattr(self.policy, "unnorm_key", None), "max_batch": self.max_batch,
+                "cameras": list(getattr(self.policy, "cameras", None) or ["primary"]),
+                "state": getattr(self.policy, "state_mode", "none"),
                 "token_required": self.token is not None, **asdict(self.limits)}
 
     def stats(self) -> dict:
@@ -333,10 +379,30 @@ class PolicyServer:
             return {"id": request.id, **self.metadata()}
         if request.method == "stats":
             return {"id": request.id, **self.stats()}
+        try:
+            self._check_inputs(request)
+        except RequestError as err:
+            self.requests_refused += 1
+            return _error(request.id, "DataError", err.field, str(err))
         pending = _Pending(request, asyncio.get_running_loop().create_future(), connection)
         self._pending.add(pending)  # until answered: `_main` answers whatever is left when stopping
         await self._queue.put(pending)
         return await pending.future
+
+    def _check_inputs(self, request: Request) -> None:
+        """What the served model needs: every camera it was trained on, and the state when it reads one."""
+        cameras = list(getattr(self.policy, "cameras", None) or ["primary"])
+        reads_state = getattr(self.policy, "state_mode", "none") != "none"
+        one = request.method == "predict_action"
+        for i, (image, state) in enumerate(zip(request.images, request.states)):
+            where = "image" if one else f"images[{i}]"
+            if len(cameras) > 1 and not (isinstance(image, dict) and set(cameras) <= set(image)):
+                have = sorted(image) if isinstance(image, dict) else "one image"
+                raise RequestError(where, f"this model sees cameras {cameras}; send {{camera: image}} with each "
+                                          f"(got {have})")
+            if reads_state and state is None:
+                raise RequestError("state" if one else f"states[{i}]",
+                                   "this model reads the robot state; send the raw state with each observation")
 
     # -- batching -------------------------------------------------------------------
     async def _batcher(self) -> None:
@@ -405,9 +471,13 @@ class PolicyServer:
     def _decode_together(self, requests: list[Request]) -> list[dict]:
         images = [im for r in requests for im in r.images]
         texts = [t for r in requests for t in r.instructions]
+        states = [s for r in requests for s in r.states]
+        with_states = any(s is not None for s in states)
         actions, passes = [], []
         for start in range(0, len(images), self.max_batch):
-            part = self.policy.predict_actions(images[start:start + self.max_batch], texts[start:start + self.max_batch])
+            rows = slice(start, start + self.max_batch)
+            extra = {"states": states[rows]} if with_states else {}
+            part = self.policy.predict_actions(images[rows], texts[rows], **extra)
             actions.append(np.asarray(part, dtype=np.float32))
             self.batch_sizes.append(len(part))
             decode = getattr(self.policy, "last_batch_decode", None)
