@@ -84,3 +84,24 @@ def test_validation_preprocesses_images_as_the_exported_policy_does(tiny_config)
         assert torch.equal(sample["pixels"], want)
     for stored, sample in zip(_read(validation_dirs(trainer.cfg)[1], 6), trainer.validator.samples["vqa"]):
         assert torch.equal(sample["pixels"], to_pixels(np.asarray(decode_camera_image(stored["image"])), 32))  # VL: as is
+
+
+def test_the_reliance_check_covers_every_episode_and_swaps_images_across_episodes(tmp_path):
+    """Robot data is stored episode by episode: validation reads samples spread over all of it (not the first
+    episodes), and each sample's image is swapped with one from another episode (a neighbour is the next step
+    of the same episode, whose image is nearly the same: a gap of 0.000 for any policy)."""
+    from vla_scale.data.schema import robot_sample
+    from vla_scale.data.writer import ShardWriter
+    from vla_scale.train.validation import _read, partner
+
+    with ShardWriter(tmp_path / "held_out") as w:
+        for e in range(6):
+            for t in range(20):
+                w.write(robot_sample(image=np.full((8, 8, 3), 10 * e + t, np.uint8), instruction="pick it up",
+                                     action=np.full(7, 0.01 * t, np.float32), dataset="d", episode=e, step=t))
+    for limit in (6, 12, 50):
+        raw = _read(tmp_path / "held_out", limit)
+        episodes = [int(s["episode"]) for s in raw]
+        assert len(raw) == limit and set(episodes) == set(range(6)), episodes
+        assert all(episodes[partner(i, limit)] != episodes[i] for i in range(limit))
+    assert len(_read(tmp_path / "held_out", 500)) == 120  # a set smaller than the limit is read whole

@@ -109,7 +109,7 @@ def _answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_vlm(model: Any, batcher: _Batcher, records: Sequence[VLRecord], batch_size: int = 64) -> dict[str, float]:
     """Held-out answer loss, exact-answer accuracy (greedy, teacher-forced per token) and the loss with the
-    images of the batch rolled by one: how much the answers depend on the image (the reliance gap)."""
+    images of the batch rolled by half the batch: how much the answers depend on the image (the reliance gap)."""
     model.eval()
     loss = shuffled = 0.0
     exact = n = 0
@@ -119,7 +119,10 @@ def evaluate_vlm(model: Any, batcher: _Batcher, records: Sequence[VLRecord], bat
         out = model(**batch)
         loss += float(out.loss) * len(chunk)
         if len(chunk) > 1:
-            rolled = batcher(chunk, images=[r.image for r in chunk[1:] + chunk[:1]])
+            # Each record with the image of the record half the chunk away: another scene (a scene's
+            # questions are stored next to each other, so the next record often shows the same scene).
+            half = len(chunk) // 2
+            rolled = batcher(chunk, images=[r.image for r in chunk[half:] + chunk[:half]])
             shuffled += float(model(**rolled).loss) * len(chunk)
         else:
             shuffled += float(out.loss)

@@ -15,9 +15,16 @@ successes). So every `train.val_every` steps, on the held-out sets of
   over the kept-raw (0/1) dimensions beside `val/gripper_acc_baseline/<source>`
   (always the majority value);
 - vision reliance: the same loss and L1 with each sample's image swapped for
-  the next validation sample's (`val/loss_shuffled/...`, `val/l1_shuffled/...`)
-  and the gaps `val/reliance/<source>/loss_gap`, `.../l1_gap` (shuffled minus
-  true). A policy that ignores the image shows no gap.
+  the image of the validation sample half the set away (`val/loss_shuffled/...`,
+  `val/l1_shuffled/...`) and the gaps `val/reliance/<source>/loss_gap`,
+  `.../l1_gap` (shuffled minus true). A policy that ignores the image shows no gap.
+
+The `data.val_samples` samples of a set are spread evenly over the whole set
+(not its first samples): robot data is stored episode by episode, so the first
+128 samples were the first two episodes, and a sample's neighbour is the next
+step of the same episode, whose image is nearly the same. Swapping images with
+neighbours measured a gap of 0.000 for any policy; half the set away is
+another episode (or, with one episode, another phase of it).
 
 Every rank runs the same validation (the model is gathered for it under
 ZeRO-3, see `Strategy.full_model`), so the numbers are identical on all
@@ -78,10 +85,23 @@ def _read(folder: Path | ShardLocation, limit: int, chunk: int = 1) -> list[dict
         ds = streaming.StreamingDataset(remote=remote, local=str(local), shuffle=False, batch_size=1)
     try:
         # num_samples, not len(): under several ranks len() is one rank's share of an epoch.
-        return [ds[i] for i in range(min(limit, int(ds.num_samples)))]
+        n = int(ds.num_samples)
+        return [ds[int(i)] for i in spread(n, limit)]
     finally:
         del ds
         gc.collect()
+
+
+def spread(n: int, limit: int) -> list[int]:
+    """`min(n, limit)` indices of [0, n) spread evenly over it, in order (all of them when n <= limit)."""
+    if n <= limit:
+        return list(range(n))
+    return [int(i) for i in np.linspace(0, n - 1, limit).round().astype(np.int64)]
+
+
+def partner(i: int, n: int) -> int:
+    """The sample whose image sample i gets in the reliance check: half the set away."""
+    return (i + max(1, n // 2)) % n
 
 
 def _answer_start(labels: list[int]) -> int:
@@ -134,8 +154,9 @@ class Validator:
     def _loss(self, model: VisionLanguageActionModel, batches, device, shuffled: bool = False) -> float:
         loss_sum, tokens = 0.0, 0.0
         pixels = [b["pixel_values"] for b in batches]
-        if shuffled:  # each sample gets the next sample's image
-            flat = torch.cat(pixels).roll(-1, dims=0)
+        if shuffled:  # each sample gets the image of the sample half the set away (`partner`)
+            flat = torch.cat(pixels)
+            flat = flat[[partner(i, flat.shape[0]) for i in range(flat.shape[0])]]
             pixels = list(torch.split(flat, [p.shape[0] for p in pixels]))
         for batch, px in zip(batches, pixels):
             dev = {k: v.to(device) for k, v in batch.items()}
@@ -147,12 +168,12 @@ class Validator:
 
     def _predict(self, model, name: str, device, shuffled: bool) -> np.ndarray:
         """Decoded normalised actions (N, T, D) for a held-out set, micro-batch by micro-batch, through
-        the policy's batched decoder; `shuffled`: each sample with the next sample's image."""
+        the policy's batched decoder; `shuffled`: each sample with its `partner`'s image."""
         samples = self.samples[name]
         n, micro, out = len(samples), self.cfg.train.micro_batch_size, []
         for k in range(0, n, micro):
             rows = samples[k:k + micro]
-            images = [samples[(k + i + 1) % n]["pixels"] if shuffled else s["pixels"] for i, s in enumerate(rows)]
+            images = [samples[partner(k + i, n)]["pixels"] if shuffled else s["pixels"] for i, s in enumerate(rows)]
             prompts = [s["input_ids"][:_answer_start(s["labels"])] for s in rows]
             state = torch.stack([s["state"] for s in rows]).to(device) if "state" in rows[0] else None
             result = decode_actions(model, torch.stack(images).to(device), prompts, self.grammar, state=state)
