@@ -142,3 +142,54 @@ def test_importing_triton_after_rendering_does_not_crash():
             "print('alive')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "alive" in run.stdout, run.stderr[-2000:]
+
+
+def test_a_scene_of_fewer_cubes_and_pads_keeps_the_episode_and_hides_the_rest():
+    """`objects=1, pads=1` (the demo's simple scene): the same (task, seed) has the same goal, instruction and
+    goal placements as the full scene; only the goal's cube and pad are on the table, the other cubes lie on
+    the shelf under it; the expert solves it; a task that needs two cubes is refused by name."""
+    with MujocoBackend(cameras=("primary",)) as full, MujocoBackend(cameras=("primary",), objects=1, pads=1) as one:
+        solved = 0
+        for seed in range(6):
+            a, b = full.reset("pick_place", seed), one.reset("pick_place", seed)
+            va, vb = full.scene(), one.scene()
+            assert a.instruction == b.instruction and va.goal == vb.goal
+            assert list(vb.objects) == [vb.goal["object"]] and list(vb.pads) == [vb.goal["target"]]
+            np.testing.assert_allclose(vb.objects[vb.goal["object"]], va.objects[va.goal["object"]], atol=1e-6)
+            np.testing.assert_array_equal(vb.pads[vb.goal["target"]].center, va.pads[va.goal["target"]].center)
+            # Hidden cubes lie on the shelf under the table; the goal cube is where the full scene has it.
+            hidden = [i for i, n in enumerate(one._object_names) if n not in vb.objects]
+            assert len(hidden) == 3 and all(one.data.xpos[one._obj_body[i]][2] < -0.3 for i in hidden)
+            assert not np.array_equal(a.images["primary"], b.images["primary"])
+            solved += run_expert(one, "pick_place", seed)
+        assert solved == 6
+        with pytest.raises(ConfigError, match=r"task 'stack' needs 2 objects.*objects=1"):
+            one.reset("stack", 0)
+    with MujocoBackend(cameras=(), objects=2) as two:
+        two.reset("stack", 0)
+        assert set(two.scene().objects) == set(two.scene().goal.values())
+    for bad in ({"objects": 0}, {"objects": 5}, {"pads": 3}):
+        with pytest.raises(ConfigError, match=f"{next(iter(bad))} must be 1 to"):
+            MujocoBackend(cameras=(), **bad)
+
+
+def test_the_table_colour_is_a_setting_and_pads_stand_out_from_it():
+    """`table_rgb` (the demo's grey table): the table renders in it, no pad takes a colour close to it, the
+    `table_colour` variant still draws a colour away from it, and the default table keeps all three pads."""
+    from vla_scale.eval.mujoco_backend import PAD_COLOURS
+
+    grey = (0.5, 0.5, 0.5)
+    with MujocoBackend(cameras=("primary",), table_rgb=grey) as b, MujocoBackend(cameras=("primary",)) as default:
+        assert b.pad_palette == ["white", "black"] and default.pad_palette == list(PAD_COLOURS)
+        for seed in range(10):
+            obs = b.reset("pick_place", seed)
+            assert "grey" not in b.scene().pads
+            corner = obs.images["primary"][118:126, 2:10].reshape(-1, 3).astype(int)  # the table's near corner
+            assert np.ptp(corner.mean(0)) <= 3  # grey: equal channels (lighting scales them alike)
+            assert np.ptp(default.reset("pick_place", seed).images["primary"][118:126, 2:10].reshape(-1, 3)
+                          .astype(int).mean(0)) > 30  # the default table is brown
+            b.reset("pick_place", seed, "table_colour")
+            assert np.linalg.norm(b.model.geom_rgba[b._table, :3] - grey) >= 0.2
+    for bad in ((0.5, 0.5), (1.5, 0.5, 0.5)):
+        with pytest.raises(ConfigError, match="table_rgb must be three numbers"):
+            MujocoBackend(cameras=(), table_rgb=bad)

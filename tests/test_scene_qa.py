@@ -127,3 +127,34 @@ def test_scene_shards_are_deterministic_and_readable(tmp_path, read_plain):
     with pytest.raises(ConfigError, match="unknown scene question kind 'poetry'"):
         write_scene_vl(tmp_path / "c", "poetry", 1, seed=0)
     assert not (tmp_path / "c").exists()
+
+
+def test_one_cube_scenes_relate_the_cube_to_the_pad_as_the_pixels_show():
+    """With one cube (`MujocoBackend(objects=1, pads=1)`) spatial questions relate it to the pad; "left of"
+    is checked against where the renderer puts the cube's and the pad's pixels."""
+    import mujoco
+
+    with MujocoBackend(cameras=("primary",), image_size=SIZE, objects=1, pads=1) as backend:
+        seg = mujoco.Renderer(backend.model, SIZE, SIZE)
+        seg.enable_segmentation_rendering()
+        checked = 0
+        for seed in range(40):
+            backend.reset("pick_place", seed)
+            view = backend.scene()
+            (q,) = questions(backend, np.random.default_rng(seed), "spatial")
+            m = re.fullmatch(r"Is the (\w+) block left of the (\w+) pad\?", q["question"])
+            if m is None:
+                assert re.fullmatch(r"Is the \w+ block nearer the camera than the \w+ pad\?", q["question"]), q
+                continue
+            assert (m[1], m[2]) == (view.goal["object"], view.goal["target"])
+            seg.update_scene(backend.data, camera="primary")
+            ids = seg.render()[..., 0]
+            cube = mujoco.mj_name2id(backend.model, mujoco.mjtObj.mjOBJ_GEOM,
+                                     f"obj{backend._object_names.index(m[1])}")
+            pad = next(g for g in range(backend.model.ngeom) if (mujoco.mj_id2name(backend.model, mujoco.mjtObj.mjOBJ_GEOM, g) or "")
+                       .startswith("pad") and backend.model.geom_pos[g][2] > -1)
+            cube_x, pad_x = np.nonzero(ids == cube)[1].mean(), np.nonzero(ids == pad)[1].mean()
+            assert q["answer"] == ("yes" if cube_x < pad_x else "no"), (seed, q, cube_x, pad_x)
+            checked += 1
+        seg.close()
+    assert checked >= 10

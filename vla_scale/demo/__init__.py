@@ -1,5 +1,10 @@
 """`vla-scale demo`: the paper's whole loop on a tiny model, on a CPU, in the built-in MuJoCo tabletop.
 
+0. The scene: by default one cube and its target pad on a mid-grey table
+   (`DemoBudget.objects`, `pads`, `table_rgb`: `MujocoBackend`'s settings),
+   with the robot state in the prompt as text (`state`), because a tiny
+   random-init model was measured not to see small cubes on the brown table
+   nor to bind an instruction's colour to one of four cubes (BENCHMARKS.md 9).
 1. Data: the scripted experts solve the demo's tasks in the simulator; every
    step becomes a robot sample, and questions about a share of those frames
    (captions, colours, presence, spatial relations, points to grasp) become
@@ -48,6 +53,14 @@ class DemoBudget:
     """Everything that sets the demo's size. Stages 1-2 are cached per the fields they use."""
     name: str
     tasks: tuple[str, ...] = ("pick_place",)
+    # The scene (MujocoBackend's settings). The demo's: one cube and its pad on a mid-grey table. Measured
+    # (BENCHMARKS.md 9d): the tiny random-init VLM does not learn to see a 3-pixel cube on the default brown
+    # table in 2,000 steps (colour questions at chance) but does on grey in 600 (90%); with four cubes the
+    # instruction must pick one of them, a binding the tiny model has not learned in any budget tried.
+    objects: int = 1  # cubes on the table (the goal's first; the tabletop has 4)
+    pads: int = 1  # of 2
+    table_rgb: tuple[float, float, float] | None = (0.5, 0.5, 0.5)  # None: the tabletop's brown
+    state: str = "text"  # the robot state in the prompt: "none" or "text" (data.state)
     episodes: int = 40  # expert demonstrations per task
     val_episodes: int = 4  # held-out episodes per task (validation: action error and vision reliance)
     vl_rate: float = 0.3  # share of demonstration frames that also get one question of each kind
@@ -57,7 +70,7 @@ class DemoBudget:
     vlm_scenes: int = 3000  # freshly reset scenes for the source VLM's stage (one question of each kind per scene)
     llm_hidden: int = 64
     llm_layers: int = 2
-    vlm_steps: int = 300
+    vlm_steps: int = 600
     vlm_batch: int = 32
     vlm_lr: float = 1e-3
     steps: int = 1500  # VLA co-training steps
@@ -87,11 +100,19 @@ def _say(msg: str) -> None:
 
 def _cached(folder: Path, key: dict[str, Any], marker: str) -> bool:
     f = folder / "demo_key.json"
-    return (folder / marker).exists() and f.is_file() and json.loads(f.read_text()) == key
+    return (folder / marker).exists() and f.is_file() and json.loads(f.read_text()) == json.loads(json.dumps(key))
 
 
 def _mark(folder: Path, key: dict[str, Any]) -> None:
     (folder / "demo_key.json").write_text(json.dumps(key, indent=1))
+
+
+def scene_kwargs(b: DemoBudget) -> dict[str, int]:
+    """The MuJoCo backend's scene settings of this budget (cubes and pads shown, the table's colour)."""
+    out: dict[str, Any] = {"objects": b.objects, "pads": b.pads}
+    if b.table_rgb is not None:
+        out["table_rgb"] = tuple(b.table_rgb)
+    return out
 
 
 def prepare_data(workdir: Path, b: DemoBudget) -> tuple[Path, Path]:
@@ -101,14 +122,16 @@ def prepare_data(workdir: Path, b: DemoBudget) -> tuple[Path, Path]:
     out = []
     for split, episodes, seed in (("train", b.episodes, b.seed), ("held_out", b.val_episodes, b.seed + 500_000)):
         folder = workdir / "data" / split
-        key = {"tasks": list(b.tasks), "episodes": episodes, "seed": seed, "render": b.render_size, "vl_rate": b.vl_rate}
+        key = {"tasks": list(b.tasks), "episodes": episodes, "seed": seed, "render": b.render_size, "vl_rate": b.vl_rate,
+               **scene_kwargs(b)}
         if _cached(folder, key, "robot/stats.json"):
             _say(f"{split} data: cached in {folder}")
         else:
             if folder.exists():
                 shutil.rmtree(folder)
             t = time.time()
-            s = write_sim_data(folder, b.tasks, episodes, seed, image_size=b.render_size, vl_rate=b.vl_rate)
+            s = write_sim_data(folder, b.tasks, episodes, seed, image_size=b.render_size, vl_rate=b.vl_rate,
+                               scene=scene_kwargs(b))
             _mark(folder, key)
             counts = ", ".join(f"{k} {v['samples']}" for k, v in s.items())
             _say(f"{split} data: {episodes} expert episodes per task ({', '.join(b.tasks)}) -> {counts} samples "
@@ -125,14 +148,15 @@ def prepare_source_vlm(workdir: Path, b: DemoBudget) -> tuple[Path, dict[str, An
     from vla_scale.models.tiny import build_tiny_llava
 
     scenes = workdir / "data" / "scenes"
-    scene_key = {"scenes": b.vlm_scenes, "seed": b.seed, "render": b.render_size}
+    scene_key = {"scenes": b.vlm_scenes, "seed": b.seed, "render": b.render_size, **scene_kwargs(b)}
     if not _cached(scenes, scene_key, "held_out/affordance/index.json"):
         if scenes.exists():
             shutil.rmtree(scenes)
         t = time.time()
-        write_scene_questions(scenes / "train", b.vlm_scenes, b.seed, image_size=b.render_size)
+        write_scene_questions(scenes / "train", b.vlm_scenes, b.seed, image_size=b.render_size,
+                              scene=scene_kwargs(b), tasks=b.tasks if b.objects < 2 else None)
         write_scene_questions(scenes / "held_out", min(200, b.vlm_scenes), b.seed + 500_000,
-                              image_size=b.render_size)
+                              image_size=b.render_size, scene=scene_kwargs(b), tasks=b.tasks if b.objects < 2 else None)
         _mark(scenes, scene_key)
         _say(f"scene questions for the VLM stage: {b.vlm_scenes} scenes x {len(VL_FOLDERS) + 1} kinds in "
              f"{time.time() - t:.0f} s ({scenes})")
@@ -185,7 +209,7 @@ def vla_config(workdir: Path, b: DemoBudget, source: Path, data: Path, held_out:
         "data": {"sources": [{"name": n, "task": t, "path": str(data / n), "weight": w} for n, t, w in mix],
                  "val_sources": [{"name": "robot", "path": str(held_out / "robot")}]
                  + [{"name": n, "path": str(held_out / n)} for n, _, _ in mix if n == "affordance"],
-                 "val_samples": 128, "max_length": 96},
+                 "val_samples": 128, "max_length": 96 if b.state == "none" else 128, "state": b.state},
         "train": {"steps": steps, "global_batch_size": b.batch, "micro_batch_size": b.batch, "lr": b.lr,
                   "warmup_steps": max(1, steps // 50), "checkpoint_every": max(1, steps // 2), "keep_last_k": 2,
                   "val_every": max(1, steps // 2), "log_every": max(1, steps // 20), "seed": b.seed if seed is None else seed,
@@ -206,7 +230,8 @@ def evaluate_suites(policy: Any, b: DemoBudget, out: Path, *, name: str, suites=
         reports[suite] = evaluate(policy=policy, suite=suite, tasks=list(b.tasks),
                                   episodes=b.episodes_per_suite[suite], envs=b.envs, seed=1_000_000 + b.seed,
                                   out=out / f"{name}-{suite}", overwrite=True, progress=False, gifs=gifs,
-                                  max_steps=b.max_steps, policy_name=name, backend_kwargs={"image_size": b.render_size})
+                                  max_steps=b.max_steps, policy_name=name,
+                                  backend_kwargs={"image_size": b.render_size, **scene_kwargs(b)})
     return reports
 
 

@@ -29,11 +29,13 @@ VL_FOLDERS = ("vqa", "spatial", "affordance")
 
 
 def write_sim_data(out: str | Path, tasks: Sequence[str], episodes: int, seed: int, *, image_size: int = 128,
-                   vl_rate: float = 0.3, overwrite: bool = False) -> dict[str, Any]:
+                   vl_rate: float = 0.3, overwrite: bool = False, scene: dict[str, int] | None = None
+                   ) -> dict[str, Any]:
     """Run the experts for `episodes` seeds of each task and write `out/robot` (successful episodes only)
     and `out/vqa` (captions and colour questions), `out/spatial`, `out/affordance`: one question of each kind
 on a `vl_rate` share of the steps of those episodes.
-    Returns {folder name: ShardWriter summary}."""
+    `scene`: the backend's scene settings (`objects`, `pads`: `MujocoBackend`). Returns {folder name: ShardWriter
+    summary}."""
     from vla_scale.data.schema import robot_sample, vl_sample
     from vla_scale.data.stats import stats_for_shards
     from vla_scale.data.writer import ShardWriter
@@ -47,14 +49,14 @@ on a `vl_rate` share of the steps of those episodes.
     for t in tasks:
         get_task(t)
     out = Path(out)
-    meta = {"tasks": list(tasks), "episodes_per_task": episodes, "seed": seed}
+    meta = {"tasks": list(tasks), "episodes_per_task": episodes, "seed": seed, **(scene or {})}
     writers = {"robot": ShardWriter(out / "robot", overwrite=overwrite, metadata={**meta, "source": "mujoco_demo"})}
     for folder in VL_FOLDERS:
         writers[folder] = ShardWriter(out / folder, overwrite=overwrite,
                                       metadata={**meta, "source": f"mujoco_scene_{folder}"})
     rng = np.random.default_rng([seed, 0xDA7A])
     try:
-        with MujocoBackend(cameras=("primary",), image_size=image_size) as backend:
+        with MujocoBackend(cameras=("primary",), image_size=image_size, **(scene or {})) as backend:
             written = 0
             for t_index, task in enumerate(tasks):
                 for e in range(episodes):
@@ -93,14 +95,16 @@ on a `vl_rate` share of the steps of those episodes.
 
 
 def write_scene_questions(out: str | Path, scenes: int, seed: int, *, image_size: int = 128,
-                          overwrite: bool = False) -> dict[str, Any]:
+                          overwrite: bool = False, scene: dict[str, int] | None = None,
+                          tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """Questions about `scenes` freshly reset scenes (random task, layout and colours each; the gripper at
     home): one question of each kind per scene, into `out/vqa`, `out/spatial`, `out/affordance`.
 
     Cheap (a reset and one render per scene) and diverse: the source VLM's stage needs many layouts, since
     questions about the few layouts of the demonstrations are answered by recognising the layout (measured:
     a VLM trained on 40 layouts fit its training questions and answered held-out scenes no better than
-    without images)."""
+    without images). `scene`: the backend's scene settings; `tasks`: the tasks whose layouts are drawn (default
+    all; a scene of one cube has no two-cube tasks)."""
     from vla_scale.data.schema import vl_sample
     from vla_scale.data.writer import ShardWriter
     from vla_scale.eval.mujoco_backend import MujocoBackend
@@ -110,13 +114,13 @@ def write_scene_questions(out: str | Path, scenes: int, seed: int, *, image_size
     if scenes < 1:
         raise ConfigError(f"scenes must be at least 1, got {scenes}")
     out = Path(out)
-    meta = {"scenes": scenes, "seed": seed}
+    meta = {"scenes": scenes, "seed": seed, **(scene or {})}
     writers = {f: ShardWriter(out / f, overwrite=overwrite, metadata={**meta, "source": f"mujoco_scene_{f}"})
                for f in VL_FOLDERS}
     rng = np.random.default_rng([seed, 0x5CE4E])
-    tasks = sorted(TASKS)
+    tasks = sorted(tasks or TASKS)
     try:
-        with MujocoBackend(cameras=("primary",), image_size=image_size) as backend:
+        with MujocoBackend(cameras=("primary",), image_size=image_size, **(scene or {})) as backend:
             for i in range(scenes):
                 obs = backend.reset(tasks[int(rng.integers(len(tasks)))], int(rng.integers(2**31)))
                 for kind in VL_KINDS:

@@ -157,7 +157,7 @@ def _textures() -> str:
     return t + mats
 
 
-def _scene_xml(image_size: int) -> str:
+def _scene_xml(image_size: int, table_rgb: Sequence[float] = TABLE_RGBA[:3]) -> str:
     objects = "\n".join(
         f'<body name="obj{i}" pos="0 0 {TABLE_Z + OBJECT_HALF}"><freejoint name="obj{i}"/>'
         f'<geom name="obj{i}" type="box" size="{OBJECT_HALF} {OBJECT_HALF} {OBJECT_HALF}" '
@@ -186,7 +186,7 @@ def _scene_xml(image_size: int) -> str:
   <worldbody>
     <light name="sun" pos="0 0 1.5" dir="0 0 -1" directional="true" castshadow="false" diffuse="0.8 0.8 0.8"/>
     <geom name="table" type="box" size="0.4 0.4 0.02" pos="0 0 {TABLE_Z - 0.02}"
-          rgba="{' '.join(map(str, TABLE_RGBA))}"/>
+          rgba="{' '.join(map(str, (*table_rgb, 1.0)))}"/>
     {pads}
     <geom name="bg_wall" type="box" size="0.01 2 1.2" pos="{' '.join(map(str, BG_HIDDEN_POS))}"
           contype="0" conaffinity="0" rgba="1 1 1 1"/>
@@ -283,8 +283,27 @@ class MujocoBackend(TabletopBackend):
 
     name = "mujoco"
 
-    def __init__(self, *, cameras: Sequence[str] = ("primary",), image_size: int = 128) -> None:
+    def __init__(self, *, cameras: Sequence[str] = ("primary",), image_size: int = 128, objects: int = N_OBJECTS,
+                 pads: int = N_PADS, table_rgb: Sequence[float] | None = None) -> None:
         import mujoco
+
+        if not (isinstance(objects, int) and 1 <= objects <= N_OBJECTS):
+            raise ConfigError(f"objects must be 1 to {N_OBJECTS} (cubes on the table), got {objects!r}")
+        if not (isinstance(pads, int) and 1 <= pads <= N_PADS):
+            raise ConfigError(f"pads must be 1 to {N_PADS}, got {pads!r}")
+        # Fewer cubes or pads (a simpler scene, e.g. the demo's): the episode's layout is drawn exactly as
+        # always, then the goal's cubes and pad are kept with the first others up to the count, and the rest
+        # are parked on the shelf under the table (cubes) or hidden with the background (pads).
+        self.n_objects, self.n_pads = objects, pads
+        # The table's colour (default TABLE_RGBA's); the table_colour variant draws away from whichever it is.
+        table = tuple(float(c) for c in (TABLE_RGBA[:3] if table_rgb is None else table_rgb))
+        if len(table) != 3 or not all(0.0 <= c <= 1.0 for c in table):
+            raise ConfigError(f"table_rgb must be three numbers in [0, 1], got {table_rgb!r}")
+        self.table_rgb = table
+        # Pads draw their colours from those that stand out from the table (all three on the default table).
+        self.pad_palette = [c for c, rgb in PAD_COLOURS.items() if np.linalg.norm(np.subtract(rgb, table)) >= 0.15]
+        if len(self.pad_palette) < N_PADS:
+            raise ConfigError(f"table_rgb {table} leaves fewer than {N_PADS} pad colours that stand out from it")
 
         unknown = set(cameras) - {"primary", "wrist"}
         if unknown:
@@ -292,7 +311,7 @@ class MujocoBackend(TabletopBackend):
         if image_size not in (128, 224):
             raise ConfigError(f"image_size must be 128 or 224 (the sizes the encoders take), got {image_size}")
         self._mj = mujoco
-        self.model = mujoco.MjModel.from_xml_string(_scene_xml(image_size))
+        self.model = mujoco.MjModel.from_xml_string(_scene_xml(image_size, self.table_rgb))
         self.model.light_castshadow[:] = 0  # see the module docstring: shadows dominate software render time
         if hasattr(mujoco.mjtEnableBit, "mjENBL_MULTICCD"):
             # MuJoCo before 3.3 (LIBERO's pin) finds one contact per convex pair unless asked for several:
@@ -336,6 +355,7 @@ class MujocoBackend(TabletopBackend):
         self._object_names: list[str] = []
         self._object_shapes: list[str] = []
         self._pads: dict[str, Pad] = {}
+        self._visible: list[int] = list(range(N_OBJECTS))
         self._held: int | None = None
         self._closed = False
 
@@ -347,7 +367,8 @@ class MujocoBackend(TabletopBackend):
         # The base scene: always the same draws from the seed's own generator, whatever the variant.
         rng = np.random.default_rng(seed)
         obj_colours = [list(OBJECT_COLOURS)[i] for i in rng.choice(len(OBJECT_COLOURS), N_OBJECTS, replace=False)]
-        pad_colours = [list(PAD_COLOURS)[i] for i in rng.choice(len(PAD_COLOURS), N_PADS, replace=False)]
+        palette = self.pad_palette
+        pad_colours = [palette[i] for i in rng.choice(len(palette), N_PADS, replace=False)]
         pad_xy = _sample_apart(rng, N_PADS, MIN_PAD_GAP, [], "pads")
         obj_xy = _sample_apart(rng, N_OBJECTS, MIN_OBJECT_GAP, [(c, PAD_CLEARANCE) for c in pad_xy], "cubes")
         obj_yaw = rng.uniform(-np.pi / 4, np.pi / 4, N_OBJECTS)
@@ -365,6 +386,8 @@ class MujocoBackend(TabletopBackend):
         if variant == PARAPHRASE:
             instruction = spec.paraphrase(goal, vrng)
         self._goal, self._instruction = goal, instruction
+        visible = self._shown(names, goal, N_OBJECTS, self.n_objects, f"task {task!r}", "objects")
+        shown_pads = self._shown(pad_colours, goal, N_PADS, self.n_pads, f"task {task!r}", "pads")
 
         for a, value in self._defaults.items():  # undo whatever the previous episode's variant changed
             getattr(m, a)[:] = value
@@ -377,11 +400,16 @@ class MujocoBackend(TabletopBackend):
                 m.geom_condim[g] = 6
                 m.geom_friction[g] = SPHERE_FRICTION
             adr = self._obj_qpos[i]
-            d.qpos[adr:adr + 3] = [*obj_xy[i], TABLE_Z + OBJECT_HALF]
-            d.qpos[adr + 3:adr + 7] = _quat_from_rpy(np.array([0.0, 0.0, obj_yaw[i]]))
+            if i in visible:
+                d.qpos[adr:adr + 3] = [*obj_xy[i], TABLE_Z + OBJECT_HALF]
+                d.qpos[adr + 3:adr + 7] = _quat_from_rpy(np.array([0.0, 0.0, obj_yaw[i]]))
+            else:  # on the shelf under the table, clear of the parked distractors
+                d.qpos[adr:adr + 3] = [-0.24 + 0.16 * i, 0.07, PARK_Z + 0.01 + OBJECT_HALF]
         for i, colour in enumerate(pad_colours):
             m.geom_rgba[self._pad_geom[i], :3] = PAD_COLOURS[colour]
             m.geom_pos[self._pad_geom[i], :2] = pad_xy[i]
+            if i not in shown_pads:
+                m.geom_pos[self._pad_geom[i]] = BG_HIDDEN_POS
         self._distractors = []
         if variant == "distractors":
             self._place_distractors(vrng, goal, names, obj_colours, obj_xy, pad_colours, pad_xy)
@@ -391,12 +419,23 @@ class MujocoBackend(TabletopBackend):
         d.ctrl[:] = FINGER_OPEN
         d.mocap_pos[0] = HOME
         d.mocap_quat[0] = [1, 0, 0, 0]
-        self._task, self._object_names, self._object_shapes = spec, names, shapes
-        self._pads = {c: Pad(c, np.array(xy), PAD_HALF) for c, xy in zip(pad_colours, pad_xy)}
+        self._task, self._object_names, self._object_shapes, self._visible = spec, names, shapes, visible
+        self._pads = {c: Pad(c, np.array(xy), PAD_HALF) for i, (c, xy) in enumerate(zip(pad_colours, pad_xy))
+                      if i in shown_pads}
         self._held, self._closed = None, False
         for _ in range(5 * self._substeps):  # let contacts settle before the first observation
             mj.mj_step(m, d)
         return self._observe()
+
+    @staticmethod
+    def _shown(names: list[str], goal: dict[str, str], total: int, count: int, where: str, what: str) -> list[int]:
+        """Indices of the `count` of `total` things shown: the goal's first, then the others in order."""
+        if count >= total:
+            return list(range(total))
+        needed = [names.index(v) for v in goal.values() if v in names]
+        if len(needed) > count:
+            raise ConfigError(f"{where} needs {len(needed)} {what}, but this scene shows {count} ({what}={count})")
+        return sorted(needed + [i for i in range(total) if i not in needed][:count - len(needed)])
 
     # -- perturbation variants (each draws only from its own generator `rng`) --------------------
     def _novel_objects(self, rng: np.random.Generator, task: str, goal: dict[str, str], obj_colours: list[str],
@@ -452,10 +491,10 @@ class MujocoBackend(TabletopBackend):
 
     def _table_colour(self, rng: np.random.Generator) -> None:
         """A uniformly drawn hue, saturation in [0.25, 0.8], value in [0.35, 0.9], at least 0.2 (RGB
-        distance) away from the training table's colour."""
+        distance) away from the training table's colour (`table_rgb`)."""
         while True:
             rgb = _random_colour(rng, (0.25, 0.8), (0.35, 0.9))
-            if np.linalg.norm(rgb - TABLE_RGBA[:3]) >= 0.2:
+            if np.linalg.norm(rgb - np.asarray(self.table_rgb)) >= 0.2:
                 break
         self.model.geom_rgba[self._table, :3] = rgb
 
@@ -540,7 +579,8 @@ class MujocoBackend(TabletopBackend):
     def scene(self) -> SceneView:
         d = self.data
         return SceneView(
-            objects={n: d.xpos[self._obj_body[i]].copy() for i, n in enumerate(self._object_names)},
+            objects={n: d.xpos[self._obj_body[i]].copy() for i, n in enumerate(self._object_names)
+                     if i in self._visible},
             object_half=OBJECT_HALF, pads=dict(self._pads), table_z=TABLE_Z,
             held=None if self._held is None else self._object_names[self._held],
             ee_pos=d.mocap_pos[0].copy(), ee_yaw=_yaw(d.mocap_quat[0]), gripper_closed=self._closed,

@@ -80,7 +80,8 @@ def questions(backend: Any, rng: np.random.Generator, kind: str) -> list[dict[st
     pad_uv = project(backend, np.array([[*view.pads[p].center, view.table_z] for p in pads]))
     cam_pos, _, _ = camera_matrix(backend)
     order = [names[i] for i in np.argsort(uv[:, 0])]  # left to right in the image
-    a, b = (int(i) for i in rng.choice(len(names), 2, replace=False))
+    # Two blocks to relate; a scene of one block (`MujocoBackend(objects=1)`) relates it to a pad instead.
+    a, b = (int(i) for i in rng.choice(len(names), 2, replace=False)) if len(names) > 1 else (0, 0)
     if kind == "caption":
         return [{"question": "Describe the scene.",
                  "answer": "from left to right: " + ", ".join(f"{_article(n)} {n} block" for n in order)
@@ -98,6 +99,14 @@ def questions(backend: Any, rng: np.random.Generator, kind: str) -> list[dict[st
         palette = sorted(set(OBJECT_COLOURS) | set(names))
         colour = palette[int(rng.integers(len(palette)))]
         options.append((f"Is there {_article(colour)} {colour} block?", "yes" if colour in names else "no"))
+        q, ans = options[int(rng.integers(len(options)))]
+        return [{"question": q, "answer": ans}]
+    if kind == "spatial" and len(names) == 1:
+        p = int(rng.integers(len(pads)))
+        pad_xyz = np.array([*view.pads[pads[p]].center, view.table_z])
+        options = [(f"Is the {names[0]} block left of the {pads[p]} pad?", "yes" if uv[0, 0] < pad_uv[p, 0] else "no"),
+                   (f"Is the {names[0]} block nearer the camera than the {pads[p]} pad?",
+                    "yes" if np.linalg.norm(centres[0] - cam_pos) < np.linalg.norm(pad_xyz - cam_pos) else "no")]
         q, ans = options[int(rng.integers(len(options)))]
         return [{"question": q, "answer": ans}]
     if kind == "spatial":
