@@ -61,7 +61,7 @@ class DemoBudget:
     pads: int = 1  # of 2
     table_rgb: tuple[float, float, float] | None = (0.5, 0.5, 0.5)  # None: the tabletop's brown
     state: str = "text"  # the robot state in the prompt: "none" or "text" (data.state)
-    episodes: int = 40  # expert demonstrations per task
+    episodes: int = 80  # expert demonstrations per task
     val_episodes: int = 4  # held-out episodes per task (validation: action error and vision reliance)
     vl_rate: float = 0.3  # share of demonstration frames that also get one question of each kind
     render_size: int = 128  # simulator images (the model resizes them)
@@ -73,7 +73,7 @@ class DemoBudget:
     vlm_steps: int = 600
     vlm_batch: int = 32
     vlm_lr: float = 1e-3
-    steps: int = 1500  # VLA co-training steps
+    steps: int = 3000  # VLA co-training steps
     batch: int = 16
     lr: float = 3e-4
     decimals: int = 2
