@@ -673,3 +673,36 @@ def test_llava_text_only_records_are_samples_without_an_image_and_multi_image_on
     samples = read_plain(tmp_path / "out")
     assert [camera_image(s, "primary") is None for s in samples] == [False, True, False]
     assert samples[1]["turns"] == [{"question": "Write a haiku.", "answer": "Old pond, a frog."}]
+
+
+def test_named_cameras_are_written_as_declared_columns(tmp_path, read_plain):
+    """The writing side: a converter declares its named cameras, so `image_<name>` columns reach the shards
+    (read back as written); an undeclared camera column is refused with the fix, a row without a declared
+    camera stores it as absent, and a bad camera name is refused before anything is created."""
+    from vla_scale.data.schema import robot_sample, vl_sample
+    from vla_scale.data.writer import ShardWriter
+
+    src = _robomimic(tmp_path / "lift.hdf5", demos=2, steps=3)
+    summary = convert_hdf5(src, tmp_path / "out", instruction="lift", cameras={"side": "sideview_image"},
+                           progress=False)
+    rows = read_plain(tmp_path / "out")
+    assert summary["samples"] == len(rows) == 6
+    for k, row in enumerate(rows):
+        side = np.asarray(decode_camera_image(row["image_side"])).astype(int)
+        assert np.abs(side - (255 - _marked(k % 3, k // 3))).mean() < 6
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    row = robot_sample(image=img, cameras={"left": img + 50}, instruction="go", action=np.zeros(7, np.float32),
+                       dataset="d", episode=0, step=0)
+    w = ShardWriter(tmp_path / "undeclared")
+    with pytest.raises(DataError, match=r"extra \['image_left'\].*ShardWriter\(\.\.\., cameras=\['left'\]\)"):
+        w.write(row)
+    w.abort()
+    with ShardWriter(tmp_path / "declared", cameras=["primary", "wrist", "left"]) as w:
+        w.write(row)
+        w.write(vl_sample(image=img, turns=[{"question": "q?", "answer": "a"}], task="vqa", dataset="v"))
+    robot, vl = read_plain(tmp_path / "declared")
+    assert np.asarray(decode_camera_image(robot["image_left"])).min() == 50 and vl["image_left"] == b""
+    with pytest.raises(DataError, match="camera name 'left side'"):
+        ShardWriter(tmp_path / "bad", cameras=["left side"])
+    assert not (tmp_path / "bad").exists()

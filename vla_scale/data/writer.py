@@ -19,7 +19,10 @@ holds an index.json is refused unless `overwrite=True`.
 
 Every shard is written with hashes (`HASHES`: sha1 for standard tools,
 xxh64 for fast checks on every read) in index.json; camera columns are
-encoded by one `ImageCodec` (see `vla_scale.data.camera_images`).
+encoded by one `ImageCodec` (see `vla_scale.data.camera_images`). Cameras
+other than the primary and the wrist (`image_<name>` columns) are declared
+up front (`cameras=["left", ...]`): MDS fixes a folder's columns when it is
+created. A row without a declared camera stores it as absent (b"").
 
 It never reads a source dataset and never decides what is a bad sample:
 converters validate, and tell the writer what they skipped.
@@ -35,10 +38,11 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from vla_scale.data import storage
-from vla_scale.data.camera_images import DEFAULT_CODEC, ImageCodec, is_camera_column
+from vla_scale.data.camera_images import (DEFAULT_CODEC, LEGACY_WRIST_COLUMN, PRIMARY_CAMERA, ImageCodec, camera_column,
+                                          is_camera_column)
 from vla_scale.data.schema import COLUMNS
 from vla_scale.data.streaming_compat import import_streaming
 from vla_scale.errors import DataError
@@ -82,7 +86,11 @@ class ShardWriter:
 
     def __init__(self, out: str | Path, *, overwrite: bool = False, size_limit: int | str | None = DEFAULT_SIZE_LIMIT,
                  compression: str | None = None, metadata: dict[str, Any] | None = None,
-                 codec: ImageCodec | None = None) -> None:
+                 codec: ImageCodec | None = None, cameras: Sequence[str] = ()) -> None:
+        # Declared first, so that a bad camera name is refused before anything is created.
+        extra = {camera_column(c): "bytes" for c in cameras if c not in (PRIMARY_CAMERA, "wrist")}
+        self.columns: dict[str, str] = {**COLUMNS, **extra}
+        self.extra_cameras = tuple(extra)
         checked = check_output(out, overwrite)
         self.remote: str | None = checked if isinstance(checked, str) else None
         self.overwrite = overwrite
@@ -107,7 +115,7 @@ class ShardWriter:
         self._upload_error: BaseException | None = None
         try:
             # max_workers=1: uploads run in order, so index.json (submitted last) lands after every shard.
-            self._mds = streaming.MDSWriter(out=target, columns=COLUMNS, compression=compression,
+            self._mds = streaming.MDSWriter(out=target, columns=self.columns, compression=compression,
                                             size_limit=size_limit, max_workers=1, hashes=list(HASHES),
                                             keep_local=self.remote is None)
         except Exception as e:  # invalid compression name or size limit; an unreachable bucket
@@ -151,9 +159,15 @@ class ShardWriter:
         """Write one row built by `schema.robot_sample` / `schema.vl_sample`."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
-        if set(sample) != set(COLUMNS):
-            missing, extra = sorted(set(COLUMNS) - set(sample)), sorted(set(sample) - set(COLUMNS))
-            raise DataError(f"{where}: sample columns do not match the shard schema (missing {missing}, extra {extra})")
+        sample = {**{c: None for c in self.extra_cameras if c not in sample}, **sample}  # absent cameras: b""
+        if set(sample) != set(self.columns):
+            missing, extra = sorted(set(self.columns) - set(sample)), sorted(set(sample) - set(self.columns))
+            hint = ""
+            if any(is_camera_column(c) and c != LEGACY_WRIST_COLUMN for c in extra):
+                names = [c[len("image_"):] for c in extra if c.startswith("image_")]
+                hint = f"; declare the cameras when creating the writer: ShardWriter(..., cameras={names})"
+            raise DataError(f"{where}: sample columns do not match the shard schema (missing {missing}, extra "
+                            f"{extra}){hint}")
         row = {k: self.codec.store(v, f"{where} ({k})") if is_camera_column(k) else v for k, v in sample.items()}
         try:
             self._mds.write(row)

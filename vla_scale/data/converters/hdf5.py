@@ -306,7 +306,7 @@ def convert_hdf5(src: str | Path, out: str | Path, *, camera: str | None = None,
             "filter_key": filter_key}
     codec = codec or DEFAULT_CODEC
     with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression, metadata=meta,
-                     codec=codec) as writer:
+                     codec=codec, cameras=list(cameras or {})) as writer:
         write_robot_episodes(writer, _pending(files, camera=camera, wrist_camera=wrist_camera, state_keys=state_keys,
                                               flip_images=flip_images, instruction=instruction, cameras=cameras,
                                               filter_key=filter_key,

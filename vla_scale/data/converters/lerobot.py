@@ -519,7 +519,7 @@ def convert_lerobot(src: str | Path, out: str | Path, *, camera: str | None = No
             "cameras": {k: v for k, v in named.items() if k not in ("primary", "wrist")}}
     try:
         with ShardWriter(out, overwrite=overwrite, size_limit=size_limit, compression=compression,
-                         metadata=meta, codec=codec) as writer:
+                         metadata=meta, codec=codec, cameras=list(named)) as writer:
             write_robot_episodes(writer, _pending_episodes(ds, action_key=action_key, state_key=state_key,
                                                            cameras=named, video=video),
                                  dataset=name, skip_bad=skip_bad, total=len(ds.episodes), progress=progress,
