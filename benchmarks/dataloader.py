@@ -9,6 +9,10 @@ what the trainer calls - with 0, 1 and 2 loader workers, augmentation on
 and off. The first steps (worker start-up, shard index reads) are excluded.
 The baseline in the same run is 0 workers. Prints a table and writes JSON.
 
+--s3 --chunk-cameras: also robot episodes (32 steps) with a wrist camera, read
+from the server as 8-step action chunks with both cameras through the encoders
+(`actions.chunk=8`, `data.cameras=[primary, wrist]`), cold and warm.
+
 --s3: the same shards uploaded to a real S3-compatible server on loopback
 (SeaweedFS's `weed`, from the test extra; tests/object_store.py) and read
 as s3:// sources through the shard cache: a cold cache (every shard
@@ -40,6 +44,8 @@ def main() -> None:
                                                 "with --s3)")
     ap.add_argument("--s3", action="store_true", help="streaming from a loopback S3 server, cold and warm cache")
     ap.add_argument("--workers", type=int, default=2, help="--s3: loader workers per row")
+    ap.add_argument("--chunk-cameras", action="store_true",
+                    help="--s3: also robot episodes with a wrist camera, read as 8-step chunks with both cameras")
     args = ap.parse_args()
     if args.out is None:
         args.out = str(Path(__file__).parent / "results" / ("dataloader_s3_cpu.json" if args.s3 else
@@ -94,6 +100,26 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+
+
+def write_episodes(out: Path, samples: int, image_size: int, steps: int = 32) -> None:
+    """Robot shards as a converter writes them: episodes of `steps` per-step rows, primary and wrist images
+    (smooth random JPEGs, so their size is realistic), 7-D actions."""
+    import numpy as np
+
+    from vla_scale.data.schema import robot_sample
+    from vla_scale.data.writer import ShardWriter
+
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, image_size, dtype=np.float32)
+    with ShardWriter(out, size_limit=1 << 24) as w:
+        for i in range(samples):
+            ep, t = divmod(i, steps)
+            imgs = [np.clip(base[None, :, None] * rng.uniform(0.3, 1.0, 3) + rng.normal(0, 8, (image_size, 1, 3)),
+                            0, 255).astype(np.uint8) for _ in range(2)]  # (S, S, 3): a gradient, noisy per row
+            w.write(robot_sample(image=imgs[0], wrist_image=imgs[1], instruction="pick up the red block",
+                                 action=rng.uniform(-1, 1, 7).astype(np.float32), dataset="bench", episode=ep,
+                                 step=t))
 
 
 def remote_main(args) -> None:
@@ -157,6 +183,18 @@ def remote_main(args) -> None:
         timed("s3 cold cache", common)
         timed("s3 warm cache", common)
         shutil.rmtree(cache, ignore_errors=True)
+        # Today's policies: robot episodes with a wrist camera, read as 8-step action chunks, both cameras
+        # through the encoders (data.cameras), from the same server.
+        if args.chunk_cameras:
+            robot2 = work / "robot_two_cameras"
+            write_episodes(robot2, args.samples, image_size=224)
+            files = sorted(p.name for p in robot2.iterdir() if p.name != "index.json")
+            storage.upload(robot2, "s3://bench/robot_two_cameras", files + ["index.json"])
+            two = remote.replace("path: 's3://bench/robot'", "path: 's3://bench/robot_two_cameras'")
+            extra = [f"data.sources={two}", "actions.chunk=8", "data.cameras=[primary, wrist]"]
+            timed("s3 cold, chunk 8 + 2 cameras", [*common[:1], f"data.storage.cache_dir={cache}", *extra])
+            timed("s3 warm, chunk 8 + 2 cameras", [*common[:1], f"data.storage.cache_dir={cache}", *extra])
+            shutil.rmtree(cache, ignore_errors=True)
     local = rows[0]["samples_per_s"]
     for r in rows:
         r["vs_local"] = r["samples_per_s"] / local
