@@ -239,3 +239,26 @@ def test_legacy_wrist_column_reads_as_the_wrist_camera():
     got = camera_image(row, "wrist")
     assert isinstance(got, Image.Image) and np.abs(np.asarray(got, int) - img).max() < 8
     assert camera_image(row, "left") is None
+
+
+def test_logged_tokens_count_every_camera_and_the_state_token_the_llm_ran_on(tiny_config, tmp_path):
+    """Throughput counts what the LLM decoder attended to: each present camera's patch tokens (a VL sample
+    has the primary only) and the state token of samples that have a state, not one image per sample."""
+    from test_profiling import CountingTrainer
+    from vla_scale.train.metrics import read_metrics
+
+    _write_three_camera_shards(tmp_path / "shards")
+    cfg = _cam_config(tiny_config, tmp_path / "shards", "data.cameras=[primary, left]", "data.state=projection",
+                      "model.state_dim=3", "model.image_size=16", "train.steps=4", "train.log_every=1",
+                      "train.checkpoint_every=0")
+    trainer = CountingTrainer(cfg)
+    trainer.fit(resume="none")
+    assert len(trainer.llm_tokens) == 4  # one micro-batch (one decoder forward) per step
+    rows = {r["step"]: r for r in read_metrics(cfg.run.output_dir)}
+    for step in (2, 3, 4):  # step 1 is the warm-up: no throughput line
+        perf = rows[step]
+        assert perf["perf/window_steps"] == 1
+        logged = perf["perf/tokens_per_s"] * perf["perf/window_s"]
+        assert logged == pytest.approx(trainer.llm_tokens[step - 1], rel=1e-9)
+    # One image per sample (the count before) is not what the decoder ran on in these batches.
+    assert trainer.llm_tokens != trainer.batch_tokens

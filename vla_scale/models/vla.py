@@ -29,7 +29,7 @@ never materialises (batch x sequence x vocabulary) logits in training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,23 @@ def count_answer_tokens(labels: torch.Tensor) -> torch.Tensor:
     Text position 0 (BOS) is never a target, in every layout (`VLACore.embed` ignores its label).
     """
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def prefix_tokens(batch: Mapping[str, torch.Tensor], image_tokens: int) -> torch.Tensor:
+    """LLM tokens of each sample's prefix (B,): `image_tokens` per camera the sample has (`image_mask`,
+    else every camera in `pixel_values`: (B, 3, H, W) is one, (B, C, 3, H, W) C), plus the state token
+    when the batch carries a state for the projection and the sample has one (`state_mask`). Absent
+    cameras and states are masked out of attention, like padding, so they are not counted."""
+    px = batch["pixel_values"]
+    b = px.shape[0]
+    if "image_mask" in batch:
+        cameras = batch["image_mask"].long().sum(1)
+    else:
+        cameras = torch.full((b,), px.shape[1] if px.dim() == 5 else 1, dtype=torch.long)
+    out = cameras * int(image_tokens)
+    if "state" in batch:
+        out = out + (batch["state_mask"].long() if "state_mask" in batch else 1)
+    return out
 
 
 @dataclass(frozen=True)

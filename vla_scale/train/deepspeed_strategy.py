@@ -87,7 +87,7 @@ import torch
 from vla_scale.config.schema import Config, ModelConfig
 from vla_scale.errors import CheckpointError, ConfigError, TrainingError
 from vla_scale.models.loading import MaterializingView, build_vla, build_vla_on_rank0
-from vla_scale.models.vla import VisionLanguageActionModel, model_inputs
+from vla_scale.models.vla import VisionLanguageActionModel, model_inputs, prefix_tokens
 from vla_scale.train import distributed
 from vla_scale.train.batching import resolve_accumulation
 from vla_scale.train.checkpoint import TMP_MARK, fsync_files, read_metadata
@@ -325,7 +325,7 @@ class DeepSpeedStrategy(Strategy):
         # One collective before any backward: the global answer-token count (the loss divisor, see
         # vla_scale.train.strategy) and the step's sample, token and model-FLOP counts, from the host copies.
         samples = sum(mb["input_ids"].shape[0] for mb in micro_batches)
-        tokens = sum(int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
+        tokens = sum(int(mb["attention_mask"].sum()) + int(prefix_tokens(mb, self.model.num_image_tokens).sum())
                      for mb in micro_batches)
         counts = torch.tensor([float(answer_tokens(micro_batches)), float(samples), float(tokens),
                                self.flops_model.step_flops(micro_batches)], dtype=torch.float64, device=self.device)

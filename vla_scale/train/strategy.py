@@ -53,7 +53,7 @@ import torch
 from vla_scale.config.schema import Config, ModelConfig
 from vla_scale.errors import CheckpointError, TrainingError
 from vla_scale.models.loading import build_vla
-from vla_scale.models.vla import VisionLanguageActionModel, count_answer_tokens
+from vla_scale.models.vla import VisionLanguageActionModel, count_answer_tokens, prefix_tokens
 from vla_scale.train.metrics import ModelFlops, PhaseTimer
 from vla_scale.train.schedule import build_scheduler
 
@@ -217,7 +217,7 @@ class SingleProcessStrategy(Strategy):
             chs.append(out.sample_choices)
             srcs.append(mb["source"])
             samples += mb["input_ids"].shape[0]
-            tokens += int(mb["attention_mask"].sum()) + mb["input_ids"].shape[0] * self.model.num_image_tokens
+            tokens += int(mb["attention_mask"].sum()) + int(prefix_tokens(mb, self.model.num_image_tokens).sum())
         loss_sum, tok_sum = torch.cat(sums).sum(), torch.cat(toks).sum()
         loss = float(loss_sum / tok_sum.clamp(min=1))
         if self.grad_probe is not None:
