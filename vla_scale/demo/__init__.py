@@ -107,7 +107,7 @@ def _mark(folder: Path, key: dict[str, Any]) -> None:
     (folder / "demo_key.json").write_text(json.dumps(key, indent=1))
 
 
-def scene_kwargs(b: DemoBudget) -> dict[str, int]:
+def scene_kwargs(b: DemoBudget) -> dict[str, Any]:
     """The MuJoCo backend's scene settings of this budget (cubes and pads shown, the table's colour)."""
     out: dict[str, Any] = {"objects": b.objects, "pads": b.pads}
     if b.table_rgb is not None:

@@ -29,7 +29,7 @@ VL_FOLDERS = ("vqa", "spatial", "affordance")
 
 
 def write_sim_data(out: str | Path, tasks: Sequence[str], episodes: int, seed: int, *, image_size: int = 128,
-                   vl_rate: float = 0.3, overwrite: bool = False, scene: dict[str, int] | None = None
+                   vl_rate: float = 0.3, overwrite: bool = False, scene: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """Run the experts for `episodes` seeds of each task and write `out/robot` (successful episodes only)
     and `out/vqa` (captions and colour questions), `out/spatial`, `out/affordance`: one question of each kind
@@ -95,7 +95,7 @@ on a `vl_rate` share of the steps of those episodes.
 
 
 def write_scene_questions(out: str | Path, scenes: int, seed: int, *, image_size: int = 128,
-                          overwrite: bool = False, scene: dict[str, int] | None = None,
+                          overwrite: bool = False, scene: dict[str, Any] | None = None,
                           tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """Questions about `scenes` freshly reset scenes (random task, layout and colours each; the gripper at
     home): one question of each kind per scene, into `out/vqa`, `out/spatial`, `out/affordance`.

@@ -151,20 +151,23 @@ class ModelPolicy:
     def __init__(self, policy: Any, camera: str | None = None, batched: bool = True, name: str = "model") -> None:
         self.policy, self.camera, self.batched, self.name = policy, camera, batched, name
 
+    def _model_cameras(self) -> list[str]:
+        """The cameras the model was trained on, in prefix order (empty when the policy does not say)."""
+        return list(getattr(self.policy, "cameras", None) or [])
+
     @property
     def cameras(self) -> list[str]:
         """The cameras the model reads (one unless it was trained on several)."""
-        cameras = list(getattr(self.policy, "cameras", None) or [])
+        cameras = self._model_cameras()
         return cameras if len(cameras) > 1 else [self.camera] if self.camera else []
 
     @property
     def reads_state(self) -> bool:
         return getattr(self.policy, "state_mode", "none") != "none"
 
-    def _image(self, obs: Observation) -> Any:
+    def _image(self, obs: Observation, cameras: list[str]) -> Any:
         if not obs.images:
             raise EvalError("the model policy needs camera images, but the backend rendered none")
-        cameras = list(getattr(self.policy, "cameras", None) or [])
         if len(cameras) > 1:
             missing = [c for c in cameras if c not in obs.images]
             if missing:
@@ -178,7 +181,8 @@ class ModelPolicy:
         return obs.images[self.camera]
 
     def act(self, observations, episodes, steps):
-        images = [self._image(o) for o in observations]
+        cameras = self._model_cameras()  # once per round, not per observation
+        images = [self._image(o, cameras) for o in observations]
         texts = [o.instruction for o in observations]
         states = [o.state for o in observations] if self.reads_state else None
         if self.batched:

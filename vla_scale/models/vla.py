@@ -49,18 +49,21 @@ def count_answer_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def cameras_per_sample(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Camera images each sample has (B,): `image_mask`, else every camera in `pixel_values` ((B, 3, H, W)
+    is one, (B, C, 3, H, W) C)."""
+    if "image_mask" in batch:
+        return batch["image_mask"].long().sum(1)
+    px = batch["pixel_values"]
+    return torch.full((px.shape[0],), px.shape[1] if px.dim() == 5 else 1, dtype=torch.long)
+
+
 def prefix_tokens(batch: Mapping[str, torch.Tensor], image_tokens: int) -> torch.Tensor:
     """LLM tokens of each sample's prefix (B,): `image_tokens` per camera the sample has (`image_mask`,
     else every camera in `pixel_values`: (B, 3, H, W) is one, (B, C, 3, H, W) C), plus the state token
     when the batch carries a state for the projection and the sample has one (`state_mask`). Absent
     cameras and states are masked out of attention, like padding, so they are not counted."""
-    px = batch["pixel_values"]
-    b = px.shape[0]
-    if "image_mask" in batch:
-        cameras = batch["image_mask"].long().sum(1)
-    else:
-        cameras = torch.full((b,), px.shape[1] if px.dim() == 5 else 1, dtype=torch.long)
-    out = cameras * int(image_tokens)
+    out = cameras_per_sample(batch) * int(image_tokens)
     if "state" in batch:
         out = out + (batch["state_mask"].long() if "state_mask" in batch else 1)
     return out

@@ -265,7 +265,7 @@ class PolicyServer:
         return {"type": "metadata", "protocol": PROTOCOL, "server": "vla-scale", "name": self.name,
                 "action_dim": getattr(actions, "dim", None), "chunk": getattr(actions, "chunk", None),
                 "unnorm_key": getattr(self.policy, "unnorm_key", None), "max_batch": self.max_batch,
-                "cameras": list(getattr(self.policy, "cameras", None) or ["primary"]),
+                "cameras": self._cameras(),
                 "state": getattr(self.policy, "state_mode", "none"),
                 "token_required": self.token is not None, **asdict(self.limits)}
 
@@ -389,9 +389,13 @@ class PolicyServer:
         await self._queue.put(pending)
         return await pending.future
 
+    def _cameras(self) -> list[str]:
+        """The served model's cameras in prefix order (one primary camera unless it says otherwise)."""
+        return list(getattr(self.policy, "cameras", None) or ["primary"])
+
     def _check_inputs(self, request: Request) -> None:
         """What the served model needs: every camera it was trained on, and the state when it reads one."""
-        cameras = list(getattr(self.policy, "cameras", None) or ["primary"])
+        cameras = self._cameras()
         reads_state = getattr(self.policy, "state_mode", "none") != "none"
         one = request.method == "predict_action"
         for i, (image, state) in enumerate(zip(request.images, request.states)):

@@ -306,17 +306,14 @@ class ModelFlops:
 
     def step_flops(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
         """Model FLOPs of these micro-batches (this rank's share of a step; sum over ranks for the step)."""
-        from vla_scale.models.vla import count_answer_tokens, prefix_tokens
+        from vla_scale.models.vla import cameras_per_sample, count_answer_tokens, prefix_tokens
 
         total = 0.0
         for mb in micro_batches:
             prefix = prefix_tokens(mb, self.image_tokens)
             lengths = mb["attention_mask"].sum(1).double() + prefix.double()  # LLM tokens per sample
             # Encoders and projector run once per camera image a sample has (the state token is the LLM's).
-            images = (mb["image_mask"].long().sum() if "image_mask" in mb
-                      else mb["pixel_values"].shape[0] * (mb["pixel_values"].shape[1] if mb["pixel_values"].dim() == 5
-                                                          else 1))
-            total += float(images) * self.image_flops
+            total += float(cameras_per_sample(mb).sum()) * self.image_flops
             total += 6.0 * self.llm_params * float(lengths.sum())
             total += 12.0 * self.llm_layers * self.llm_attn_width * float((lengths * lengths).sum())
             total += 6.0 * self.head_params * int(count_answer_tokens(mb["labels"]))
