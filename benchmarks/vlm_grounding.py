@@ -15,7 +15,11 @@ example's image minus the loss):
 - `scene_colour_brown`, `scene_colour_grey`: "What colour is the block?" on freshly reset one-cube scenes
   (`MujocoBackend(objects=1, pads=1)`) on the default brown table and on the demo's grey one (0.5);
 - `scene_point_grey`: "Point to where to grasp the block." on the grey one-cube scenes, scored as the mean
-  absolute error of the parsed point (x, y in [0, 1]) against always answering the mean point.
+  absolute error of the parsed point (x, y in [0, 1]) against always answering the mean point, per axis;
+- `square_point`: "Point to the block." for one 10 px square on grey (the same score).
+
+`--image-size` and `--patch` set the tower's input side and patch (the number of image tokens is
+(image / patch)^2): localisation was measured to hinge on them (BENCHMARKS.md 9f).
 
 `--seeds 0 1 2` repeats each task from other random initialisations and orders (the stage is noisy:
 the same setting has reached 90% on one seed and chance on another).
@@ -45,7 +49,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 230), 
 GREY, BROWN = (140, 140, 140), (140, 102, 71)
 
 
-def squares(n: int, k: int, presence: bool, rng: np.random.Generator, background=GREY):
+def squares(n: int, k: int, presence: bool, rng: np.random.Generator, background=GREY, point: bool = False):
     from vla_scale.demo.vlm_stage import VLRecord
 
     out = []
@@ -57,7 +61,10 @@ def squares(n: int, k: int, presence: bool, rng: np.random.Generator, background
         for c in present:
             x, y = rng.integers(0, 118, 2)
             img[y:y + 10, x:x + 10] = COLOURS[names[c]]
-        if presence:
+        if point:
+            out.append(VLRecord(img, "Point to the block.", f"({(x + 5) / 128:.2f}, {(y + 5) / 128:.2f})",
+                                "affordance"))
+        elif presence:
             q = int(rng.integers(len(names)))
             out.append(VLRecord(img, f"Is there a {names[q]} block?", "yes" if q in present else "no", "vqa"))
         else:
@@ -127,8 +134,9 @@ def point_error(folder: Path, held_out) -> dict[str, float]:
         truth.append((float(t[1]), float(t[2])))
         pred.append((float(m[1]), float(m[2])) if m else (0.5, 0.5))  # unparsable: the image's centre
     truth, pred = np.asarray(truth), np.asarray(pred)
-    return {"point_mae": float(np.abs(pred - truth).mean()),
-            "mean_point_mae": float(np.abs(truth - truth.mean(0)).mean())}
+    err, base = np.abs(pred - truth).mean(0), np.abs(truth - truth.mean(0)).mean(0)
+    return {"point_mae": float(err.mean()), "mean_point_mae": float(base.mean()),
+            "point_mae_xy": [round(float(e), 4) for e in err], "mean_point_mae_xy": [round(float(b), 4) for b in base]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "one_square_brown", "scene_colour_brown", "scene_colour_grey",
                                                   "scene_point_grey"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch", type=int, default=8)
     args = p.parse_args(argv)
 
     from vla_scale.demo.vlm_stage import train_vlm
@@ -156,14 +166,16 @@ def main(argv: list[str] | None = None) -> int:
               "one_square_brown": lambda n, rng: squares(n, 1, False, rng, BROWN),
               "scene_colour_brown": lambda n, rng: scene_questions(n, rng, None),
               "scene_colour_grey": lambda n, rng: scene_questions(n, rng, grey),
-              "scene_point_grey": lambda n, rng: scene_questions(n, rng, grey, point=True)}
+              "scene_point_grey": lambda n, rng: scene_questions(n, rng, grey, point=True),
+              "square_point": lambda n, rng: squares(n, 1, False, rng, point=True)}
     unknown = sorted(set(args.tasks) - set(makers))
     if unknown:
         p.error(f"unknown task(s) {unknown}; tasks: {', '.join(makers)}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            source = build_tiny_llava(Path(tmp) / f"random{seed}", image_size=64, patch_size=8, llm_hidden=args.hidden,
+            source = build_tiny_llava(Path(tmp) / f"random{seed}", image_size=args.image_size, patch_size=args.patch,
+                                      llm_hidden=args.hidden,
                                       llm_layers=args.layers, seed=seed)
             for task in args.tasks:
                 rng = np.random.default_rng(0)  # the same examples for every seed: only the model's draws differ
@@ -178,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
                 after = s["after"]
                 row = {"exact": after["exact"], "majority_baseline": majority, "reliance_gap": after["reliance_gap"],
                        "held_out_loss": after["loss"], "seconds": round(time.time() - t, 1)}
-                if task.startswith("scene_point"):
+                if task.endswith("_point") or task.startswith("scene_point"):
                     row.update(point_error(folder, held_out[:100]))
                 results.setdefault(task, {})[str(seed)] = row
-                extra = (f", point error {row['point_mae']:.3f} (mean point {row['mean_point_mae']:.3f})"
+                extra = (f", point error x, y {row['point_mae_xy']} (mean point {row['mean_point_mae_xy']})"
                          if "point_mae" in row else "")
                 print(f"{task:18s} seed {seed}: exact {after['exact']:.1%} (majority {majority:.1%}), reliance gap "
                       f"{after['reliance_gap']:+.3f}{extra}, {row['seconds']:.0f} s", flush=True)
     meta = {"steps": args.steps, "seeds": args.seeds, "train": args.train, "held_out": args.held_out, "llm": f"{args.hidden}x{args.layers}",
+            "image_size": args.image_size, "patch": args.patch,
             "lr": args.lr, "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": platform.platform(),
             "cpus": os.cpu_count()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -115,3 +115,25 @@ def test_scene_questions_cover_many_layouts_and_match_their_frames(tmp_path, rea
     assert checked >= 8 and hits == checked  # the gripper is at home: nothing covers a block
     images = {np.asarray(decode_camera_image(s["image"]).convert("RGB")).tobytes() for s in affordance}
     assert len(images) == 16  # every scene its own layout
+
+
+def test_dart_noise_in_the_demonstrations_is_reproducible_and_bad_noise_writes_nothing(tmp_path, read_plain):
+    """Noisy demonstrations visit other states than clean ones, record the expert's actions (never longer than
+    its step), and the same call writes the same samples; a negative noise is refused before anything lands."""
+    from vla_scale.eval.experts import MAX_STEP
+
+    def robot(name, noise):
+        write_sim_data(tmp_path / name, ["pick_place"], episodes=1, seed=7, vl_rate=0.2, noise=noise,
+                       scene={"objects": 1, "pads": 1})
+        rows = read_plain(tmp_path / name / "robot")
+        return np.array([r["state"] for r in rows]), np.array([r["action"] for r in rows])
+
+    clean_states, _ = robot("clean", 0.0)
+    states, actions = robot("noisy", 0.006)
+    again_states, again_actions = robot("again", 0.006)
+    assert np.array_equal(states, again_states) and np.array_equal(actions, again_actions)
+    assert len(states) != len(clean_states) or not np.array_equal(states, clean_states)
+    assert np.linalg.norm(actions[:, :3], axis=1).max() <= MAX_STEP + 1e-6
+    with pytest.raises(ConfigError, match="noise"):
+        write_sim_data(tmp_path / "bad_noise", ["pick_place"], episodes=1, seed=7, noise=-1.0)
+    assert not (tmp_path / "bad_noise").exists()

@@ -193,3 +193,71 @@ def test_the_table_colour_is_a_setting_and_pads_stand_out_from_it():
     for bad in ((0.5, 0.5), (1.5, 0.5, 0.5)):
         with pytest.raises(ConfigError, match="table_rgb must be three numbers"):
             MujocoBackend(cameras=(), table_rgb=bad)
+
+
+def _episode(backend, seed, noise=0.0):
+    """(recorded actions, scene views before each step, success) of one pick_place episode."""
+    actions, views = [], []
+
+    def keep(obs, action, t):
+        actions.append(action.copy())
+        views.append(backend.scene())
+
+    ok = run_expert(backend, "pick_place", seed, keep, noise=noise)
+    return np.array(actions), views, ok
+
+
+def test_dart_noise_moves_the_gripper_off_the_expert_path_but_records_the_experts_own_actions(physics):
+    from vla_scale.eval.experts import MAX_STEP, make_expert
+
+    clean, clean_views, _ = _episode(physics, 3)
+    noisy, views, ok = _episode(physics, 3, noise=0.006)
+    assert ok
+    ee = np.array([v.ee_pos for v in views])
+    executed = np.diff(ee, axis=0)
+    travel = np.linalg.norm(noisy[:-1, :3], axis=1) >= MAX_STEP / 2
+    assert travel.sum() > 10
+    # The path differs from the recorded moves while travelling, by the noise...
+    assert np.abs(executed[travel] - noisy[:-1][travel, :3]).max() > 0.003
+    # ...and fine alignment is never perturbed: every short move was executed as recorded.
+    assert np.allclose(executed[~travel], noisy[:-1][~travel, :3], atol=1e-9)
+    # What was recorded is the expert's own command in the state it saw: a fresh expert shown the same scenes
+    # answers the same actions.
+    replay = make_expert("pick_place")
+    assert np.array_equal(np.array([replay.act(v)[0] for v in views]), noisy)
+    # The same seed gives the same episode; without noise the path is another (the expert's own).
+    again, again_views, _ = _episode(physics, 3, noise=0.006)
+    assert np.array_equal(again, noisy) and all(np.array_equal(a.ee_pos, b.ee_pos) for a, b in zip(again_views, views))
+    assert len(clean) != len(noisy) or not np.array_equal(clean, noisy)
+    with pytest.raises(ConfigError, match="noise"):
+        run_expert(physics, "pick_place", 3, noise=-0.1)
+
+
+
+def test_pad_at_fixes_the_pad_and_keeps_the_cubes_clear_of_it():
+    from vla_scale.eval.mujoco_backend import PAD_CLEARANCE
+
+    with MujocoBackend(cameras=(), objects=1, pads=1, pad_at=(0.0, 0.16)) as backend:
+        solved = 0
+        for seed in range(12):
+            backend.reset("pick_place", seed)
+            view = backend.scene()
+            (pad,) = view.pads.values()
+            assert np.allclose(pad.center, [0.0, 0.16])
+            (cube,) = view.objects.values()
+            assert np.linalg.norm(cube[:2] - pad.center) >= PAD_CLEARANCE - 1e-9
+            solved += run_expert(backend, "pick_place", seed)
+        assert solved >= 11
+    for bad, match in (({"pad_at": (0.0, 0.16), "pads": 2}, "pads=1"), ({"pad_at": (0.5, 0.0), "pads": 1}, "pad_at"),
+                       ({"pad_at": (0.0,), "pads": 1}, "pad_at")):
+        with pytest.raises(ConfigError, match=match):
+            MujocoBackend(cameras=(), **bad)
+
+
+def test_until_success_ends_the_episode_at_its_first_success(physics):
+    whole, cut = [], []
+    assert run_expert(physics, "pick_place", 6, lambda o, a, t: whole.append(physics.success()))
+    assert run_expert(physics, "pick_place", 6, lambda o, a, t: cut.append(physics.success()), until_success=True)
+    assert physics.success()  # it ends solved...
+    assert not any(cut)  # ...and no step before the last one started from a solved scene
+    assert len(cut) < len(whole) and not any(whole[:len(cut)])

@@ -29,12 +29,14 @@ VL_FOLDERS = ("vqa", "spatial", "affordance")
 
 
 def write_sim_data(out: str | Path, tasks: Sequence[str], episodes: int, seed: int, *, image_size: int = 128,
-                   vl_rate: float = 0.3, overwrite: bool = False, scene: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
-    """Run the experts for `episodes` seeds of each task and write `out/robot` (successful episodes only)
+                   vl_rate: float = 0.3, overwrite: bool = False, scene: dict[str, Any] | None = None,
+                   noise: float = 0.0) -> dict[str, Any]:
+    """Run the experts for `episodes` seeds of each task, each episode up to its first success (as evaluation
+    episodes end), and write `out/robot` (successful episodes only)
     and `out/vqa` (captions and colour questions), `out/spatial`, `out/affordance`: one question of each kind
 on a `vl_rate` share of the steps of those episodes.
-    `scene`: the backend's scene settings (`objects`, `pads`: `MujocoBackend`). Returns {folder name: ShardWriter
+    `scene`: the backend's scene settings (`objects`, `pads`: `MujocoBackend`). `noise`: the experts' DART
+    noise (`run_expert`; the samples hold the expert's own actions). Returns {folder name: ShardWriter
     summary}."""
     from vla_scale.data.schema import robot_sample, vl_sample
     from vla_scale.data.stats import stats_for_shards
@@ -46,10 +48,12 @@ on a `vl_rate` share of the steps of those episodes.
 
     if episodes < 1:
         raise ConfigError(f"episodes must be at least 1, got {episodes}")
+    if not (np.isfinite(noise) and noise >= 0):
+        raise ConfigError(f"noise must be a finite standard deviation >= 0 in metres, got {noise}")
     for t in tasks:
         get_task(t)
     out = Path(out)
-    meta = {"tasks": list(tasks), "episodes_per_task": episodes, "seed": seed, **(scene or {})}
+    meta = {"tasks": list(tasks), "episodes_per_task": episodes, "seed": seed, "noise": noise, **(scene or {})}
     writers = {"robot": ShardWriter(out / "robot", overwrite=overwrite, metadata={**meta, "source": "mujoco_demo"})}
     for folder in VL_FOLDERS:
         writers[folder] = ShardWriter(out / folder, overwrite=overwrite,
@@ -76,7 +80,7 @@ on a `vl_rate` share of the steps of those episodes.
                                     image=obs.images["primary"], turns=questions(backend, rng, kind),
                                     task=SHARD_TASK[kind], dataset=f"mujoco_scene_{kind}", where=where)))
 
-                    if run_expert(backend, task, episode_seed, keep):
+                    if run_expert(backend, task, episode_seed, keep, noise=noise, until_success=True):
                         for row in robot_rows:
                             writers["robot"].write(row)
                         for kind, row in vl_rows:

@@ -21,6 +21,7 @@ import numpy as np
 
 from vla_scale.data.schema import robot_sample
 from vla_scale.data.writer import ShardWriter
+from vla_scale.errors import ConfigError
 from vla_scale.eval.backend import ACTION_DIM, Backend, SceneView
 from vla_scale.eval.tasks import get_task
 
@@ -167,19 +168,39 @@ class SceneExpert:
 
 
 def run_expert(backend: Backend, task: str, seed: int, on_step: Callable[[Any, np.ndarray, int], None] | None = None,
-               *, variant: str | None = None) -> bool:
+               *, variant: str | None = None, noise: float = 0.0, until_success: bool = False) -> bool:
     """One expert episode under the perturbation `variant` (None: unperturbed); `on_step(observation, action,
     step)` sees each observation before its action. Returns whether the task succeeded when the expert
-    finished (or the episode length ran out)."""
+    finished (or the episode length ran out).
+
+    `noise` > 0: DART-style noise injection (Laskey et al., 2017). While the expert is travelling (its
+    step is at least half the step limit), the move it executes gets Gaussian noise of this standard
+    deviation (metres, per axis); `on_step` still sees the expert's own action. The demonstrations then
+    visit states a little off the expert's path and show the way back to it, which is what a cloned policy
+    needs once its own small errors take it there. Fine alignment (grasp, release) is never perturbed.
+    The noise is drawn from a generator seeded by the episode seed: the same call gives the same episode.
+
+    `until_success`: end the episode at the first step after which the task holds (as evaluation episodes
+    end, LIBERO's and SimplerEnv's rule), so no demonstration shows what comes after (lifting away from a
+    placed cube looks like the descent to it, and a one-frame policy cannot tell the two apart)."""
+    if noise < 0 or not np.isfinite(noise):
+        raise ConfigError(f"noise must be a finite standard deviation >= 0 in metres, got {noise}")
     obs = backend.reset(task, seed, variant)
     expert = make_expert(task)
+    rng = np.random.default_rng([seed, 0xDA27])
     for t in range(get_task(task).episode_length):
         action, done = expert.act(backend.scene())
         if done:
             break
         if on_step is not None:
             on_step(obs, action, t)
-        obs = backend.step(action)
+        executed = action
+        if noise > 0 and np.linalg.norm(action[:3]) >= MAX_STEP / 2:
+            executed = action.copy()
+            executed[:3] += rng.normal(0.0, noise, 3)
+        obs = backend.step(executed)
+        if until_success and backend.success():
+            break
     return backend.success()
 
 

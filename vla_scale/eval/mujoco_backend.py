@@ -284,7 +284,8 @@ class MujocoBackend(TabletopBackend):
     name = "mujoco"
 
     def __init__(self, *, cameras: Sequence[str] = ("primary",), image_size: int = 128, objects: int = N_OBJECTS,
-                 pads: int = N_PADS, table_rgb: Sequence[float] | None = None) -> None:
+                 pads: int = N_PADS, table_rgb: Sequence[float] | None = None,
+                 pad_at: Sequence[float] | None = None) -> None:
         import mujoco
 
         if not (isinstance(objects, int) and 1 <= objects <= N_OBJECTS):
@@ -295,6 +296,18 @@ class MujocoBackend(TabletopBackend):
         # always, then the goal's cubes and pad are kept with the first others up to the count, and the rest
         # are parked on the shelf under the table (cubes) or hidden with the background (pads).
         self.n_objects, self.n_pads = objects, pads
+        # A fixed place for the (one) pad, e.g. the demo's: the target is always there and the policy has to
+        # find only the cube by sight. The pads are drawn as always, then moved there, and the cubes are
+        # drawn clear of it, so the layout from this point on differs from the default scene's.
+        self.pad_at = None
+        if pad_at is not None:
+            at = np.asarray(pad_at, dtype=np.float64)
+            if at.shape != (2,) or not np.all(np.isfinite(at)) or not _in_training_area(at):
+                raise ConfigError(f"pad_at must be an (x, y) inside the placement area {AREA_LOW.tolist()} to "
+                                  f"{AREA_HIGH.tolist()} m, got {pad_at!r}")
+            if pads != 1:
+                raise ConfigError(f"pad_at places one pad: it needs pads=1, got pads={pads}")
+            self.pad_at = at
         # The table's colour (default TABLE_RGBA's); the table_colour variant draws away from whichever it is.
         table = tuple(float(c) for c in (TABLE_RGBA[:3] if table_rgb is None else table_rgb))
         if len(table) != 3 or not all(0.0 <= c <= 1.0 for c in table):
@@ -370,6 +383,8 @@ class MujocoBackend(TabletopBackend):
         palette = self.pad_palette
         pad_colours = [palette[i] for i in rng.choice(len(palette), N_PADS, replace=False)]
         pad_xy = _sample_apart(rng, N_PADS, MIN_PAD_GAP, [], "pads")
+        if self.pad_at is not None:  # one pad is shown (pads=1): whichever the goal names sits there
+            pad_xy = [self.pad_at.copy() for _ in pad_xy]
         obj_xy = _sample_apart(rng, N_OBJECTS, MIN_OBJECT_GAP, [(c, PAD_CLEARANCE) for c in pad_xy], "cubes")
         obj_yaw = rng.uniform(-np.pi / 4, np.pi / 4, N_OBJECTS)
         goal = spec.sample_goal(rng, obj_colours, pad_colours)
