@@ -261,3 +261,33 @@ def test_until_success_ends_the_episode_at_its_first_success(physics):
     assert physics.success()  # it ends solved...
     assert not any(cut)  # ...and no step before the last one started from a solved scene
     assert len(cut) < len(whole) and not any(whole[:len(cut)])
+
+
+def test_the_pick_expert_closes_in_on_a_cone_never_straight_down_beside_the_cube(physics):
+    """Before it closes, every downward step of the expert also moves it towards the cube while it is
+    off to the side, its height over the cube shrinks with the distance to the side (the cone), and the
+    open fingertips stay above the cube's top until the cube is between them."""
+    from vla_scale.eval.experts import CARRY_Z, FUNNEL_RISE, FUNNEL_SLOPE, MAX_STEP, make_expert
+
+    for seed in range(5):
+        physics.reset("pick_place", seed)
+        expert = make_expert("pick_place")
+        on_cone = False
+        for _ in range(120):
+            view = physics.scene()
+            action, done = expert.act(view)
+            if done or action[6] > 0.5:
+                break
+            cube = view.objects[view.goal["object"]]
+            off = np.linalg.norm(cube[:2] - view.ee_pos[:2])
+            if off > 0.005 and action[2] < 0:
+                to_cube = (cube[:2] - view.ee_pos[:2]) / off
+                assert float(action[:2] @ to_cube) > 0, (seed, view.ee_pos, cube)
+            cone = min(CARRY_Z - cube[2], FUNNEL_RISE + FUNNEL_SLOPE * off)
+            on_cone = on_cone or view.ee_pos[2] - cube[2] <= cone
+            if on_cone:  # once on the cone (from home it first comes down to it), it stays within a step of it
+                assert view.ee_pos[2] - cube[2] <= cone + MAX_STEP, (seed, view.ee_pos, cube)
+            if off > 0.02:  # the fingertips reach 15 mm under the grasp point
+                assert view.ee_pos[2] - 0.015 > cube[2] + view.object_half, (seed, view.ee_pos, cube)
+            physics.step(action)
+        assert action[6] > 0.5 and physics.scene().held is None  # it got to the closing step

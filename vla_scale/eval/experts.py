@@ -29,6 +29,11 @@ MAX_STEP = 0.018  # metres per step: just inside the backend's 0.02 limit
 CARRY_Z = 0.12  # grasp-point height for moving above other cubes (they are 4 cm tall)
 NEAR_GAP = 0.062  # centre to centre: two yawed cubes (corners 28 mm out) never touch, well under NEAR_DISTANCE
 REACHED = 0.002  # metres: a phase's target counts as reached within this
+# The approach cone (`_funnel`): height over the target per metre of horizontal distance, plus a margin. At
+# 2.0 the open fingertips (15 mm under the grasp point) clear a cube's top until the cube is between them;
+# every pick task's expert succeeded in 40/40 episodes with it (as with the two-leg path before it).
+FUNNEL_SLOPE = 2.0
+FUNNEL_RISE = 0.01
 # Phase: (view -> target end-effector position, gripper command, steps to hold after reaching the target)
 Phase = tuple[Callable[[SceneView], np.ndarray], float, int]
 
@@ -37,15 +42,33 @@ def _above(xy: np.ndarray, z: float) -> np.ndarray:
     return np.array([xy[0], xy[1], z])
 
 
+def _funnel(point: Callable[[SceneView], np.ndarray]) -> Callable[[SceneView], np.ndarray]:
+    """A target that leads the gripper down a cone onto `point(view)`: right above the point at any
+    horizontal distance e, at FUNNEL_RISE + FUNNEL_SLOPE * e over it (capped at CARRY_Z), so the gripper
+    closes in sideways and downwards at once and only the last millimetres are straight down.
+
+    A path of two legs (over the point at the carrying height, then straight down) asks a policy that
+    sees one frame to decide when it is exactly over the point, and one that decided too early went
+    down beside the cube and closed on nothing. On the cone every action is a smooth function of
+    where the point is relative to the gripper, and a gripper off to the side is led up and across."""
+    def target(v: SceneView) -> np.ndarray:
+        p = point(v)
+        e = float(np.linalg.norm(p[:2] - v.ee_pos[:2]))
+        if e <= REACHED:
+            return p
+        return _above(p[:2], p[2] + min(CARRY_Z - p[2], FUNNEL_RISE + FUNNEL_SLOPE * e))
+    return target
+
+
 def _pick_then_place(place_xyz: Callable[[SceneView], np.ndarray]) -> list[Phase]:
     """Grasp the goal object and release it with its centre at `place_xyz(view)`."""
     obj = lambda v: v.objects[v.goal["object"]]  # noqa: E731
     return [
-        (lambda v: _above(obj(v)[:2], CARRY_Z), 0.0, 0),
+        (_funnel(lambda v: obj(v).copy()), 0.0, 0),
         (lambda v: obj(v).copy(), 0.0, 0),
         (lambda v: v.ee_pos.copy(), 1.0, 5),
         (lambda v: _above(v.ee_pos[:2], CARRY_Z), 1.0, 0),
-        (lambda v: _above(place_xyz(v)[:2], CARRY_Z), 1.0, 0),
+        (_funnel(lambda v: place_xyz(v) + [0, 0, 0.004]), 1.0, 0),
         (lambda v: place_xyz(v) + [0, 0, 0.004], 1.0, 2),  # released 4 mm up: it drops onto its support
         (lambda v: v.ee_pos.copy(), 0.0, 5),
         (lambda v: _above(v.ee_pos[:2], CARRY_Z), 0.0, 0),
