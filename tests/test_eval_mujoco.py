@@ -291,3 +291,14 @@ def test_the_pick_expert_closes_in_on_a_cone_never_straight_down_beside_the_cube
                 assert view.ee_pos[2] - 0.015 > cube[2] + view.object_half, (seed, view.ee_pos, cube)
             physics.step(action)
         assert action[6] > 0.5 and physics.scene().held is None  # it got to the closing step
+
+
+def test_pick_place_expert_stands_still_one_step_at_the_grasp_and_one_at_the_release(physics):
+    """Zero-motion frames are fixed points for a policy that sees one frame; the demonstrations keep them few."""
+    actions, _, ok = _episode(physics, 4)
+    assert ok
+    still = np.flatnonzero(np.linalg.norm(actions[:, :3], axis=1) == 0)
+    assert len(still) == 2
+    closes, opens = still
+    assert actions[closes, 6] == 1.0 and actions[closes - 1, 6] == 0.0  # the step that closes the gripper
+    assert actions[opens, 6] == 0.0 and actions[opens - 1, 6] == 1.0  # the step that opens it

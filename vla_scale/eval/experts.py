@@ -34,6 +34,13 @@ REACHED = 0.002  # metres: a phase's target counts as reached within this
 # every pick task's expert succeeded in 40/40 episodes with it (as with the two-leg path before it).
 FUNNEL_SLOPE = 2.0
 FUNNEL_RISE = 0.01
+# Steps to stand still after closing and after opening the gripper. One is enough for the weld grasp (the
+# cube is fixed to the gripper when the command closes), and a policy that sees one frame was seen to
+# close in mid-air and then stand still for good: standing still with the gripper closed is what it had
+# seen five times per demonstration, and a zero-motion action is a fixed point (the next frame is the
+# same, so is the next action). move_near keeps five: with one, fingers still opening as the gripper
+# lifts knocked the neighbouring cube in 5/60 episodes.
+HOLD = {"move_near": 5}
 # Phase: (view -> target end-effector position, gripper command, steps to hold after reaching the target)
 Phase = tuple[Callable[[SceneView], np.ndarray], float, int]
 
@@ -60,17 +67,19 @@ def _funnel(point: Callable[[SceneView], np.ndarray]) -> Callable[[SceneView], n
     return target
 
 
-def _pick_then_place(place_xyz: Callable[[SceneView], np.ndarray]) -> list[Phase]:
-    """Grasp the goal object and release it with its centre at `place_xyz(view)`."""
+def _pick_then_place(place_xyz: Callable[[SceneView], np.ndarray], hold: int) -> list[Phase]:
+    """Grasp the goal object and release it with its centre at `place_xyz(view)`, standing still for `hold`
+    steps after closing and after opening the gripper."""
     obj = lambda v: v.objects[v.goal["object"]]  # noqa: E731
     return [
         (_funnel(lambda v: obj(v).copy()), 0.0, 0),
         (lambda v: obj(v).copy(), 0.0, 0),
-        (lambda v: v.ee_pos.copy(), 1.0, 5),
+        (lambda v: v.ee_pos.copy(), 1.0, hold),
         (lambda v: _above(v.ee_pos[:2], CARRY_Z), 1.0, 0),
         (_funnel(lambda v: place_xyz(v) + [0, 0, 0.004]), 1.0, 0),
-        (lambda v: place_xyz(v) + [0, 0, 0.004], 1.0, 2),  # released 4 mm up: it drops onto its support
-        (lambda v: v.ee_pos.copy(), 0.0, 5),
+        # released 4 mm up: it drops onto its support (after standing still for two steps where hold > 1)
+        (lambda v: place_xyz(v) + [0, 0, 0.004], 1.0, 2 if hold > 1 else 0),
+        (lambda v: v.ee_pos.copy(), 0.0, hold),
         (lambda v: _above(v.ee_pos[:2], CARRY_Z), 0.0, 0),
     ]
 
@@ -177,7 +186,7 @@ def make_expert(task: str) -> Any:
     if task == "push":
         return PushExpert()
     place = {"pick_place": _pad_place, "move_near": _near_place, "stack": _stack_place}[task]
-    return PhaseExpert(_pick_then_place(place))
+    return PhaseExpert(_pick_then_place(place, HOLD.get(task, 1)))
 
 
 class SceneExpert:
