@@ -7,8 +7,9 @@
    model was measured not to see small cubes on the brown table, nor to bind
    an instruction's colour to one of four cubes, nor, within the demo's
    budget, to locate the pad as it does the cube (BENCHMARKS.md 9).
-1. Data: the scripted experts solve the demo's tasks in the simulator (the
-   training episodes with DART noise on their moves, `noise`); every
+1. Data: the scripted experts solve the demo's tasks in the simulator, each
+   episode up to its first success (DART noise on their moves is available
+   as `noise`, off by default); every
    step becomes a robot sample, and questions about a share of those frames
    (captions, colours, presence, spatial relations, points to grasp) become
    VQA, spatial and affordance shards, answered from the simulator's state

@@ -41,15 +41,14 @@ on a `vl_rate` share of the steps of those episodes.
     from vla_scale.data.schema import robot_sample, vl_sample
     from vla_scale.data.stats import stats_for_shards
     from vla_scale.data.writer import ShardWriter
-    from vla_scale.eval.experts import run_expert
+    from vla_scale.eval.experts import check_noise, run_expert
     from vla_scale.eval.mujoco_backend import MujocoBackend
     from vla_scale.eval.scene_qa import questions
     from vla_scale.eval.tasks import get_task
 
     if episodes < 1:
         raise ConfigError(f"episodes must be at least 1, got {episodes}")
-    if not (np.isfinite(noise) and noise >= 0):
-        raise ConfigError(f"noise must be a finite standard deviation >= 0 in metres, got {noise}")
+    check_noise(noise)  # before any folder exists
     for t in tasks:
         get_task(t)
     out = Path(out)

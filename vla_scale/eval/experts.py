@@ -199,6 +199,12 @@ class SceneExpert:
         return self.inner.act(self.backend.scene())
 
 
+def check_noise(noise: float) -> None:
+    """ConfigError unless `noise` is a usable DART standard deviation (metres, finite, >= 0)."""
+    if not (np.isfinite(noise) and noise >= 0):
+        raise ConfigError(f"noise must be a finite standard deviation >= 0 in metres, got {noise}")
+
+
 def run_expert(backend: Backend, task: str, seed: int, on_step: Callable[[Any, np.ndarray, int], None] | None = None,
                *, variant: str | None = None, noise: float = 0.0, until_success: bool = False) -> bool:
     """One expert episode under the perturbation `variant` (None: unperturbed); `on_step(observation, action,
@@ -215,8 +221,7 @@ def run_expert(backend: Backend, task: str, seed: int, on_step: Callable[[Any, n
     `until_success`: end the episode at the first step after which the task holds (as evaluation episodes
     end, LIBERO's and SimplerEnv's rule), so no demonstration shows what comes after (lifting away from a
     placed cube looks like the descent to it, and a one-frame policy cannot tell the two apart)."""
-    if noise < 0 or not np.isfinite(noise):
-        raise ConfigError(f"noise must be a finite standard deviation >= 0 in metres, got {noise}")
+    check_noise(noise)
     obs = backend.reset(task, seed, variant)
     expert = make_expert(task)
     rng = np.random.default_rng([seed, 0xDA27])
