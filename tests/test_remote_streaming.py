@@ -229,6 +229,42 @@ def test_a_cache_limit_evicts_downloaded_shards_only(s3, remote, tiny_config, ti
         _loader(tiny_config, tiny_llava, tmp_path / "cache2", f"data.storage.cache_limit={largest}")
 
 
+def test_a_shard_evicted_while_a_worker_waits_for_it_is_downloaded_again(s3, remote, tiny_config, tiny_llava, tmp_path):
+    """The race that hung CI once: a loader worker's ready thread waits for a shard that another worker is
+    downloading; the download ends and, before the waiting thread looks again, the shard is evicted to make
+    room (REMOTE again). streaming 0.13's ready thread then waits for good; ours downloads it again."""
+    import threading
+    import time
+
+    from streaming.base.dataset import _Iterator, _ShardState
+
+    indexes = [json.loads(_download(s3, f"{name}/index.json"))["shards"] for name in ("robot", "vqa")]
+    largest = max(s["raw_data"]["bytes"] for shards in indexes for s in shards)
+    loader, _ = _loader(tiny_config, tiny_llava, tmp_path / "cache", f"data.storage.cache_limit={4 * largest}",
+                        f"data.sources=[{{name: robot, task: robot, path: 's3://{BUCKET}/robot', weight: 0.5}}, "
+                        f"{{name: vqa, task: vqa, path: 's3://{BUCKET}/vqa', weight: 0.5}}]")
+    ds = loader.dataset
+    shard = int(np.flatnonzero(np.asarray(ds.stream_per_shard) == 0)[0])  # a shard of the remote robot source
+    assert ds.streams[0].remote and ds._shard_states[shard] == _ShardState.REMOTE
+    ds._event = threading.Event()
+    ds._shard_states[shard] = _ShardState.PREPARING  # "another worker is downloading it"
+    it = _Iterator(np.array([int(np.sum(ds.samples_per_shard[:shard]))], dtype=np.int64))
+    waiter = threading.Thread(target=ds._ready_thread, args=(it,), daemon=True)
+    waiter.start()
+    try:
+        time.sleep(1.0)  # about 140 of streaming's 7 ms polls: the thread waits inside its loop
+        assert waiter.is_alive() and it.ready_index == 0  # a download in progress is waited for, not repeated
+        ds._shard_states[shard] = _ShardState.REMOTE  # "it finished, and was evicted before this thread looked"
+        waiter.join(120)
+        assert not waiter.is_alive(), "the ready thread still waits for a shard that nobody is downloading"
+    finally:
+        ds._event.set()  # release the thread whatever happened
+        it.non_blocking_exit()
+    assert it.ready_index == 1 and ds._shard_states[shard] == _ShardState.LOCAL
+    raw = ds.shards[shard].file_pairs[0][0].basename
+    assert any(p.name == raw for p in (tmp_path / "cache").rglob("*"))  # downloaded again, into the cache
+
+
 def test_a_corrupt_remote_shard_is_named_and_not_left_in_the_cache(s3, remote, tiny_config, tiny_llava, tmp_path,
                                                                     capsys):
     from vla_scale.data.writer import ShardWriter

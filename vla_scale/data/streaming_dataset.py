@@ -25,6 +25,13 @@ this class the first time each process opens them (streaming checks only what it
 With a cache limit, only shards cached from a remote are ever evicted: streaming's own eviction
 would delete the files of a local source folder.
 
+Eviction race. streaming's ready thread (one per loader worker) asks for a shard only if it is
+REMOTE when it reaches it, then waits for it to turn LOCAL. Under a cache limit the shard it waits
+for can be downloaded (by another worker) and evicted again (by any worker making room) between two
+of its polls: it then waits for good, and so does training (seen in CI: a hang in
+`test_a_cache_limit_evicts_downloaded_shards_only`). `_ready_thread` here asks again whenever the
+shard it waits for is back to REMOTE (`_wait_until_local`).
+
 This module must not change which samples streaming picks, only where they sit in a batch.
 Defined at module level so that loader workers started with spawn can unpickle it.
 """
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+from time import sleep
 from typing import Any, Iterator
 
 import numpy as np
@@ -138,6 +146,37 @@ class CoTrainingDataset(_streaming.StreamingDataset):
             raise DataError(f"data.storage.cache_limit={self.cache_limit} bytes is too small: no downloaded shard "
                             "is left to evict; raise it (at least 4x the largest shard)")
         self._evict_shard(int(ids[int(np.argmin(times[ids]))]))
+
+    def _ready_thread(self, it: Any) -> None:
+        """streaming's ready thread (same protocol on `it`: stop when it should exit, at the end of
+        the epoch or when another thread failed; stay at most `predownload` samples ahead of the yield
+        loop), except that the wait for a shard survives its eviction (see the module docstring)."""
+        from streaming.base.constant import TICK
+
+        while not it.should_exit() and it.ready_index < it.total and not self._event.is_set():
+            if self.predownload is not None and it.ready_index - it.yield_index > self.predownload:
+                sleep(TICK)
+                continue
+            sample_id = int(it.sample_ids[it.ready_index])
+            if sample_id != -1:
+                self._wait_until_local(int(self.spanner[sample_id][0]), TICK)
+            it.ready_index += 1
+        it.on_exit()
+
+    def _wait_until_local(self, shard_id: int, tick: float) -> None:
+        """Return once the shard is LOCAL (or another thread failed), downloading it here each time it
+        is found REMOTE: at the start, or again after someone evicted it before this thread saw it LOCAL.
+        A shard being downloaded by another worker (PREPARING) is waited for, not fetched twice."""
+        from streaming.base.dataset import _ShardState
+
+        while not self._event.is_set():
+            state = self._shard_states[shard_id]
+            if state == _ShardState.LOCAL:
+                return
+            if state == _ShardState.REMOTE:
+                self.prepare_shard(shard_id, False)
+            else:
+                sleep(tick)
 
     def _shard_name(self, shard_id: int) -> str:
         stream = self._stream_of(shard_id)
