@@ -178,6 +178,18 @@ def test_the_pipeline_feeds_every_listed_camera_and_the_state_text(tiny_config, 
     assert batch["pixel_values"].shape == (4, 3, 3, 16, 16)
     vl = [i for i, s in enumerate(batch["source"].tolist()) if loader.source_names[s] == "vqa"]
     assert vl and all(batch["image_mask"][i].tolist() == [False, True, False] for i in vl)
+    # A sample is read the same whatever it is batched with. (A VL sample's absent cameras were once float
+    # zeros: stacking them promoted the whole mixed batch to float 0-255, which the encoders read as [0, 1]
+    # floats, so the model trained on other inputs than robot-only batches, validation and the policy gave.)
+    assert batch["pixel_values"].dtype == torch.uint8
+    robot = [i for i in range(4) if i not in vl]
+    vla, _ = build_vla(cfg.model)
+    vla.eval()
+    alone = {k: v[robot] for k, v in batch.items() if torch.is_tensor(v) and v.shape[:1] == (4,)}
+    with torch.no_grad():
+        mixed_loss = vla(batch).sample_loss_sum[robot]
+        alone_loss = vla(alone).sample_loss_sum
+    torch.testing.assert_close(mixed_loss, alone_loss, rtol=1e-5, atol=1e-6)
 
 
 def test_a_robot_source_without_a_listed_camera_or_state_is_an_error(tiny_config, tiny_llava, tmp_path):

@@ -283,7 +283,9 @@ class SampleProcessor:
                 if robot:
                     raise DataError(f"{where}: no camera {cam!r} (column {camera_column(cam)!r}) in this robot "
                                     f"sample, but data.cameras lists it")
-                pixels.append(torch.zeros(3, self.image_size, self.image_size))
+                # uint8 like every present camera: one float image would promote a whole stacked batch to
+                # float 0-255, which the encoders read as [0, 1] floats (see `collate`).
+                pixels.append(torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8))
                 present.append(False)
                 continue
             # Robot frames only: VL answers may hold image coordinates that a crop would falsify. Each camera
@@ -320,6 +322,12 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
     if "state" in samples[0]:  # data.state: projection
         extra = {"state": torch.stack([s["state"] for s in samples]),
                  "state_mask": torch.tensor([bool(s["state_mask"]) for s in samples])}
+    dtypes = {s["pixels"].dtype for s in samples}
+    if dtypes != {torch.uint8}:
+        # torch.stack would silently promote uint8 pixels to float 0-255, which the vision encoders take for
+        # [0, 1] floats (models/vision.py): a batch must not change how its images are read.
+        raise DataError(f"pixels must be uint8 (3, H, W) or (C, 3, H, W) in every sample of a batch, got "
+                        f"{sorted(str(d) for d in dtypes)}")
     masks = [s.get("image_mask") or [True] for s in samples]
     if any(len(m) > 1 or not all(m) for m in masks):  # several cameras, or a sample without an image
         extra["image_mask"] = torch.tensor(masks, dtype=torch.bool)
