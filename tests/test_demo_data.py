@@ -137,3 +137,29 @@ def test_dart_noise_in_the_demonstrations_is_reproducible_and_bad_noise_writes_n
     with pytest.raises(ConfigError, match="noise"):
         write_sim_data(tmp_path / "bad_noise", ["pick_place"], episodes=1, seed=7, noise=-1.0)
     assert not (tmp_path / "bad_noise").exists()
+
+
+def test_a_wrist_camera_is_stored_with_every_robot_step_and_bad_cameras_write_nothing(tmp_path, read_plain):
+    """With cameras=("primary", "wrist") each robot sample holds that step's wrist view (the first step's is
+    the reset's, rendered again here); the questions stay about the primary image alone."""
+    from vla_scale.eval.mujoco_backend import MujocoBackend
+
+    scene = {"objects": 1, "pads": 1, "pad_at": (0.0, 0.16)}
+    write_sim_data(tmp_path / "d", ["pick_place"], episodes=1, seed=3, vl_rate=0.3, scene=scene,
+                   cameras=("primary", "wrist"))
+    robot = read_plain(tmp_path / "d" / "robot")
+    assert robot and all(len(r["wrist_image"]) > 0 for r in robot)
+    with MujocoBackend(cameras=("primary", "wrist"), **scene) as backend:
+        obs = backend.reset("pick_place", 3)
+    first = robot[0]
+    stored = {c: np.asarray(decode_camera_image(first[k]).convert("RGB"), dtype=float)
+              for c, k in (("primary", "image"), ("wrist", "wrist_image"))}
+    for cam in ("primary", "wrist"):
+        assert np.abs(stored[cam] - obs.images[cam]).mean() < 3.0, cam  # the same view, through JPEG
+    assert np.abs(stored["wrist"] - stored["primary"]).mean() > 20.0  # and two different views
+    for kind in VL_FOLDERS:
+        assert all(len(r["wrist_image"]) == 0 for r in read_plain(tmp_path / "d" / kind))
+    for bad in (("wrist",), ("primary", "primary"), ()):
+        with pytest.raises(ConfigError, match="cameras"):
+            write_sim_data(tmp_path / "bad", ["pick_place"], episodes=1, seed=3, cameras=bad)
+        assert not (tmp_path / "bad").exists()

@@ -69,6 +69,9 @@ class DemoBudget:
     # the pad (0.20 against 0.17 for the mean point, across the image), so the demo's task fixes the pad
     # and the policy has to find the cube by sight. The VLM stage's scenes keep drawing the pad anywhere.
     pad_at: tuple[float, float] | None = (0.0, 0.16)
+    # The robot episodes' cameras (data.cameras; the primary first). The VLM stage and the questions use the
+    # primary camera alone.
+    cameras: tuple[str, ...] = ("primary",)
     state: str = "text"  # the robot state in the prompt: "none" or "text" (data.state)
     episodes: int = 80  # expert demonstrations per task
     # DART noise on the experts' travelling moves in the training demonstrations (metres per axis, see
@@ -147,7 +150,7 @@ def prepare_data(workdir: Path, b: DemoBudget) -> tuple[Path, Path]:
                                          ("held_out", b.val_episodes, b.seed + 500_000, 0.0)):
         folder = workdir / "data" / split
         key = {"tasks": list(b.tasks), "episodes": episodes, "seed": seed, "render": b.render_size, "vl_rate": b.vl_rate,
-               "noise": noise, "ends_at_success": True, **scene_kwargs(b)}
+               "noise": noise, "ends_at_success": True, "cameras": list(b.cameras), **scene_kwargs(b)}
         if _cached(folder, key, "robot/stats.json"):
             _say(f"{split} data: cached in {folder}")
         else:
@@ -155,7 +158,7 @@ def prepare_data(workdir: Path, b: DemoBudget) -> tuple[Path, Path]:
                 shutil.rmtree(folder)
             t = time.time()
             s = write_sim_data(folder, b.tasks, episodes, seed, image_size=b.render_size, vl_rate=b.vl_rate,
-                               scene=scene_kwargs(b), noise=noise)
+                               scene=scene_kwargs(b), noise=noise, cameras=b.cameras)
             _mark(folder, key)
             counts = ", ".join(f"{k} {v['samples']}" for k, v in s.items())
             jitter = f" with DART noise of {1000 * noise:g} mm" if noise else ""
@@ -237,7 +240,8 @@ def vla_config(workdir: Path, b: DemoBudget, source: Path, data: Path, held_out:
         "data": {"sources": [{"name": n, "task": t, "path": str(data / n), "weight": w} for n, t, w in mix],
                  "val_sources": [{"name": "robot", "path": str(held_out / "robot")}]
                  + [{"name": n, "path": str(held_out / n)} for n, _, _ in mix if n == "affordance"],
-                 "val_samples": 128, "max_length": 96 if b.state == "none" else 128, "state": b.state},
+                 "val_samples": 128, "max_length": 96 if b.state == "none" else 128, "state": b.state,
+                 "cameras": list(b.cameras)},
         "train": {"steps": steps, "global_batch_size": b.batch, "micro_batch_size": b.batch, "lr": b.lr,
                   "warmup_steps": max(1, steps // 50), "checkpoint_every": max(1, steps // 2), "keep_last_k": 2,
                   "val_every": max(1, steps // 2), "log_every": max(1, steps // 20), "seed": b.seed if seed is None else seed,

@@ -30,13 +30,14 @@ VL_FOLDERS = ("vqa", "spatial", "affordance")
 
 def write_sim_data(out: str | Path, tasks: Sequence[str], episodes: int, seed: int, *, image_size: int = 128,
                    vl_rate: float = 0.3, overwrite: bool = False, scene: dict[str, Any] | None = None,
-                   noise: float = 0.0) -> dict[str, Any]:
+                   noise: float = 0.0, cameras: Sequence[str] = ("primary",)) -> dict[str, Any]:
     """Run the experts for `episodes` seeds of each task, each episode up to its first success (as evaluation
     episodes end), and write `out/robot` (successful episodes only)
     and `out/vqa` (captions and colour questions), `out/spatial`, `out/affordance`: one question of each kind
 on a `vl_rate` share of the steps of those episodes.
     `scene`: the backend's scene settings (`objects`, `pads`: `MujocoBackend`). `noise`: the experts' DART
-    noise (`run_expert`; the samples hold the expert's own actions). Returns {folder name: ShardWriter
+    noise (`run_expert`; the samples hold the expert's own actions). `cameras`: the robot samples' cameras
+    (the primary first; the questions are about the primary image). Returns {folder name: ShardWriter
     summary}."""
     from vla_scale.data.schema import robot_sample, vl_sample
     from vla_scale.data.stats import stats_for_shards
@@ -49,17 +50,21 @@ on a `vl_rate` share of the steps of those episodes.
     if episodes < 1:
         raise ConfigError(f"episodes must be at least 1, got {episodes}")
     check_noise(noise)  # before any folder exists
+    cameras = tuple(cameras)
+    if not cameras or cameras[0] != "primary" or len(set(cameras)) != len(cameras):
+        raise ConfigError(f"cameras must start with 'primary' and name each camera once, got {list(cameras)}")
     for t in tasks:
         get_task(t)
     out = Path(out)
     meta = {"tasks": list(tasks), "episodes_per_task": episodes, "seed": seed, "noise": noise, **(scene or {})}
-    writers = {"robot": ShardWriter(out / "robot", overwrite=overwrite, metadata={**meta, "source": "mujoco_demo"})}
+    writers = {"robot": ShardWriter(out / "robot", overwrite=overwrite, metadata={**meta, "source": "mujoco_demo"},
+                                    cameras=cameras)}
     for folder in VL_FOLDERS:
         writers[folder] = ShardWriter(out / folder, overwrite=overwrite,
                                       metadata={**meta, "source": f"mujoco_scene_{folder}"})
     rng = np.random.default_rng([seed, 0xDA7A])
     try:
-        with MujocoBackend(cameras=("primary",), image_size=image_size, **(scene or {})) as backend:
+        with MujocoBackend(cameras=cameras, image_size=image_size, **(scene or {})) as backend:
             written = 0
             for t_index, task in enumerate(tasks):
                 for e in range(episodes):
@@ -72,7 +77,8 @@ on a `vl_rate` share of the steps of those episodes.
                         robot_rows.append(robot_sample(
                             image=obs.images["primary"], instruction=obs.instruction,
                             action=action.astype(np.float32), state=obs.state, dataset=f"mujoco_{task}",
-                            episode=e, step=step, where=where))
+                            episode=e, step=step, where=where,
+                            cameras={c: obs.images[c] for c in cameras[1:]}))
                         if rng.random() < vl_rate:
                             for kind in VL_KINDS:
                                 vl_rows.append((kind, vl_sample(
