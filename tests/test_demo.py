@@ -73,3 +73,16 @@ def test_ablation_script_writes_a_valid_table(demo):
     md = (work / "ablation.md").read_text()
     assert "(a) one encoder, bins, robot only" in md and "full method" in md and "Feature retention" in md
     assert (work / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_projected_state_takes_its_size_from_the_demonstrations(demo, tmp_path):
+    from dataclasses import replace
+
+    from vla_scale.demo import BUDGETS, vla_config
+
+    work, _ = demo
+    data, held_out = work / "data" / "train", work / "data" / "held_out"
+    for state, dim in (("projection", 8), ("text", 0)):  # the MuJoCo state: position 3, quaternion 4, opening 1
+        b = replace(BUDGETS["smoke"], state=state)
+        cfg = vla_config(work, b, work / "source_vlm", data, held_out, run_dir=tmp_path / state)
+        assert (cfg.data.state, cfg.model.state_dim) == (state, dim)

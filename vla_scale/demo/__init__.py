@@ -72,7 +72,10 @@ class DemoBudget:
     # The robot episodes' cameras (data.cameras; the primary first). The VLM stage and the questions use the
     # primary camera alone.
     cameras: tuple[str, ...] = ("primary",)
-    state: str = "text"  # the robot state in the prompt: "none" or "text" (data.state)
+    # The robot state: "none", "text" in the prompt, or "projection" (one token, a linear map of the normalised
+    # state; model.state_dim is read from the data). Measured (BENCHMARKS.md 9g): with the cube's exact offset
+    # added to the state, only the projected state gave the tiny LLM its first successes.
+    state: str = "text"
     episodes: int = 80  # expert demonstrations per task
     # DART noise on the experts' travelling moves in the training demonstrations (metres per axis, see
     # `run_expert`); held-out episodes are always clean. Off by default: in the runs made with 6 mm the
@@ -219,6 +222,18 @@ def prepare_source_vlm(workdir: Path, b: DemoBudget) -> tuple[Path, dict[str, An
     return folder, summary
 
 
+def state_size(robot: Path) -> int:
+    """The robot state's length in a folder of robot shards (its first sample's), for `model.state_dim`."""
+    from vla_scale.data.schema import optional_array
+    from vla_scale.data.streaming_compat import import_streaming
+
+    ds = import_streaming().StreamingDataset(local=str(robot), shuffle=False, batch_size=1)
+    state = optional_array(ds[0].get("state"))
+    if state is None:
+        raise ConfigError(f"{robot}: the robot samples hold no state; use DemoBudget(state='none')")
+    return int(state.size)
+
+
 def vla_config(workdir: Path, b: DemoBudget, source: Path, data: Path, held_out: Path, *,
                mix: tuple[tuple[str, str, float], ...] = MIX, frozen: bool = True, action_tokenizer: str = "string",
                run_dir: Path | None = None, seed: int | None = None) -> Any:
@@ -235,7 +250,7 @@ def vla_config(workdir: Path, b: DemoBudget, source: Path, data: Path, held_out:
     cfg = {
         "run": {"output_dir": str(run_dir), "name": "demo"},
         "model": {"source": str(source), "source_type": "llava", "encoders": encoders, "projector": {"init": "source"},
-                  "image_size": b.image_size},
+                  "image_size": b.image_size, "state_dim": state_size(data / "robot") if b.state == "projection" else 0},
         "actions": {"dim": 7, "style": "fixed", "decimals": b.decimals, "tokenizer": action_tokenizer},
         "data": {"sources": [{"name": n, "task": t, "path": str(data / n), "weight": w} for n, t, w in mix],
                  "val_sources": [{"name": "robot", "path": str(held_out / "robot")}]
