@@ -1,6 +1,7 @@
 """The built-in MuJoCo tabletop: experts solve every task, resets are deterministic to the pixel,
 offscreen rendering works, and expert demonstrations become readable robot shards with statistics."""
 import os
+from dataclasses import replace
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported: headless offscreen rendering (llvmpipe)
 
@@ -252,6 +253,69 @@ def test_pad_at_fixes_the_pad_and_keeps_the_cubes_clear_of_it():
                        ({"pad_at": (0.0,), "pads": 1}, "pad_at")):
         with pytest.raises(ConfigError, match=match):
             MujocoBackend(cameras=(), **bad)
+
+
+SPOTS = [(-0.08, -0.12), (0.08, -0.12), (-0.08, 0.02), (0.08, 0.02)]
+
+
+def test_object_at_puts_the_cube_on_a_spot_drawn_per_seed_and_changes_nothing_else():
+    """Each episode's cube sits on one of the spots, every spot comes up over a few seeds, the instruction,
+    goal and pad are those of the same seed without spots, a variant keeps the seed's spot, and the expert
+    solves them."""
+    scene = {"objects": 1, "pads": 1, "pad_at": (0.0, 0.16)}
+    with MujocoBackend(cameras=(), **scene, object_at=SPOTS) as spots, MujocoBackend(cameras=(), **scene) as free:
+        seen, solved = set(), 0
+        for seed in range(16):
+            obs = spots.reset("pick_place", seed)
+            view = spots.scene()
+            cube = view.objects[view.goal["object"]]
+            hits = [i for i, p in enumerate(SPOTS) if np.allclose(cube[:2], p, atol=1e-6)]
+            assert len(hits) == 1, (seed, cube)
+            seen.add(hits[0])
+            assert obs.instruction == free.reset("pick_place", seed).instruction
+            assert view.goal == free.scene().goal and view.pads.keys() == free.scene().pads.keys()
+            for variant in ("distractors", "lighting"):
+                spots.reset("pick_place", seed, variant)
+                moved = spots.scene()
+                assert np.allclose(moved.objects[moved.goal["object"]][:2], SPOTS[hits[0]], atol=1e-6)
+            solved += run_expert(spots, "pick_place", seed)
+        assert seen == set(range(len(SPOTS)))
+        assert solved >= 15
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"object_at": [(0.5, 0.0)], "pad_at": (0.0, 0.16)}, "placement area"),
+    ({"object_at": [(0.0,)], "pad_at": (0.0, 0.16)}, "placement area"),
+    ({"object_at": [[0.0], [1.0, 2.0]], "pad_at": (0.0, 0.16)}, "placement area"),
+    ({"object_at": [], "pad_at": (0.0, 0.16)}, "placement area"),
+    ({"object_at": [(0.0, 0.12)], "pad_at": (0.0, 0.16)}, r"within 0\.\d+ m of the pad"),
+    ({"object_at": [(0.0, -0.1)]}, "needs objects=1 and pad_at"),
+])
+def test_bad_object_at_is_a_config_error_naming_it(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        MujocoBackend(cameras=(), objects=1, pads=1, **bad)
+    with pytest.raises(ConfigError, match="objects=1"):
+        MujocoBackend(cameras=(), objects=2, pads=1, pad_at=(0.0, 0.16), object_at=SPOTS)
+
+
+def test_the_pick_expert_closes_within_the_grasp_reach_of_the_cube_not_only_at_its_centre(physics):
+    """Once at the cube's phase, a gripper 5 mm to the side and 3 mm up (a cube that slid, a noisy arrival)
+    closes where it is; 12 mm to the side it keeps moving towards the cube with the gripper open."""
+    from vla_scale.eval.experts import GRASP_REACH, make_expert
+
+    physics.reset("pick_place", 2)
+    view = physics.scene()
+    cube = view.objects[view.goal["object"]]
+    for off, closes in (((0.005, 0.0, 0.003), True), ((0.012, 0.0, 0.0), False)):
+        assert (np.hypot(*off[:2]) <= GRASP_REACH[0] and abs(off[2]) <= GRASP_REACH[1]) == closes
+        expert = make_expert("pick_place")
+        expert.phase = 1  # the phase that goes to the cube's centre and hands over to closing
+        action, _ = expert.act(replace(view, ee_pos=cube + np.array(off)))
+        assert (action[6] == 1.0) == closes, off
+        if closes:
+            assert np.all(action[:3] == 0.0)  # closes where it is
+        else:
+            assert action[0] < 0  # towards the cube
 
 
 def test_until_success_ends_the_episode_at_its_first_success(physics):

@@ -29,6 +29,12 @@ MAX_STEP = 0.018  # metres per step: just inside the backend's 0.02 limit
 CARRY_Z = 0.12  # grasp-point height for moving above other cubes (they are 4 cm tall)
 NEAR_GAP = 0.062  # centre to centre: two yawed cubes (corners 28 mm out) never touch, well under NEAR_DISTANCE
 REACHED = 0.002  # metres: a phase's target counts as reached within this
+# Where the gripper closes on a cube and opens over its place: within this much of the point, horizontally and
+# vertically, not only at it: half the weld grasp's own tolerance (GRASP_XY 2 cm, GRASP_Z 1.5 cm in the MuJoCo
+# backend), well inside a pad's 5 cm half side and a stack's 2 cm alignment. A clean expert's last move lands
+# on the point anyway (moves under MAX_STEP are exact); this matters where it arrives a little off (DART noise,
+# a cube that slid) and then closes rather than creeping the last millimetres.
+GRASP_REACH = (0.008, 0.006)
 # The approach cone (`_funnel`): height over the target per metre of horizontal distance, plus a margin. At
 # 2.0 the open fingertips (15 mm under the grasp point) clear a cube's top until the cube is between them;
 # every pick task's expert succeeded in 40/40 episodes with it (as with the two-leg path before it).
@@ -41,15 +47,16 @@ FUNNEL_RISE = 0.01
 # same, so is the next action). move_near keeps five: with one, fingers still opening as the gripper
 # lifts knocked the neighbouring cube in 5/60 episodes.
 HOLD = {"move_near": 5}
-# Phase: (view -> target end-effector position, gripper command, steps to hold after reaching the target)
-Phase = tuple[Callable[[SceneView], np.ndarray], float, int]
+# Phase: (view -> target end-effector position, gripper command, steps to hold after reaching the target,
+# reached: None for within REACHED of the target, or (horizontal, vertical) tolerances)
+Phase = tuple[Callable[[SceneView], np.ndarray], float, int, "tuple[float, float] | None"]
 
 
 def _above(xy: np.ndarray, z: float) -> np.ndarray:
     return np.array([xy[0], xy[1], z])
 
 
-def _funnel(point: Callable[[SceneView], np.ndarray]) -> Callable[[SceneView], np.ndarray]:
+def _funnel(point: Callable[[SceneView], np.ndarray], reach: float = REACHED) -> Callable[[SceneView], np.ndarray]:
     """A target that leads the gripper down a cone onto `point(view)`: right above the point at any
     horizontal distance e, at FUNNEL_RISE + FUNNEL_SLOPE * e over it (capped at CARRY_Z), so the gripper
     closes in sideways and downwards at once and only the last millimetres are straight down.
@@ -57,11 +64,12 @@ def _funnel(point: Callable[[SceneView], np.ndarray]) -> Callable[[SceneView], n
     A path of two legs (over the point at the carrying height, then straight down) asks a policy that
     sees one frame to decide when it is exactly over the point, and one that decided too early went
     down beside the cube and closed on nothing. On the cone every action is a smooth function of
-    where the point is relative to the gripper, and a gripper off to the side is led up and across."""
+    where the point is relative to the gripper, and a gripper off to the side is led up and across.
+    Within `reach` horizontally the target is the point itself."""
     def target(v: SceneView) -> np.ndarray:
         p = point(v)
         e = float(np.linalg.norm(p[:2] - v.ee_pos[:2]))
-        if e <= REACHED:
+        if e <= reach:
             return p
         return _above(p[:2], p[2] + min(CARRY_Z - p[2], FUNNEL_RISE + FUNNEL_SLOPE * e))
     return target
@@ -71,16 +79,19 @@ def _pick_then_place(place_xyz: Callable[[SceneView], np.ndarray], hold: int) ->
     """Grasp the goal object and release it with its centre at `place_xyz(view)`, standing still for `hold`
     steps after closing and after opening the gripper."""
     obj = lambda v: v.objects[v.goal["object"]]  # noqa: E731
+    release = lambda v: place_xyz(v) + [0, 0, 0.004]  # noqa: E731
     return [
-        (_funnel(lambda v: obj(v).copy()), 0.0, 0),
-        (lambda v: obj(v).copy(), 0.0, 0),
-        (lambda v: v.ee_pos.copy(), 1.0, hold),
-        (lambda v: _above(v.ee_pos[:2], CARRY_Z), 1.0, 0),
-        (_funnel(lambda v: place_xyz(v) + [0, 0, 0.004]), 1.0, 0),
-        # released 4 mm up: it drops onto its support (after standing still for two steps where hold > 1)
-        (lambda v: place_xyz(v) + [0, 0, 0.004], 1.0, 2 if hold > 1 else 0),
-        (lambda v: v.ee_pos.copy(), 0.0, hold),
-        (lambda v: _above(v.ee_pos[:2], CARRY_Z), 0.0, 0),
+        # down the cone onto the cube; the gripper closes once it is within GRASP_REACH of the centre
+        (_funnel(lambda v: obj(v).copy(), GRASP_REACH[0]), 0.0, 0, None),
+        (lambda v: obj(v).copy(), 0.0, 0, GRASP_REACH),
+        (lambda v: v.ee_pos.copy(), 1.0, hold, None),
+        (lambda v: _above(v.ee_pos[:2], CARRY_Z), 1.0, 0, None),
+        (_funnel(release, GRASP_REACH[0]), 1.0, 0, None),
+        # released 4 mm up (within GRASP_REACH): it drops onto its support (after standing still for two
+        # steps where hold > 1)
+        (release, 1.0, 2 if hold > 1 else 0, GRASP_REACH),
+        (lambda v: v.ee_pos.copy(), 0.0, hold, None),
+        (lambda v: _above(v.ee_pos[:2], CARRY_Z), 0.0, 0, None),
     ]
 
 
@@ -168,11 +179,13 @@ class PhaseExpert:
         """(action, done): done once the last phase has been reached and held."""
         if self.phase >= len(self.phases):
             return np.zeros(ACTION_DIM), True
-        fn, gripper, hold = self.phases[self.phase]
+        fn, gripper, hold, reach = self.phases[self.phase]
         if self.target is None or hold == 0:
             # Holding phases freeze their target when they start ("stay here"); moving phases follow the scene.
             self.target = fn(v)
-        if np.linalg.norm(self.target - v.ee_pos) < REACHED:
+        off = self.target - v.ee_pos
+        if (np.linalg.norm(off) < REACHED if reach is None else
+                np.linalg.norm(off[:2]) <= reach[0] and abs(off[2]) <= reach[1]):
             if self.held_for >= hold:
                 self.phase, self.held_for, self.target = self.phase + 1, 0, None
                 return self.act(v)

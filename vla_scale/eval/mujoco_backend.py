@@ -82,6 +82,7 @@ PAD_COLOURS = {"white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "grey":
 AREA_LOW, AREA_HIGH = np.array([-0.15, -0.2]), np.array([0.15, 0.2])
 MIN_OBJECT_GAP = NEAR_DISTANCE + 0.03
 MIN_PAD_GAP = 2 * PAD_HALF + 0.04
+OBJECT_AT_STREAM = 0x5B07  # the second seed word of the generator that picks an `object_at` spot
 PAD_CLEARANCE = PAD_HALF * np.sqrt(2) + OBJECT_HALF * 2  # a cube's centre keeps this far from a pad's centre
 
 # -- perturbations (see perturbations.py for the suites; every range below is what `reset` draws from) --
@@ -285,7 +286,8 @@ class MujocoBackend(TabletopBackend):
 
     def __init__(self, *, cameras: Sequence[str] = ("primary",), image_size: int = 128, objects: int = N_OBJECTS,
                  pads: int = N_PADS, table_rgb: Sequence[float] | None = None,
-                 pad_at: Sequence[float] | None = None) -> None:
+                 pad_at: Sequence[float] | None = None,
+                 object_at: Sequence[Sequence[float]] | None = None) -> None:
         import mujoco
 
         if not (isinstance(objects, int) and 1 <= objects <= N_OBJECTS):
@@ -308,6 +310,27 @@ class MujocoBackend(TabletopBackend):
             if pads != 1:
                 raise ConfigError(f"pad_at places one pad: it needs pads=1, got pads={pads}")
             self.pad_at = at
+        # Spots for the (one) cube, e.g. the demo's: each episode puts the goal cube on one of them, drawn
+        # from the episode seed by a generator of its own (every other draw stays as without it), so the
+        # policy has to see which spot it is on but not regress its place from anywhere on the table.
+        self.object_at = None
+        if object_at is not None:
+            try:
+                spots = np.asarray(object_at, dtype=np.float64)
+            except (TypeError, ValueError):
+                spots = np.zeros((0, 2))
+            if spots.ndim != 2 or spots.shape[1] != 2 or len(spots) == 0 or not np.all(np.isfinite(spots)) \
+                    or not all(_in_training_area(p) for p in spots):
+                raise ConfigError(f"object_at must be a list of (x, y) spots inside the placement area "
+                                  f"{AREA_LOW.tolist()} to {AREA_HIGH.tolist()} m, got {object_at!r}")
+            if objects != 1 or self.pad_at is None:
+                raise ConfigError(f"object_at places the one cube: it needs objects=1 and pad_at (so that no spot "
+                                  f"lies on a pad), got objects={objects}, pad_at={pad_at!r}")
+            close = [p.tolist() for p in spots if np.linalg.norm(p - self.pad_at) < PAD_CLEARANCE]
+            if close:
+                raise ConfigError(f"object_at: spots {close} are within {PAD_CLEARANCE:.3f} m of the pad at "
+                                  f"{self.pad_at.tolist()}; a cube there would touch it")
+            self.object_at = spots
         # The table's colour (default TABLE_RGBA's); the table_colour variant draws away from whichever it is.
         table = tuple(float(c) for c in (TABLE_RGBA[:3] if table_rgb is None else table_rgb))
         if len(table) != 3 or not all(0.0 <= c <= 1.0 for c in table):
@@ -400,6 +423,10 @@ class MujocoBackend(TabletopBackend):
             instruction = spec.instruction(goal, rng)
         if variant == PARAPHRASE:
             instruction = spec.paraphrase(goal, vrng)
+        if self.object_at is not None:  # objects=1: the goal's cube is the one shown
+            spot = np.random.default_rng([seed, OBJECT_AT_STREAM]).integers(len(self.object_at))
+            obj_xy = list(obj_xy)
+            obj_xy[names.index(goal["object"])] = self.object_at[int(spot)].copy()
         self._goal, self._instruction = goal, instruction
         visible = self._shown(names, goal, N_OBJECTS, self.n_objects, f"task {task!r}", "objects")
         shown_pads = self._shown(pad_colours, goal, N_PADS, self.n_pads, f"task {task!r}", "pads")
