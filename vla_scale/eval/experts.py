@@ -29,11 +29,12 @@ MAX_STEP = 0.018  # metres per step: just inside the backend's 0.02 limit
 CARRY_Z = 0.12  # grasp-point height for moving above other cubes (they are 4 cm tall)
 NEAR_GAP = 0.062  # centre to centre: two yawed cubes (corners 28 mm out) never touch, well under NEAR_DISTANCE
 REACHED = 0.002  # metres: a phase's target counts as reached within this
-# Where the gripper closes on a cube and opens over its place: within this much of the point, horizontally and
-# vertically, not only at it: half the weld grasp's own tolerance (GRASP_XY 2 cm, GRASP_Z 1.5 cm in the MuJoCo
-# backend), well inside a pad's 5 cm half side and a stack's 2 cm alignment. A clean expert's last move lands
-# on the point anyway (moves under MAX_STEP are exact); this matters where it arrives a little off (DART noise,
-# a cube that slid) and then closes rather than creeping the last millimetres.
+# Horizontal and vertical tolerance of the phases that hand over to closing on a cube and opening over its
+# place: half the weld grasp's own tolerance (GRASP_XY 2 cm, GRASP_Z 1.5 cm in the MuJoCo backend), well inside
+# a pad's 5 cm half side and a stack's 2 cm alignment. Within it horizontally the cone (`_funnel`) aims at the
+# point itself. The cone phase before it still ends within REACHED, so a clean expert closes at the point;
+# the tolerance matters where the point moved after that (a cube nudged by the fingers), which then closes
+# where it is rather than chasing the last millimetres.
 GRASP_REACH = (0.008, 0.006)
 # The approach cone (`_funnel`): height over the target per metre of horizontal distance, plus a margin. At
 # 2.0 the open fingertips (15 mm under the grasp point) clear a cube's top until the cube is between them;
@@ -81,7 +82,8 @@ def _pick_then_place(place_xyz: Callable[[SceneView], np.ndarray], hold: int) ->
     obj = lambda v: v.objects[v.goal["object"]]  # noqa: E731
     release = lambda v: place_xyz(v) + [0, 0, 0.004]  # noqa: E731
     return [
-        # down the cone onto the cube; the gripper closes once it is within GRASP_REACH of the centre
+        # down the cone onto the cube (straight at it within GRASP_REACH across); then to its centre, handing
+        # over to closing within GRASP_REACH of it
         (_funnel(lambda v: obj(v).copy(), GRASP_REACH[0]), 0.0, 0, None),
         (lambda v: obj(v).copy(), 0.0, 0, GRASP_REACH),
         (lambda v: v.ee_pos.copy(), 1.0, hold, None),
