@@ -95,7 +95,12 @@ def run(export: Path, style: str, batch: int, repeats: int, device: str, bandwid
     from vla_scale.policy import VLAPolicy
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    policies = {d: VLAPolicy.from_pretrained(export, device=device, dtype=dtype, decoder=d) for d in ("eager", "static")}
+    # static: the product's static decoder as the device runs it by default (CPU: the lean LLM pass; CUDA: the
+    # Hugging Face forward over a StaticCache); the other LLM pass as "static_hf" (CPU) / "static_lean" (CUDA).
+    other = "static_hf" if device == "cpu" else "static_lean"
+    kinds = {"eager": dict(decoder="eager"), "static": dict(decoder="static"),
+             other: dict(decoder="static", lean=device != "cpu")}
+    policies = {name: VLAPolicy.from_pretrained(export, device=device, dtype=dtype, **kw) for name, kw in kinds.items()}
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8) for _ in range(batch)]
     words = ["pick up the red block", "open the top drawer", "push the blue cube to the left", "stack the cups"]
@@ -126,22 +131,24 @@ def run(export: Path, style: str, batch: int, repeats: int, device: str, bandwid
 
     times = {name: statistics.median(_timeit(call(p), repeats, device)) for name, p in policies.items()}
     times["generate"] = statistics.median(_timeit(baseline, repeats, device))
-    same = bool(np.array_equal(policies["static"].predict_actions(images, texts), ref.predict_actions(images, texts)))
+    want = ref.predict_actions(images, texts)
+    same = {name: bool(np.array_equal(policies[name].predict_actions(images, texts), want)) for name in kinds}
     passes = statistics.mean(r.forward_passes for r in rows)
     llm_bytes = sum(p.numel() * p.element_size() for p in core.llm.parameters())
     row = {"style": style, "params": sum(p.numel() for p in model.parameters()), "batch": batch,
            "tokens_per_action": statistics.mean(len(r.ids) for r in rows), "passes_per_action": passes,
-           "batch_passes": ref.last_batch_decode.forward_passes, "static_equals_eager": same}
+           "batch_passes": ref.last_batch_decode.forward_passes, "static_equals_eager": same["static"],
+           f"{other}_equals_eager": same[other]}
     for name, t in times.items():
         row[f"{name}_ms_per_call"] = 1e3 * t
         row[f"{name}_ms_per_action"] = 1e3 * t / batch
         row[f"{name}_hz"] = batch / t
-    for name in ("eager", "static"):
+    for name in kinds:
         row[f"{name}_speedup"] = times["generate"] / times[name]
     if bandwidth is not None:  # whole call / passes: an upper bound on the time per pass
         row["llm_weight_bytes"] = llm_bytes
         row["floor_ms_per_pass"] = 1e3 * llm_bytes / (bandwidth * 1e9)
-        for name in ("eager", "static"):
+        for name in kinds:
             row[f"{name}_ms_per_pass"] = 1e3 * times[name] / row["batch_passes"]
             row[f"{name}_vs_floor"] = row[f"{name}_ms_per_pass"] / row["floor_ms_per_pass"]
     return row
@@ -214,6 +221,7 @@ def main() -> None:
     sizes = [tuple(int(v) for v in s.split("x")) for s in (args.sizes or ["64x2", "256x4"])]
     bandwidth = copy_bandwidth_gbs() if args.device == "cuda" else None
     rows = []
+    other = "static_hf" if args.device == "cpu" else "static_lean"
     with tempfile.TemporaryDirectory() as d:
         for hidden, layers in sizes:
             for style in args.styles.split(","):
@@ -224,9 +232,11 @@ def main() -> None:
                     r = rows[-1]
                     print(f"{r['style']:8} {r['params']:>10d} B={b:<3d} tok {r['tokens_per_action']:5.1f} "
                           f"passes {r['passes_per_action']:5.1f} | ms/action eager {r['eager_ms_per_action']:7.2f} "
-                          f"static {r['static_ms_per_action']:7.2f} generate {r['generate_ms_per_action']:7.2f} | "
-                          f"Hz static {r['static_hz']:7.1f} | speedup eager {r['eager_speedup']:5.2f}x "
-                          f"static {r['static_speedup']:5.2f}x | same {r['static_equals_eager']}"
+                          f"static {r['static_ms_per_action']:7.2f} {other} {r[other + '_ms_per_action']:7.2f} "
+                          f"generate {r['generate_ms_per_action']:7.2f} | Hz static {r['static_hz']:7.1f} | speedup "
+                          f"eager {r['eager_speedup']:5.2f}x static {r['static_speedup']:5.2f}x "
+                          f"{other} {r[other + '_speedup']:5.2f}x | same {r['static_equals_eager']} "
+                          f"{r[other + '_equals_eager']}"
                           + (f" | ms/pass static {r['static_ms_per_pass']:.3f} floor {r['floor_ms_per_pass']:.3f}"
                              if bandwidth else ""), flush=True)
     import transformers

@@ -92,7 +92,7 @@ def constrained_argmax_reference(
     valid = allowed_ids >= 0
     safe = allowed_ids.clamp(min=0).reshape(-1)
     rows = lm_head_weight.index_select(0, safe).view(B, K, -1)
-    logits = torch.einsum("bkh,bh->bk", rows.float(), hidden.float())
+    logits = torch.bmm(rows.float(), hidden.float()[:, :, None])[:, :, 0]  # (B, K): one batched matrix product
     if bias is not None:
         logits = logits + bias.index_select(0, safe).view(B, K).float()
     logits = logits.masked_fill(~valid | torch.isnan(logits), float("-inf"))

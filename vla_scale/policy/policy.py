@@ -51,7 +51,7 @@ def select_stats(stats: dict, unnorm_key: str | None) -> tuple[str | None, dict]
 class VLAPolicy:
     def __init__(self, model, tokenizer, stats: dict, actions: ActionConfig, device: torch.device | str = "cpu",
                  max_length: int = 4096, unnorm_key: str | None = None, center_crop_scale: float | None = None,
-                 inputs: dict[str, Any] | None = None, decoder: str = "auto"):
+                 inputs: dict[str, Any] | None = None, decoder: str = "auto", lean: bool | None = None):
         self.device = torch.device(device)
         # Cameras (prefix order) and state mode as trained (the export's "inputs"); default: one camera, no state.
         inputs = inputs or {}
@@ -73,6 +73,9 @@ class VLAPolicy:
         self.action_tokenizer = make_action_tokenizer(actions, tokenizer)
         self.grammar = self.action_tokenizer.grammar(tokenizer.eos_token_id, chunk=actions.chunk)
         self.prompts = PromptBuilder(tokenizer, self.action_tokenizer, max_length)
+        # The static decoder's LLM pass: the lean one (`vla_scale.policy.lean`) or the Hugging Face forward
+        # (False); None: lean on CPU where the family is supported, the Hugging Face forward elsewhere.
+        self.lean = lean
         self.decoder = self._choose_decoder(decoder)
         self.last_decode: DecodeResult | None = None  # the last predict_action's decode
         self.last_batch_decode: BatchDecodeResult | None = None  # the last call's, per row
@@ -80,9 +83,11 @@ class VLAPolicy:
     def _choose_decoder(self, decoder: str) -> str:
         """'static' (preallocated KV cache, grammar on the device, no host sync in the loop on a GPU) or
         'eager' (dynamic cache, grammar on the host): the same actions. 'auto' (kept as 'auto' on CPU and
-        decided per call by `uses_static`): static on CUDA; on CPU eager for one row and static for batches,
-        the faster of the two in each case (BENCHMARKS.md, 1c); eager for LLMs with sliding-window layers.
+        decided per call by `uses_static`): static on CUDA; on CPU static where the lean pass
+        (`vla_scale.policy.lean`) runs the LLM, the fastest there for any batch (BENCHMARKS.md, 1e), else
+        eager for one row and static for batches (1c); eager for LLMs with sliding-window layers.
         torch.compile was not faster on CPU."""
+        from vla_scale.policy.lean import LeanDecoder
         from vla_scale.policy.static_decoding import supports_static
 
         if decoder not in ("auto", "static", "eager"):
@@ -91,7 +96,8 @@ class VLAPolicy:
             if decoder == "static":
                 raise ConfigError("decoder='static' needs an LLM without sliding-window layers; use 'eager'")
             return "eager"
-        if decoder == "auto" and self.device.type != "cpu":
+        lean = self.lean is not False and LeanDecoder.build(self.model.core) is not None
+        if decoder == "auto" and (self.device.type != "cpu" or lean):
             return "static"
         return decoder
 
@@ -113,7 +119,7 @@ class VLAPolicy:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, unnorm_key: str | None = None,
-                        decoder: str = "auto") -> "VLAPolicy":
+                        decoder: str = "auto", lean: bool | None = None) -> "VLAPolicy":
         """Load an export folder (`vla-scale export`); GPU and bf16 when available unless told otherwise."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, tokenizer, stats, config = load_export(Path(folder))
@@ -123,7 +129,7 @@ class VLAPolicy:
         # Exports that predate the record were written without a crop setting: no crop.
         crop = config.get("image_preprocessing", {}).get("center_crop_scale")
         return cls(model, tokenizer, stats, ActionConfig(**config["actions"]), device, unnorm_key=unnorm_key,
-                   center_crop_scale=crop, inputs=config.get("inputs"), decoder=decoder)
+                   center_crop_scale=crop, inputs=config.get("inputs"), decoder=decoder, lean=lean)
 
     @torch.no_grad()
     def predict_action(self, image: np.ndarray, instruction: str, state: np.ndarray | None = None) -> np.ndarray:
@@ -165,7 +171,8 @@ class VLAPolicy:
                  if self.state_mode == "projection" else None)
         static = self.uses_static(len(ids))
         result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar, state=state,
-                                static=static, max_width=self.pass_width(len(ids)) if static else None)
+                                static=static, max_width=self.pass_width(len(ids)) if static else None,
+                                lean=self.lean)
         self.last_batch_decode = result
         chunk = self.actions.chunk if self.actions.chunk > 1 else None
         normalized = np.asarray([self.action_tokenizer.decode(row.ids, chunk=chunk) for row in result.rows],

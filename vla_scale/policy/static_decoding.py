@@ -25,9 +25,12 @@ step needs the host:
 On a GPU the loop body is capturable (fixed shapes, no `.item()`, no
 `.tolist()`); capturing it in CUDA graphs is not done yet (no GPU to test it
 on; see BENCHMARKS.md). On a CPU, where reading a value back costs nothing,
-the loop checks every step whether all rows are done and feeds passes only
-as wide as the step needs; measured there (`benchmarks/decode.py`) it is as
-fast as the eager decoder or faster, so `VLAPolicy` uses it by default.
+the loop keeps the grammar bookkeeping on the host (list lookups), stops when
+every row is done and feeds passes only as wide as the step needs, and each
+pass runs the LLM's arithmetic through `lean.LeanDecoder` instead of the
+Hugging Face forward (same numbers, a fraction of the per-call overhead);
+measured there (`benchmarks/decode.py`, BENCHMARKS.md 1e) it is faster than
+the eager decoder for every batch size, so `VLAPolicy` uses it by default.
 
 Not for LLMs with sliding-window layers (their static cache layers are
 shorter than the mask): `supports_static` says so and the policy falls back
@@ -43,6 +46,7 @@ import torch
 from vla_scale.kernels import constrained_argmax
 from vla_scale.models.vla import LLMInputs
 from vla_scale.policy.decoding import BatchDecodeResult, DecodeResult
+from vla_scale.policy.lean import LeanDecoder
 
 
 @dataclass
@@ -59,6 +63,8 @@ class DeviceGrammar:
     done: int
     max_choices: int  # the most choices any accepted sequence makes
     max_tokens: int  # the longest accepted sequence, EOS included
+    host_runs: list[list[int]]  # run_ids / run_end as host lists (the CPU loop's bookkeeping)
+    host_ends: list[int]
 
     @property
     def width(self) -> int:
@@ -105,7 +111,7 @@ class DeviceGrammar:
         table = DeviceGrammar(
             grammar.allowed_table().to(device), grammar.transition_table().to(device), run_ids.to(device),
             torch.tensor([len(x) for x in runs], device=device), torch.tensor(ends, device=device),
-            runs[grammar.start], ends[grammar.start], grammar.done, most, grammar.max_tokens)
+            runs[grammar.start], ends[grammar.start], grammar.done, most, grammar.max_tokens, runs, ends)
         cache[str(device)] = table
         return table
 
@@ -137,9 +143,31 @@ def _mask(key_real: torch.Tensor, start: int, width: int, prefix: torch.Tensor |
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def _visible(key_real: torch.Tensor, start: int, width: int, prefix: torch.Tensor | None) -> torch.Tensor | None:
+    """`_mask` as a boolean mask (True: attend) over the columns written so far, or None where every one is
+    visible (one query, nothing padded). A bidirectional prefix only matters for queries inside it, i.e. in
+    the prefill (later queries sit after the whole prefix)."""
+    end = key_real.shape[1]
+    padded = not bool(key_real.all())
+    if prefix is not None and start > 0:
+        prefix = None
+    if not padded and prefix is None:
+        if width == 1:
+            return None
+        cols = torch.arange(end, device=key_real.device)
+        return (cols[None, :] <= torch.arange(start, end, device=key_real.device)[:, None])[None, None]
+    cols = torch.arange(end, device=key_real.device)
+    q = torch.arange(start, end, device=key_real.device)
+    allowed = key_real[:, None, :] & (cols[None, :] <= q[:, None])[None]
+    if prefix is not None:
+        allowed = allowed | (key_real & (cols[None, :] < prefix[:, None]))[:, None, :]
+    allowed = allowed | (cols[None, :] == q[:, None])[None]
+    return allowed[:, None]
+
+
 @torch.no_grad()
 def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_every: int | None = None,
-                              max_width: int | None = None) -> BatchDecodeResult:
+                              max_width: int | None = None, lean: bool | None = None) -> BatchDecodeResult:
     """`decoding.constrained_greedy_batch` over a static cache with the grammar on the device.
 
     `sync_every`: check every N iterations whether all rows are done and stop early (one host sync each
@@ -150,6 +178,10 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     `max_width` (with `sync_every=1` only): feed at most this many tokens of a row per pass; a row whose
     choice + forced run is longer feeds it over several passes before its next choice. Same ids, more
     passes for that row, far fewer padded tokens when many rows decode together on a CPU (compute-bound).
+
+    `lean`: run each pass with `lean.LeanDecoder` (the LLM's arithmetic without the Hugging Face forward's
+    per-call machinery) where the LLM's family is one it writes out; default on CPU only (not yet measured
+    or tested on a GPU). False: the Hugging Face forward over a `StaticCache`.
     """
     from transformers import StaticCache
 
@@ -174,21 +206,39 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     # decoded token.
     length = p_cols + (max(0, dg.max_choices - 1) * w if cap == w else dg.max_tokens * cap)
     dtype = inputs.embeds.dtype
-    cache = StaticCache(config=core.llm.config, max_cache_len=length)
     key_real = torch.zeros((b, length), dtype=torch.bool, device=device)
     key_real[:, :p_cols] = inputs.attention_mask.bool()
     prefix = inputs.prefix_len.to(device) if core.layout.prefix_lm else None
     offset = core.layout.position_offset
+    if lean is None:
+        lean = device.type == "cpu"
+    lean_decoder = LeanDecoder.build(core) if lean else None
 
-    def run(embeds: torch.Tensor, start: int) -> torch.Tensor:
-        width = embeds.shape[1]
-        positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, start:start + width] + offset
-        out = decoder(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
-                      attention_mask=_mask(key_real, start, width, prefix, dtype),
-                      cache_position=torch.arange(start, start + width, device=device))
-        return out.last_hidden_state[:, -1]
+    if lean_decoder is not None:
+        lean_cache = lean_decoder.new_cache(b, length, dtype, device)
+        rotary = lean_decoder.rotary_tables(length + offset, inputs.embeds)
+
+        def run(embeds: torch.Tensor, start: int) -> torch.Tensor:
+            end = start + embeds.shape[1]
+            real = key_real[:, :end]  # the columns written so far; later ones are masked anyway
+            positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, start:end] + offset
+            return lean_decoder.forward(embeds, positions, _visible(real, start, end - start, prefix), start,
+                                        lean_cache, rotary)
+    else:
+        cache = StaticCache(config=core.llm.config, max_cache_len=length)
+
+        def run(embeds: torch.Tensor, start: int) -> torch.Tensor:
+            width = embeds.shape[1]
+            positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, start:start + width] + offset
+            out = decoder(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
+                          attention_mask=_mask(key_real, start, width, prefix, dtype),
+                          cache_position=torch.arange(start, start + width, device=device))
+            return out.last_hidden_state[:, -1]
 
     hidden = run(inputs.embeds, 0)
+    if adaptive:
+        rows = _host_driven_loop(dg, grammar, run, embed, head, bias, hidden, key_real, p_cols, cap)
+        return BatchDecodeResult(rows, max(r.forward_passes for r in rows))
     state = torch.full((b,), dg.start_state, dtype=torch.long, device=device)
     max_tokens = dg.max_tokens
     out = torch.zeros((b, max_tokens + 1), dtype=torch.long, device=device)  # the last column takes spills
@@ -199,10 +249,6 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     choices = torch.zeros((b,), dtype=torch.long, device=device)
     ar = torch.arange(w, device=device)
     cur = p_cols
-    if adaptive:
-        rows = _host_driven_loop(dg, run, embed, head, bias, hidden, state, out, out_len, passes, choices, key_real,
-                                 cur, cap)
-        return BatchDecodeResult(rows, max(r.forward_passes for r in rows))
     for it in range(dg.max_choices):
         finished = state == done
         allowed = dg.allowed.index_select(0, state)
@@ -239,50 +285,49 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     return BatchDecodeResult(rows, max(passes_h))
 
 
-def _host_driven_loop(dg: DeviceGrammar, run, embed, head, bias, hidden, state, out, out_len, passes, choices,
-                      key_real, cur: int, cap: int) -> list[DecodeResult]:
-    """The decode loop when reading values back is free (CPU): stop when all rows are done, make each pass
-    only as wide as needed, and feed at most `cap` tokens of a row per pass (its pending tokens are its
-    choice and the forced run after it; a row chooses again only once they are all in the cache)."""
-    b, w = out.shape[0], dg.width
-    max_tokens = out.shape[1] - 1
-    device = out.device
-    ar = torch.arange(w, device=device)
-    pend = torch.zeros((b, w), dtype=torch.long, device=device)
-    pend_len = torch.zeros((b,), dtype=torch.long, device=device)
-    pend_off = torch.zeros((b,), dtype=torch.long, device=device)
-    ready = torch.ones((b,), dtype=torch.bool, device=device)
+def _host_driven_loop(dg: DeviceGrammar, grammar, run, embed, head, bias, hidden: torch.Tensor,
+                      key_real: torch.Tensor, cur: int, cap: int) -> list[DecodeResult]:
+    """The decode loop when reading values back is free (CPU), with the bookkeeping on the host: stop when
+    all rows are done, make each pass only as wide as needed, and feed at most `cap` tokens of a row per
+    pass (its pending tokens are its choice and the forced run after it; a row chooses again only once they
+    are all in the cache). Per pass the device does the LLM pass and one gathered-row argmax; the grammar
+    steps are list lookups (a tensor op per row and step costs more than the step on a CPU)."""
+    device, b = hidden.device, hidden.shape[0]
+    runs, ends, done = dg.host_runs, dg.host_ends, dg.done
+    states = [dg.start_state] * b
+    out = [list(dg.start_run) for _ in range(b)]
+    passes, choices = [1] * b, [0] * b
+    pend: list[list[int]] = [[] for _ in range(b)]
+    off = [0] * b
+    ready = [True] * b
+    weight = head.weight
     while True:
-        choose = ready & (state != dg.done)
-        if bool(choose.any()):
-            allowed = dg.allowed.index_select(0, state)
-            token = constrained_argmax(hidden.to(head.weight.dtype), head.weight, allowed, bias=bias, validate=False)
-            entered = dg.nxt[state, (allowed == token[:, None]).long().argmax(1)]
-            seq = torch.cat([token[:, None], dg.run_ids.index_select(0, entered)], 1)  # (B, W)
-            seq_len = 1 + dg.run_len.index_select(0, entered)
-            cols = torch.where((ar[None] < seq_len[:, None]) & choose[:, None], out_len[:, None] + ar[None],
-                               max_tokens)
-            out.scatter_(1, cols.clamp(max=max_tokens), seq)
-            out_len += torch.where(choose, seq_len, 0)
-            choices += choose.long()
-            state = torch.where(choose, dg.run_end.index_select(0, entered), state)
-            pend = torch.where(choose[:, None], seq, pend)
-            pend_len = torch.where(choose, seq_len, pend_len)
-            pend_off = torch.where(choose, 0, pend_off)
-        need = (state != dg.done) & (pend_off < pend_len)  # a row that just finished feeds nothing more
-        if not bool(need.any()):
+        choose = [r for r in range(b) if ready[r] and states[r] != done]
+        if choose:
+            h = hidden if len(choose) == b else hidden.index_select(0, torch.tensor(choose, device=device))
+            allowed = dg.allowed.index_select(0, torch.tensor([states[r] for r in choose], device=device))
+            tokens = constrained_argmax(h.to(weight.dtype), weight, allowed, bias=bias, validate=False).tolist()
+            for r, token in zip(choose, tokens):
+                entered = grammar.advance(states[r], token)
+                seq = [token, *runs[entered]]
+                out[r].extend(seq)
+                choices[r] += 1
+                states[r] = ends[entered]
+                pend[r], off[r] = seq, 0
+        need = [r for r in range(b) if states[r] != done and off[r] < len(pend[r])]  # a finished row feeds nothing
+        if not need:
             break
-        take = torch.where(need, (pend_len - pend_off).clamp(max=cap), 0)
-        width = int(take.max())
-        j = ar[None, :width]
-        first = (width - take)[:, None]  # right-aligned: the row's last fed token in the last column
-        real = (j >= first) & need[:, None]
-        ids = torch.where(real, pend.gather(1, (pend_off[:, None] + j - first).clamp(0, w - 1)), 0)
-        key_real[:, cur:cur + width] = real
-        passes += need.long()
-        hidden = run(embed(ids), cur)
+        take = {r: min(len(pend[r]) - off[r], cap) for r in need}
+        width = max(take.values())
+        ids = [[0] * width for _ in range(b)]
+        real = [[False] * width for _ in range(b)]
+        for r, k in take.items():  # right-aligned: the row's last fed token in the last column
+            ids[r][width - k:] = pend[r][off[r]:off[r] + k]
+            real[r][width - k:] = [True] * k
+            off[r] += k
+            passes[r] += 1
+        key_real[:, cur:cur + width] = torch.tensor(real, device=device)
+        hidden = run(embed(torch.tensor(ids, device=device)), cur)
         cur += width
-        pend_off += take
-        ready = need & (pend_off == pend_len)
-    out_h, len_h, passes_h, choices_h = (t.tolist() for t in (out, out_len, passes, choices))
-    return [DecodeResult(out_h[r][:len_h[r]], passes_h[r], choices_h[r]) for r in range(b)]
+        ready = [r in take and off[r] == len(pend[r]) for r in range(b)]
+    return [DecodeResult(out[r], passes[r], choices[r]) for r in range(b)]
