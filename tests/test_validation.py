@@ -105,3 +105,24 @@ def test_the_reliance_check_covers_every_episode_and_swaps_images_across_episode
         assert len(raw) == limit and set(episodes) == set(range(6)), episodes
         assert all(episodes[partner(i, limit)] != episodes[i] for i in range(limit))
     assert len(_read(tmp_path / "held_out", 500)) == 120  # a set smaller than the limit is read whole
+
+
+def test_the_reliance_check_never_swaps_an_image_for_the_same_scene():
+    """Four held-out episodes whose scenes repeat as A, B, A, B (the demo's cube spots 2, 1, 2, 1): half the set
+    away is the same scene, so each sample is swapped with an episode of the other scene, still from another
+    episode at the same phase."""
+    from vla_scale.train.validation import partner, partners
+
+    steps, scenes = 8, [0, 1, 0, 1]
+    pixels = torch.stack([torch.full((3, 4, 4), 100 * scenes[e] + t, dtype=torch.uint8)
+                          for e in range(4) for t in range(steps)])
+    n = pixels.shape[0]
+    assert all(scenes[partner(i, n) // steps] == scenes[i // steps] for i in range(n))  # the old choice
+    pairs = partners(pixels)
+    for i, j in enumerate(pairs):
+        assert scenes[j // steps] != scenes[i // steps]
+        assert j % steps == i % steps  # same phase of the task
+    # All images alike (ties): half the set away, as before.
+    same = torch.zeros((6, 3, 2, 2), dtype=torch.uint8)
+    assert partners(same) == [partner(i, 6) for i in range(6)]
+    assert partners(same[:1]) == [0]

@@ -15,7 +15,8 @@ successes). So every `train.val_every` steps, on the held-out sets of
   over the kept-raw (0/1) dimensions beside `val/gripper_acc_baseline/<source>`
   (always the majority value);
 - vision reliance: the same loss and L1 with each sample's image swapped for
-  the image of the validation sample half the set away (`val/loss_shuffled/...`,
+  the image of another validation sample (`partners`: a quarter, half or three
+  quarters of the set away, whichever image differs most) (`val/loss_shuffled/...`,
   `val/l1_shuffled/...`) and the gaps `val/reliance/<source>/loss_gap`,
   `.../l1_gap` (shuffled minus true). A policy that ignores the image shows no gap.
 
@@ -23,8 +24,10 @@ The `data.val_samples` samples of a set are spread evenly over the whole set
 (not its first samples): robot data is stored episode by episode, so the first
 128 samples were the first two episodes, and a sample's neighbour is the next
 step of the same episode, whose image is nearly the same. Swapping images with
-neighbours measured a gap of 0.000 for any policy; half the set away is
-another episode (or, with one episode, another phase of it).
+neighbours measured a gap of 0.000 for any policy; a quarter, half or three
+quarters of the set away is another episode (or, with one episode, another
+phase of it), and of those the most different image, so that a swap never lands
+on the same scene by chance.
 
 Every rank runs the same validation (the model is gathered for it under
 ZeRO-3, see `Strategy.full_model`), so the numbers are identical on all
@@ -100,8 +103,30 @@ def spread(n: int, limit: int) -> list[int]:
 
 
 def partner(i: int, n: int) -> int:
-    """The sample whose image sample i gets in the reliance check: half the set away."""
+    """The sample half the set away: with robot data stored episode by episode and read spread over it,
+    one from another episode at about the same phase of its task."""
     return (i + max(1, n // 2)) % n
+
+
+def partners(pixels: torch.Tensor) -> list[int]:
+    """For each of the n images (n, ...), the one it is swapped with in the reliance check: of the samples a
+    half, a quarter and three quarters of the set away (other episodes, about the same phase of the task),
+    the one whose image differs most from its own (mean absolute pixel difference; ties: half the set away).
+
+    Half the set away alone can land on the same scene: with the demo's four held-out episodes on spots
+    2, 1, 2, 1, every sample got an image of its own spot and the gap read +0.001 for a policy that follows
+    the image (BENCHMARKS.md 9h). A same-scene swap says nothing about whether the policy looks."""
+    n = pixels.shape[0]
+    flat = pixels.reshape(n, -1).float()
+    out = []
+    for i in range(n):
+        cands = list(dict.fromkeys(c for c in (partner(i, n), (i + n // 4) % n, (i + 3 * n // 4) % n) if c != i))
+        if not cands:
+            out.append(i)
+            continue
+        diff = [float((flat[c] - flat[i]).abs().mean()) for c in cands]
+        out.append(cands[max(range(len(cands)), key=lambda k: (diff[k], -k))])
+    return out
 
 
 def _answer_start(labels: list[int]) -> int:
@@ -137,6 +162,8 @@ class Validator:
             pad = prompts.tokenizer.pad_token_id
             self.batches[name] = [collate(processed[i:i + micro], pad) for i in range(0, len(processed), micro)]
         robot = [n for n in names if self.tasks[n] == ROBOT_TASK]
+        # The reliance check's image swaps, fixed for the run (the held-out images never change).
+        self.pairs = {n: partners(torch.stack([s["pixels"] for s in self.samples[n]])) for n in robot}
         self.normalizers = {n: ActionNormalizer.from_stats(stats[n]) for n in robot}
         self.mean_action = {n: np.asarray(self.normalizers[n].normalize(np.asarray(stats[n]["mean"], np.float64)))
                             for n in robot}
@@ -151,12 +178,12 @@ class Validator:
 
     # -------------------------------------------------------------- evaluation
 
-    def _loss(self, model: VisionLanguageActionModel, batches, device, shuffled: bool = False) -> float:
+    def _loss(self, model: VisionLanguageActionModel, batches, device, pairs: list[int] | None = None) -> float:
         loss_sum, tokens = 0.0, 0.0
         pixels = [b["pixel_values"] for b in batches]
-        if shuffled:  # each sample gets the image of the sample half the set away (`partner`)
+        if pairs is not None:  # each sample gets its partner's image (`partners`)
             flat = torch.cat(pixels)
-            flat = flat[[partner(i, flat.shape[0]) for i in range(flat.shape[0])]]
+            flat = flat[pairs]
             pixels = list(torch.split(flat, [p.shape[0] for p in pixels]))
         for batch, px in zip(batches, pixels):
             dev = {k: v.to(device) for k, v in batch.items()}
@@ -168,12 +195,14 @@ class Validator:
 
     def _predict(self, model, name: str, device, shuffled: bool) -> np.ndarray:
         """Decoded normalised actions (N, T, D) for a held-out set, micro-batch by micro-batch, through
-        the policy's batched decoder; `shuffled`: each sample with its `partner`'s image."""
+        the policy's batched decoder; `shuffled`: each sample with its partner's image (`partners`, the
+        same pairs as the shuffled loss)."""
         samples = self.samples[name]
         n, micro, out = len(samples), self.cfg.train.micro_batch_size, []
+        pair = self.pairs[name]
         for k in range(0, n, micro):
             rows = samples[k:k + micro]
-            images = [samples[partner(k + i, n)]["pixels"] if shuffled else s["pixels"] for i, s in enumerate(rows)]
+            images = [samples[pair[k + i]]["pixels"] if shuffled else s["pixels"] for i, s in enumerate(rows)]
             prompts = [s["input_ids"][:_answer_start(s["labels"])] for s in rows]
             state = torch.stack([s["state"] for s in rows]).to(device) if "state" in rows[0] else None
             result = decode_actions(model, torch.stack(images).to(device), prompts, self.grammar, state=state)
@@ -192,7 +221,7 @@ class Validator:
                 row[f"val/loss/{name}"] = self._loss(model, batches, device)
                 if self.tasks[name] != ROBOT_TASK:
                     continue
-                row[f"val/loss_shuffled/{name}"] = self._loss(model, batches, device, shuffled=True)
+                row[f"val/loss_shuffled/{name}"] = self._loss(model, batches, device, pairs=self.pairs[name])
                 cont = self.normalizers[name].mask  # True: a normalised (continuous) dimension
                 grip = ~cont
                 target = self.targets[name]
