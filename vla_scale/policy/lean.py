@@ -14,7 +14,9 @@ Qwen2, Gemma) straight from the modules' weights:
   static decoder's explicit mask sliced to the same columns (a masked column
   contributes an exact 0 to the softmax, so the slice changes nothing);
 - q/k/v and gate/up as one matrix product each (their weights concatenated
-  once and cached until a weight changes in place: `Tensor._version`);
+  once and cached until a weight changes in place: `Tensor._version`; the
+  copies hold about two thirds of the decoder's weights again, which is why
+  the policy uses this pass by default only on a CPU, where models are small);
 - the last layer computes its query, attention output and MLP for the last
   column only (the KV of every column is still written): the decoder only
   needs the last position's hidden state.
