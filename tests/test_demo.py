@@ -86,17 +86,3 @@ def test_a_projected_state_takes_its_size_from_the_demonstrations(demo, tmp_path
         b = replace(BUDGETS["smoke"], state=state)
         cfg = vla_config(work, b, work / "source_vlm", data, held_out, run_dir=tmp_path / state)
         assert (cfg.data.state, cfg.model.state_dim) == (state, dim)
-
-
-def test_a_failure_generating_the_demonstrations_is_reported_after_the_vlm_stage(tmp_path):
-    """The demonstrations are generated in a spawned process beside the VLM stage: when that process fails,
-    the demo stops with an error naming it (here: a file where the training shards' folder goes), and the
-    file is left as it was."""
-    work = tmp_path / "work"
-    (work / "data").mkdir(parents=True)
-    (work / "data" / "train").write_text("not a folder")
-    r = _run(["-m", "vla_scale.cli", "demo", "--budget", "smoke", "--workdir", str(work)])
-    assert r.returncode != 0
-    assert "generating the demonstrations" in r.stderr and str(work / "data") in r.stderr, r.stderr[-3000:]
-    assert (work / "source_vlm" / "vlm_stage.json").is_file()  # the VLM stage beside it finished
-    assert (work / "data" / "train").read_text() == "not a folder"

@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vla_scale.errors import ConfigError, DataError
+from vla_scale.errors import ConfigError
 
 SUITES = ("in_distribution", "visual", "language")
 MIX = (("robot", "robot", 0.5), ("vqa", "vqa", 0.25), ("spatial", "spatial", 0.125), ("affordance", "affordance", 0.125))
@@ -240,28 +240,6 @@ def prepare_source_vlm(workdir: Path, b: DemoBudget) -> tuple[Path, dict[str, An
     return folder, summary
 
 
-def _vlm_stage_beside_data(workdir: Path, b: DemoBudget) -> tuple[Path, dict[str, Any], tuple[Path, Path]]:
-    """Stages 1 and 2 side by side: the demonstrations (MuJoCo physics and rendering, one process) are
-    generated in a spawned process while this one trains the source VLM (which needs only the scene
-    questions), so that on a machine with two cores neither waits for the other. A failure in either is
-    raised here; the other is stopped."""
-    import multiprocessing
-
-    proc = multiprocessing.get_context("spawn").Process(target=prepare_data, args=(workdir, b), name="demo-data")
-    proc.start()
-    try:
-        source, vlm = prepare_source_vlm(workdir, b)
-        proc.join()
-    finally:
-        if proc.is_alive():  # the VLM stage failed or was interrupted
-            proc.terminate()
-            proc.join(30)
-    if proc.exitcode != 0:
-        raise DataError(f"demo: generating the demonstrations in {workdir / 'data'} failed (exit code {proc.exitcode}; "
-                        "its traceback is printed above)")
-    return source, vlm, (workdir / "data" / "train", workdir / "data" / "held_out")
-
-
 def state_size(robot: Path) -> int:
     """The robot state's length in a folder of robot shards (its first sample's), for `model.state_dim`."""
     from vla_scale.data.schema import optional_array
@@ -367,7 +345,8 @@ def run_demo(workdir: str | Path, budget: str | DemoBudget = "default", steps: i
     workdir.mkdir(parents=True, exist_ok=True)
     _say(f"budget '{b.name}': tasks {', '.join(b.tasks)}; {b.episodes} demonstrations per task; VLM stage "
          f"{b.vlm_steps} steps; VLA {b.steps} steps of {b.batch}; work folder {workdir}")
-    source, vlm, (data, held_out) = _vlm_stage_beside_data(workdir, b)
+    data, held_out = prepare_data(workdir, b)
+    source, vlm = prepare_source_vlm(workdir, b)
     times = {"data_and_vlm_s": time.time() - t0}
 
     t1 = time.time()
