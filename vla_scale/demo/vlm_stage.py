@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -164,20 +163,9 @@ def train_vlm(source: str | Path, out: str | Path, train: Sequence[VLRecord], he
     model.train()
     t0 = time.time()
     curve = []
-
-    def draw():  # the batches in the order the generator draws them, each built on the helper thread
-        idx = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
-        return pool.submit(batcher, [train[i] for i in idx])
-
-    # Tokenising and resizing a batch took 20-26 ms of a step (BENCHMARKS.md 9i): the next batch is built on
-    # a second thread while this one trains (PIL and torch release the GIL). Same batches, same order.
-    pool = ThreadPoolExecutor(max_workers=1)
-    pending = draw()
     for step in range(1, steps + 1):
-        batch = pending.result()
-        if step < steps:
-            pending = draw()
-        loss = _answer_loss(model, batch)
+        idx = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
+        loss = _answer_loss(model, batcher([train[i] for i in idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -187,7 +175,6 @@ def train_vlm(source: str | Path, out: str | Path, train: Sequence[VLRecord], he
         if step % log_every == 0 or step == steps:
             log(f"VLM stage step {step}/{steps}: answer loss {np.mean(curve[-log_every:]):.3f} "
                 f"({time.time() - t0:.0f} s)")
-    pool.shutdown()
     after = evaluate_vlm(model, batcher, held_out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
