@@ -119,10 +119,6 @@ class DemoBudget:
         "in_distribution": 12, "visual": 2, "language": 6})
     max_steps: int | None = 120  # episode step cap (the experts need 50-75 steps; the tasks allow 200)
     envs: int = 2
-    # Loader worker processes for the VLA stage (data.num_workers). Measured (BENCHMARKS.md 9i): decoding,
-    # resizing and tokenising a batch of 16 two-camera samples kept the training process waiting 33-38 ms of
-    # a 126-142 ms step; with one worker on the second core, 6-7 ms.
-    loader_workers: int = 1
     seed: int = 0
 
 
@@ -274,7 +270,7 @@ def vla_config(workdir: Path, b: DemoBudget, source: Path, data: Path, held_out:
                  "val_sources": [{"name": "robot", "path": str(held_out / "robot")}]
                  + [{"name": n, "path": str(held_out / n)} for n, _, _ in mix if n == "affordance"],
                  "val_samples": 128, "max_length": 96 if b.state == "none" else 128, "state": b.state,
-                 "cameras": list(b.cameras), "num_workers": b.loader_workers},
+                 "cameras": list(b.cameras)},
         "train": {"steps": steps, "global_batch_size": b.batch, "micro_batch_size": b.batch, "lr": b.lr,
                   "warmup_steps": max(1, steps // 50), "checkpoint_every": max(1, steps // 2), "keep_last_k": 2,
                   "val_every": max(1, steps // 2), "log_every": max(1, steps // 20), "seed": b.seed if seed is None else seed,
