@@ -89,6 +89,11 @@ def copy_bandwidth_gbs() -> float:
     return 2 * x.numel() * 2 * 10 / (time.perf_counter() - t) / 1e9
 
 
+def other_pass(device: str) -> str:
+    """The static decoder's non-default LLM pass on this device, as a column name."""
+    return "static_hf" if device == "cpu" else "static_lean"
+
+
 def run(export: Path, style: str, batch: int, repeats: int, device: str, bandwidth: float | None) -> dict:
     from vla_scale.data.images import to_pixels
     from vla_scale.models.vla import LLMInputs
@@ -97,7 +102,7 @@ def run(export: Path, style: str, batch: int, repeats: int, device: str, bandwid
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # static: the product's static decoder as the device runs it by default (CPU: the lean LLM pass; CUDA: the
     # Hugging Face forward over a StaticCache); the other LLM pass as "static_hf" (CPU) / "static_lean" (CUDA).
-    other = "static_hf" if device == "cpu" else "static_lean"
+    other = other_pass(device)
     kinds = {"eager": dict(decoder="eager"), "static": dict(decoder="static"),
              other: dict(decoder="static", lean=device != "cpu")}
     policies = {name: VLAPolicy.from_pretrained(export, device=device, dtype=dtype, **kw) for name, kw in kinds.items()}
@@ -221,7 +226,7 @@ def main() -> None:
     sizes = [tuple(int(v) for v in s.split("x")) for s in (args.sizes or ["64x2", "256x4"])]
     bandwidth = copy_bandwidth_gbs() if args.device == "cuda" else None
     rows = []
-    other = "static_hf" if args.device == "cpu" else "static_lean"
+    other = other_pass(args.device)
     with tempfile.TemporaryDirectory() as d:
         for hidden, layers in sizes:
             for style in args.styles.split(","):

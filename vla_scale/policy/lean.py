@@ -81,8 +81,7 @@ class LeanDecoder:
         self.hidden = cfg.hidden_size
         self._key = None
         self._params: list[torch.Tensor] | None = None
-        self.layers: list[_Layer] = []
-        self.final_norm: torch.Tensor | None = None
+        self._built: tuple[list[_Layer], torch.Tensor] | None = None  # per-layer weights, final norm
 
     @staticmethod
     def build(core) -> "LeanDecoder | None":
@@ -144,9 +143,8 @@ class LeanDecoder:
                     torch.cat([m.gate_proj.weight, m.up_proj.weight], 0),
                     _cat(m.gate_proj.bias, m.up_proj.bias),
                     m.down_proj.weight, m.down_proj.bias, _functional(m.act_fn)))
-            self.layers, self._key = layers, key
-            self.final_norm = self._norm_weight(self.decoder.norm.weight)
-        return self.layers, self.final_norm
+            self._built, self._key = (layers, self._norm_weight(self.decoder.norm.weight)), key
+        return self._built
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The family's RMSNorm. `weight` as `_weights` keeps it: Gemma's already 1 + w in fp32."""

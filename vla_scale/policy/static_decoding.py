@@ -126,43 +126,38 @@ def supports_static(core) -> bool:
     return getattr(cfg, "sliding_window", None) is None or not getattr(cfg, "use_sliding_window", True)
 
 
-def _mask(key_real: torch.Tensor, start: int, width: int, prefix: torch.Tensor | None,
-          dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, width, L) additive mask for queries at columns [start, start + width) over all L cache columns:
-    real keys at or before the query, every key of a bidirectional prefix, and the query itself (a padding
-    query attends to itself only, so no row of the softmax is empty)."""
-    length = key_real.shape[1]
-    cols = torch.arange(length, device=key_real.device)
+def _allowed(key_real: torch.Tensor, start: int, width: int, prefix: torch.Tensor | None) -> torch.Tensor:
+    """(B, width, L) True where a query at columns [start, start + width) may attend to one of the L cache
+    columns: real keys at or before the query, every key of a bidirectional prefix, and the query itself (a
+    padding query attends to itself only, so no row of the softmax is empty)."""
+    cols = torch.arange(key_real.shape[1], device=key_real.device)
     q = torch.arange(start, start + width, device=key_real.device)
-    visible = cols[None, :] <= q[:, None]  # (W, L)
-    allowed = key_real[:, None, :] & visible[None]
+    allowed = key_real[:, None, :] & (cols[None, :] <= q[:, None])[None]
     if prefix is not None:
         allowed = allowed | (key_real & (cols[None, :] < prefix[:, None]))[:, None, :]
-    allowed = allowed | (cols[None, :] == q[:, None])[None]
+    return allowed | (cols[None, :] == q[:, None])[None]
+
+
+def _mask(key_real: torch.Tensor, start: int, width: int, prefix: torch.Tensor | None,
+          dtype: torch.dtype) -> torch.Tensor:
+    """`_allowed` as a (B, 1, width, L) additive mask over all L cache columns (the Hugging Face forward's)."""
+    allowed = _allowed(key_real, start, width, prefix)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=key_real.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def _visible(key_real: torch.Tensor, start: int, width: int, prefix: torch.Tensor | None) -> torch.Tensor | None:
-    """`_mask` as a boolean mask (True: attend) over the columns written so far, or None where every one is
-    visible (one query, nothing padded). A bidirectional prefix only matters for queries inside it, i.e. in
-    the prefill (later queries sit after the whole prefix)."""
-    end = key_real.shape[1]
-    padded = not bool(key_real.all())
+    """`_allowed` as a boolean (B or 1, 1, width, L) mask over the L columns written so far (the lean pass's),
+    or None where every one is visible (one query, nothing padded). A bidirectional prefix only matters for
+    queries inside it, i.e. in the prefill (later queries sit after the whole prefix)."""
     if prefix is not None and start > 0:
         prefix = None
-    if not padded and prefix is None:
+    if prefix is None and bool(key_real.all()):
         if width == 1:
             return None
-        cols = torch.arange(end, device=key_real.device)
-        return (cols[None, :] <= torch.arange(start, end, device=key_real.device)[:, None])[None, None]
-    cols = torch.arange(end, device=key_real.device)
-    q = torch.arange(start, end, device=key_real.device)
-    allowed = key_real[:, None, :] & (cols[None, :] <= q[:, None])[None]
-    if prefix is not None:
-        allowed = allowed | (key_real & (cols[None, :] < prefix[:, None]))[:, None, :]
-    allowed = allowed | (cols[None, :] == q[:, None])[None]
-    return allowed[:, None]
+        cols = torch.arange(key_real.shape[1], device=key_real.device)
+        return (cols[None, :] <= torch.arange(start, start + width, device=key_real.device)[:, None])[None, None]
+    return _allowed(key_real, start, width, prefix)[:, None]
 
 
 @torch.no_grad()
@@ -267,18 +262,16 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
             break
         if sync_every and (it + 1) % sync_every == 0 and bool((state == done).all()):
             break
-        # Feed each row's new tokens (its choice + forced run), right-aligned, unless it just finished.
+        # Feed each row's new tokens (its choice + forced run), right-aligned, unless it just finished; every
+        # pass W wide (one shape for every pass; the host-driven loop sizes its passes instead).
         need = state != done
-        # Fixed width W (one shape for every pass), or on CPU, where reading a value costs nothing and
-        # every padded column costs compute, the widest run of this step.
-        width = w if not adaptive else int(torch.where(need, seq_len, 0).max())
-        shift = ar[None, :width] - (width - seq_len[:, None])
+        shift = ar[None] - (w - seq_len[:, None])
         real = (shift >= 0) & need[:, None]
         ids = torch.where(real, seq.gather(1, shift.clamp(min=0)), 0)
-        key_real[:, cur:cur + width] = real
+        key_real[:, cur:cur + w] = real
         passes += need.long()
         hidden = run(embed(ids), cur)
-        cur += width
+        cur += w
     # The one copy to the host.
     out_h, len_h, passes_h, choices_h = (t.tolist() for t in (out, out_len, passes, choices))
     rows = [DecodeResult(out_h[r][:len_h[r]], passes_h[r], choices_h[r]) for r in range(b)]

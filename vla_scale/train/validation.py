@@ -193,16 +193,14 @@ class Validator:
             tokens += float(out.sample_tokens.sum())
         return loss_sum / max(tokens, 1.0)
 
-    def _predict(self, model, name: str, device, shuffled: bool) -> np.ndarray:
+    def _predict(self, model, name: str, device, pairs: list[int] | None = None) -> np.ndarray:
         """Decoded normalised actions (N, T, D) for a held-out set, micro-batch by micro-batch, through
-        the policy's batched decoder; `shuffled`: each sample with its partner's image (`partners`, the
-        same pairs as the shuffled loss)."""
+        the policy's batched decoder; `pairs`: each sample with its partner's image (`partners`)."""
         samples = self.samples[name]
         n, micro, out = len(samples), self.cfg.train.micro_batch_size, []
-        pair = self.pairs[name]
         for k in range(0, n, micro):
             rows = samples[k:k + micro]
-            images = [samples[pair[k + i]]["pixels"] if shuffled else s["pixels"] for i, s in enumerate(rows)]
+            images = [samples[pairs[k + i]]["pixels"] if pairs is not None else s["pixels"] for i, s in enumerate(rows)]
             prompts = [s["input_ids"][:_answer_start(s["labels"])] for s in rows]
             state = torch.stack([s["state"] for s in rows]).to(device) if "state" in rows[0] else None
             result = decode_actions(model, torch.stack(images).to(device), prompts, self.grammar, state=state)
@@ -225,8 +223,8 @@ class Validator:
                 cont = self.normalizers[name].mask  # True: a normalised (continuous) dimension
                 grip = ~cont
                 target = self.targets[name]
-                pred = self._predict(model, name, device, shuffled=False)
-                pred_s = self._predict(model, name, device, shuffled=True)
+                pred = self._predict(model, name, device)
+                pred_s = self._predict(model, name, device, pairs=self.pairs[name])
                 mean = self.mean_action[name]
                 if cont.any():
                     per_dim = np.abs(pred - target).mean(axis=(0, 1))
