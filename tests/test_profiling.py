@@ -56,8 +56,17 @@ class CountingTrainer(Trainer):
 
         self.loader.next_step = counted_next_step
         self.model.core.decoder().register_forward_pre_hook(
-            lambda module, args, kwargs: self.llm_tokens.append(int(kwargs["attention_mask"].sum())),
+            lambda module, args, kwargs: self.llm_tokens.append(_real_positions(kwargs["attention_mask"])),
             with_kwargs=True)
+
+
+def _real_positions(mask) -> int:
+    """Real (not padding) positions in the mask an LLM received: a 2-D padding mask's ones; a 4-D mask
+    (`padded_causal_mask`, boolean, or a prefix-LM's additive one) lets a real position see itself."""
+    if mask.dim() == 2:
+        return int(mask.sum())
+    diag = mask.diagonal(dim1=-2, dim2=-1)
+    return int(diag.sum() if diag.dtype == torch.bool else (diag == 0).sum())
 
 
 def test_logged_tokens_per_s_is_the_batches_tokens_over_the_logged_wall_time(tiny_config):

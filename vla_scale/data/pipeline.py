@@ -295,7 +295,7 @@ class SampleProcessor:
                 image = augment_image(image, rng)
             elif self.center_crop_scale is not None and robot:
                 image = center_crop(image, self.center_crop_scale)  # evaluation: what the policy sees
-            pixels.append(to_pixels(np.asarray(image.convert("RGB")), self.image_size))
+            pixels.append(to_pixels(image, self.image_size))
             present.append(True)
         return (pixels[0] if len(pixels) == 1 else torch.stack(pixels)), present
 

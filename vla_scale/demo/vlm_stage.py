@@ -66,29 +66,47 @@ def read_vl_shards(folders: Sequence[str | Path]) -> list[VLRecord]:
 
 
 class _Batcher:
-    """Tokenised, padded batches of VL records in the LLaVA layout, images as normalised floats."""
+    """Tokenised, padded batches of VL records in the LLaVA layout, images as normalised floats.
+
+    The stage draws each record several times: a record's token ids and an image's resized pixels are
+    kept after their first use (an image by identity, holding a reference so its id cannot be reused),
+    and the attention mask is handed to the LLM already built (`padded_causal_mask`)."""
 
     def __init__(self, tokenizer: Any, config: Any, image_size: int, mean: Sequence[float], std: Sequence[float]):
         self.tok = tokenizer
+        self.config = config
         self.image_id = int(config.image_token_index)
         self.n_image = int(getattr(config, "image_seq_length", 0) or (image_size // config.vision_config.patch_size) ** 2)
         self.size = image_size
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self._ids: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self._pixels: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
 
     def ids(self, r: VLRecord) -> tuple[list[int], list[int]]:
-        enc = lambda t: self.tok.encode(t, add_special_tokens=False)  # noqa: E731
-        prompt = [self.tok.bos_token_id] + [self.image_id] * self.n_image + enc(f" USER: {r.question} ASSISTANT:")
-        answer = enc(" " + r.answer) + [self.tok.eos_token_id]
-        return prompt + answer, [IGNORE] * len(prompt) + answer
+        key = (r.question, r.answer)
+        if key not in self._ids:
+            enc = lambda t: self.tok.encode(t, add_special_tokens=False)  # noqa: E731
+            prompt = [self.tok.bos_token_id] + [self.image_id] * self.n_image + enc(f" USER: {r.question} ASSISTANT:")
+            answer = enc(" " + r.answer) + [self.tok.eos_token_id]
+            self._ids[key] = (prompt + answer, [IGNORE] * len(prompt) + answer)
+        return self._ids[key]
 
-    def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+    def resized(self, image: np.ndarray) -> torch.Tensor:
         from vla_scale.data.images import to_pixels
 
-        x = torch.stack([to_pixels(i, self.size) for i in images]).float() / 255.0
+        hit = self._pixels.get(id(image))
+        if hit is None or hit[0] is not image:
+            hit = self._pixels[id(image)] = (image, to_pixels(image, self.size))
+        return hit[1]
+
+    def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        x = torch.stack([self.resized(i) for i in images]).float() / 255.0
         return (x - self.mean) / self.std
 
     def __call__(self, records: Sequence[VLRecord], images: Sequence[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+        from vla_scale.models.vla import padded_causal_mask
+
         pairs = [self.ids(r) for r in records]
         width = max(len(i) for i, _ in pairs)
         pad = self.tok.pad_token_id
@@ -97,7 +115,7 @@ class _Batcher:
         mask = torch.zeros((len(pairs), width), dtype=torch.long)
         for k, (i, lab) in enumerate(pairs):
             ids[k, :len(i)], labels[k, :len(lab)], mask[k, :len(i)] = torch.tensor(i), torch.tensor(lab), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+        return {"input_ids": ids, "labels": labels, "attention_mask": padded_causal_mask(mask, self.config),
                 "pixel_values": self.pixels(images if images is not None else [r.image for r in records])}
 
 
