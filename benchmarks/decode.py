@@ -17,7 +17,8 @@ say) and the same observations, it times, per batch size B = 1, 8, 32:
 The baseline's text need not parse; the constrained output always does.
 Reported: ms per action (call time / B), actions per second (Hz), LLM passes
 per action (prefill included), decoded tokens per action, and the speedup of
-each decoder over `generate`. On CUDA it also reports the time per pass
+each decoder over `generate`. On CUDA it adds the static decoder replayed as
+one captured CUDA graph per call (`cuda_graphs=True`) and reports the time per pass
 against the weight-bandwidth floor (LLM weight bytes / measured device copy
 bandwidth). Prints a table and writes JSON; ratios are what to compare.
 """
@@ -105,6 +106,8 @@ def run(export: Path, style: str, batch: int, repeats: int, device: str, bandwid
     other = other_pass(device)
     kinds = {"eager": dict(decoder="eager"), "static": dict(decoder="static"),
              other: dict(decoder="static", lean=device != "cpu")}
+    if device == "cuda":  # the whole decode replayed as one captured CUDA graph (the first call captures it)
+        kinds["static_graphs"] = dict(decoder="static", cuda_graphs=True)
     policies = {name: VLAPolicy.from_pretrained(export, device=device, dtype=dtype, **kw) for name, kw in kinds.items()}
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8) for _ in range(batch)]
@@ -134,6 +137,13 @@ def run(export: Path, style: str, batch: int, repeats: int, device: str, bandwid
                               max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, use_cache=True,
                               pad_token_id=ref.tokenizer.pad_token_id)
 
+    failed = {}
+    if "static_graphs" in policies:  # untested on a GPU when written: a failure is recorded, not fatal
+        try:
+            policies["static_graphs"].predict_actions(images, texts)
+        except Exception as err:  # noqa: BLE001
+            failed["static_graphs_error"] = f"{type(err).__name__}: {err}"[:500]
+            del policies["static_graphs"], kinds["static_graphs"]
     times = {name: statistics.median(_timeit(call(p), repeats, device)) for name, p in policies.items()}
     times["generate"] = statistics.median(_timeit(baseline, repeats, device))
     want = ref.predict_actions(images, texts)
@@ -142,8 +152,8 @@ def run(export: Path, style: str, batch: int, repeats: int, device: str, bandwid
     llm_bytes = sum(p.numel() * p.element_size() for p in core.llm.parameters())
     row = {"style": style, "params": sum(p.numel() for p in model.parameters()), "batch": batch,
            "tokens_per_action": statistics.mean(len(r.ids) for r in rows), "passes_per_action": passes,
-           "batch_passes": ref.last_batch_decode.forward_passes, "static_equals_eager": same["static"],
-           f"{other}_equals_eager": same[other]}
+           "batch_passes": ref.last_batch_decode.forward_passes,
+           **{f"{name}_equals_eager": same[name] for name in kinds if name != "eager"}, **failed}
     for name, t in times.items():
         row[f"{name}_ms_per_call"] = 1e3 * t
         row[f"{name}_ms_per_action"] = 1e3 * t / batch
@@ -242,6 +252,9 @@ def main() -> None:
                           f"eager {r['eager_speedup']:5.2f}x static {r['static_speedup']:5.2f}x "
                           f"{other} {r[other + '_speedup']:5.2f}x | same {r['static_equals_eager']} "
                           f"{r[other + '_equals_eager']}"
+                          + (f" | graphs {r['static_graphs_ms_per_action']:7.2f} ms/action, "
+                             f"{r['static_graphs_speedup']:5.2f}x, same {r['static_graphs_equals_eager']}"
+                             if "static_graphs_speedup" in r else "")
                           + (f" | ms/pass static {r['static_ms_per_pass']:.3f} floor {r['floor_ms_per_pass']:.3f}"
                              if bandwidth else ""), flush=True)
     import transformers

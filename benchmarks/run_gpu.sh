@@ -22,7 +22,9 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_models.py
 #    ms/action, Hz, passes/action, ms per pass against the weight-bandwidth floor; the policy server's tests.
 timeout 300 python3 "$REPO/benchmarks/decode.py" --device cuda --sizes 2048x20 --repeats 10 \
   --out "$OUT/decode_cuda.json" 2>&1 | tail -12 | tee "$OUT/decode.txt"
-#    decode.py's static_lean column: the lean LLM pass (vla_scale.policy.lean, CPU default) on the GPU.
+#    decode.py's static_lean column: the lean LLM pass (vla_scale.policy.lean, CPU default) on the GPU; its
+#    static_graphs column: the whole decode replayed as one captured CUDA graph (VLAPolicy(cuda_graphs=True));
+#    test_policy_static.py -k graphed checks the captured decode against the eager one on cuda.
 timeout 120 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_policy_static.py" "$REPO/tests/test_serve.py" \
   "$REPO/tests/test_kernels.py" "$REPO/tests/test_policy_lean.py" 2>&1 | tail -8 | tee -a "$OUT/tests.txt"
 # 2b. ~7B (hidden 4096, 32 layers, random weights): opt in, it builds and saves a 7B source first (slow).

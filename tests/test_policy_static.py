@@ -86,3 +86,83 @@ def test_a_large_cpu_batch_feeds_one_token_per_pass_and_decodes_the_same_actions
         # The prefill, then one pass per token from after the start run up to the last choice (what follows
         # the last choice is never fed).
         assert row.forward_passes == 1 + last_choice - start > alone.forward_passes
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family, style, lean", [("llava", "fixed", None), ("llava", "vla-plus", None),
+                                                 ("llava", "fixed", False), ("paligemma", "fixed", None)])
+def test_graphed_decodes_give_the_eager_decoders_actions_and_reuse_their_entry(family, style, lean, device,
+                                                                                request, tmp_path):
+    """`cuda_graphs=True`: each call pads its prompts to a length bucket and replays one decode per (rows,
+    bucket); on a GPU that decode is a captured CUDA graph, on a CPU the same fixed-shape decode runs
+    directly. Either way: the eager decoder's actions, ids, choices and passes, for new prompts through the
+    same entry, and again after a weight changes in place (the entry is rebuilt: a graph reads the weights
+    where they were captured)."""
+    from vla_scale.policy.static_decoding import DecodeGraphs
+
+    source = request.getfixturevalue(f"tiny_{family}")
+    _export(source, tmp_path / "export", f"actions.style={style}", family=family)
+    kw = dict(device=device, dtype=torch.float32)
+    eager = VLAPolicy.from_pretrained(tmp_path / "export", decoder="eager", **kw)
+    graphed = VLAPolicy.from_pretrained(tmp_path / "export", decoder="static", lean=lean, cuda_graphs=True, **kw)
+    graphs = DecodeGraphs.of(graphed.model.core)
+    first, second = _observations(4, seed=31), _observations(4, seed=32)
+    for images, instructions in (first, second):
+        np.testing.assert_array_equal(graphed.predict_actions(images, instructions),
+                                      eager.predict_actions(images, instructions))
+        _same_decodes(graphed.last_batch_decode, eager.last_batch_decode)
+    entries = dict(graphs.entries)
+    for image, text in zip(*_observations(2, seed=33)):  # one row: its own entries
+        np.testing.assert_array_equal(graphed.predict_action(image, text), eager.predict_action(image, text))
+        _same_decodes(graphed.last_batch_decode, eager.last_batch_decode)
+    assert all(graphs.entries[k] is e for k, e in entries.items())  # the four-row entries were kept
+    rows = {k[0] for k in graphs.entries}
+    assert rows == {1, 4} and all(k[1] % DecodeGraphs.BUCKET == 0 for k in graphs.entries)
+    with torch.no_grad():  # an in-place update (a training step between evaluations)
+        for model in (eager.model, graphed.model):
+            model.core.llm.get_decoder().layers[0].mlp.gate_proj.weight.mul_(-1.5)  # in a fused copy
+    images, instructions = first
+    np.testing.assert_array_equal(graphed.predict_actions(images, instructions),
+                                  eager.predict_actions(images, instructions))
+    _same_decodes(graphed.last_batch_decode, eager.last_batch_decode)
+
+
+def test_graphed_decodes_need_the_static_decoder(tiny_llava, tmp_path):
+    _export(tiny_llava, tmp_path / "export")
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        VLAPolicy.from_pretrained(tmp_path / "export", device="cpu", decoder="eager", cuda_graphs=True)
+
+
+@pytest.mark.parametrize("family, lean", [("llava", None), ("llava", False), ("paligemma", None)])
+def test_a_graphed_decode_never_reads_a_value_back(family, lean, request, tmp_path):
+    """What a CUDA graph cannot hold: a value read back to the host inside the decode (`.item()`, `bool()`,
+    `.tolist()` all dispatch `_local_scalar_dense` or `is_nonzero`). Checked on the CPU by watching every op
+    the captured body runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vla_scale.policy.static_decoding import DecodeGraphs
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    source = request.getfixturevalue(f"tiny_{family}")
+    _export(source, tmp_path / "export", "actions.style=fixed", family=family)
+    policy = VLAPolicy.from_pretrained(tmp_path / "export", device="cpu", decoder="static", lean=lean,
+                                       cuda_graphs=True)
+    images, instructions = _observations(3, seed=34)
+    policy.predict_actions(images, instructions)
+    (entry,) = DecodeGraphs.of(policy.model.core).entries.values()
+    with Reads() as watch, torch.no_grad():
+        entry.body()
+    assert len(watch.ops) > 100  # the whole decode was watched
+    reads = [op for op in watch.ops if any(k in op for k in ("_local_scalar_dense", "is_nonzero", "aten.item"))]
+    assert not reads

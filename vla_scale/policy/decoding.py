@@ -131,7 +131,7 @@ def constrained_greedy_batch(core, prompts: list[LLMInputs], grammar, max_tokens
 @torch.no_grad()
 def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], grammar,
                    keep_logits: bool = False, state: torch.Tensor | None = None, static: bool = False,
-                   max_width: int | None = None, lean: bool | None = None) -> BatchDecodeResult:
+                   max_width: int | None = None, lean: bool | None = None, graphs: bool = False) -> BatchDecodeResult:
     """The policy's whole decode for a batch of observations: image tokens of `pixels` (B, C, H, W), each
     prompt of `prompt_ids` (BOS first, any lengths) placed by the model's layout, then constrained greedy
     decoding of all rows at once. Several cameras: `pixels` (B, C, 3, H, W); `state` (B, S): the normalised
@@ -140,8 +140,8 @@ def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], gra
     The one home of this sequence: `VLAPolicy` and the trainer's validation both call it (through
     `decode_action` for one observation), so what validation reports is what the policy does.
     `static`: decode over a preallocated cache with the grammar on the device
-    (`static_decoding.constrained_greedy_static`: same ids, choices and passes); `lean`: its LLM pass
-    (see there).
+    (`static_decoding.constrained_greedy_static`: same ids, choices and passes); `lean`: its LLM pass;
+    `graphs`: the whole static decode replayed as a captured CUDA graph (see there).
     """
     core = model.core
     images, _ = core.prefix_tokens(pixels, model.frozen(pixels), state=state)
@@ -152,6 +152,8 @@ def decode_actions(model, pixels: torch.Tensor, prompt_ids: list[list[int]], gra
     if static and not keep_logits:
         from vla_scale.policy.static_decoding import constrained_greedy_static
 
+        if graphs:
+            return constrained_greedy_static(core, prompts, grammar, lean=lean, graphs=True)
         return constrained_greedy_static(core, prompts, grammar, max_width=max_width, lean=lean)
     return constrained_greedy_batch(core, prompts, grammar, keep_logits=keep_logits)
 

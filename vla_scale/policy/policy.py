@@ -51,7 +51,8 @@ def select_stats(stats: dict, unnorm_key: str | None) -> tuple[str | None, dict]
 class VLAPolicy:
     def __init__(self, model, tokenizer, stats: dict, actions: ActionConfig, device: torch.device | str = "cpu",
                  max_length: int = 4096, unnorm_key: str | None = None, center_crop_scale: float | None = None,
-                 inputs: dict[str, Any] | None = None, decoder: str = "auto", lean: bool | None = None):
+                 inputs: dict[str, Any] | None = None, decoder: str = "auto", lean: bool | None = None,
+                 cuda_graphs: bool = False):
         self.device = torch.device(device)
         # Cameras (prefix order) and state mode as trained (the export's "inputs"); default: one camera, no state.
         inputs = inputs or {}
@@ -77,6 +78,12 @@ class VLAPolicy:
         # (False); None: lean on CPU where the family is supported, the Hugging Face forward elsewhere.
         self.lean = lean
         self.decoder = self._choose_decoder(decoder)
+        # The static decoder's whole decode as one captured CUDA graph per batch size and prompt-length bucket
+        # (`static_decoding.DecodeGraphs`). Off by default: written for a GPU but not yet run on one (no GPU
+        # was available; `benchmarks/run_gpu.sh` tests and times it). On a CPU nothing is captured.
+        if cuda_graphs and self.decoder == "eager":
+            raise ConfigError("cuda_graphs=True needs the static decoder (decoder='static' or 'auto')")
+        self.cuda_graphs = bool(cuda_graphs)
         self.last_decode: DecodeResult | None = None  # the last predict_action's decode
         self.last_batch_decode: BatchDecodeResult | None = None  # the last call's, per row
 
@@ -103,7 +110,7 @@ class VLAPolicy:
 
     def uses_static(self, rows: int) -> bool:
         """Whether a call with `rows` observations runs the static decoder."""
-        return self.decoder == "static" or (self.decoder == "auto" and rows > 1)
+        return self.decoder == "static" or (self.decoder == "auto" and (rows > 1 or self.cuda_graphs))
 
     #: CPU batches of at least this many rows feed one token per row per pass (see `pass_width`)
     CPU_NARROW_BATCH = 16
@@ -114,12 +121,12 @@ class VLAPolicy:
         wide as the longest pending forced run pads every other row to it (about 7x the tokens at B = 32
         with random weights), so there each row feeds one token per pass, as `generate` does, and forced
         tokens cost passes. Below that, and on a GPU (weight-bandwidth-bound), forced runs ride along."""
-        return 1 if self.device.type == "cpu" and rows >= self.CPU_NARROW_BATCH else None
+        return 1 if self.device.type == "cpu" and rows >= self.CPU_NARROW_BATCH and not self.cuda_graphs else None
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, unnorm_key: str | None = None,
-                        decoder: str = "auto", lean: bool | None = None) -> "VLAPolicy":
+                        decoder: str = "auto", lean: bool | None = None, cuda_graphs: bool = False) -> "VLAPolicy":
         """Load an export folder (`vla-scale export`); GPU and bf16 when available unless told otherwise."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, tokenizer, stats, config = load_export(Path(folder))
@@ -129,7 +136,8 @@ class VLAPolicy:
         # Exports that predate the record were written without a crop setting: no crop.
         crop = config.get("image_preprocessing", {}).get("center_crop_scale")
         return cls(model, tokenizer, stats, ActionConfig(**config["actions"]), device, unnorm_key=unnorm_key,
-                   center_crop_scale=crop, inputs=config.get("inputs"), decoder=decoder, lean=lean)
+                   center_crop_scale=crop, inputs=config.get("inputs"), decoder=decoder, lean=lean,
+                   cuda_graphs=cuda_graphs)
 
     @torch.no_grad()
     def predict_action(self, image: np.ndarray, instruction: str, state: np.ndarray | None = None) -> np.ndarray:
@@ -172,7 +180,7 @@ class VLAPolicy:
         static = self.uses_static(len(ids))
         result = decode_actions(self.model, torch.stack(pixels).to(self.device), ids, self.grammar, state=state,
                                 static=static, max_width=self.pass_width(len(ids)) if static else None,
-                                lean=self.lean)
+                                lean=self.lean, graphs=self.cuda_graphs and static)
         self.last_batch_decode = result
         chunk = self.actions.chunk if self.actions.chunk > 1 else None
         normalized = np.asarray([self.action_tokenizer.decode(row.ids, chunk=chunk) for row in result.rows],

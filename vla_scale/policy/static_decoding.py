@@ -23,8 +23,11 @@ step needs the host:
   until the one copy at the end.
 
 On a GPU the loop body is capturable (fixed shapes, no `.item()`, no
-`.tolist()`); capturing it in CUDA graphs is not done yet (no GPU to test it
-on; see BENCHMARKS.md). On a CPU, where reading a value back costs nothing,
+`.tolist()`: a CPU test watches every op of it), and `graphs=True`
+(`VLAPolicy(cuda_graphs=True)`) captures a whole call, the prefill and every
+pass, as one CUDA graph per batch size and prompt-length bucket
+(`DecodeGraphs`); off by default until measured on a GPU (none was available
+when it was written; `benchmarks/run_gpu.sh` tests and times it). On a CPU, where reading a value back costs nothing,
 the loop keeps the grammar bookkeeping on the host (list lookups), stops when
 every row is done and feeds passes only as wide as the step needs, and each
 pass runs the LLM's arithmetic through `lean.LeanDecoder` instead of the
@@ -162,7 +165,8 @@ def _visible(key_real: torch.Tensor, start: int, width: int, prefix: torch.Tenso
 
 @torch.no_grad()
 def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_every: int | None = None,
-                              max_width: int | None = None, lean: bool | None = None) -> BatchDecodeResult:
+                              max_width: int | None = None, lean: bool | None = None,
+                              graphs: bool = False) -> BatchDecodeResult:
     """`decoding.constrained_greedy_batch` over a static cache with the grammar on the device.
 
     `sync_every`: check every N iterations whether all rows are done and stop early (one host sync each
@@ -177,63 +181,104 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     `lean`: run each pass with `lean.LeanDecoder` (the LLM's arithmetic without the Hugging Face forward's
     per-call machinery) where the LLM's family is one it writes out; default on CPU only (not yet measured
     or tested on a GPU). False: the Hugging Face forward over a `StaticCache`.
-    """
-    from transformers import StaticCache
 
+    `graphs`: the whole decode (prefill and every pass) as one captured CUDA graph per batch size and prompt
+    length bucket (`DecodeGraphs`), replayed per call; implies `sync_every=0`. On a CPU nothing is captured
+    and the same bucketed, fixed-shape decode runs directly (what the CPU tests check).
+    """
     device = prompts[0].embeds.device
+    if graphs:
+        if sync_every or max_width is not None:
+            raise ValueError("graphs=True runs the fixed-shape device loop: no sync_every, no max_width")
+        return DecodeGraphs.of(core).decode(prompts, grammar, lean)
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 0
     adaptive = sync_every == 1  # host reads every step anyway: feed only as wide as this step needs
     if max_width is not None and not adaptive:
         raise ValueError("max_width needs sync_every=1 (the host decides each pass's width)")
     dg = DeviceGrammar.build(grammar, device)
-    decoder = core.decoder()
-    embed = core.llm.get_input_embeddings()
-    head = core.llm.get_output_embeddings()
-    bias = getattr(head, "bias", None)
-    b, w = len(prompts), dg.width
-
-    start_run = torch.tensor([dg.start_run], dtype=torch.long, device=device)
-    inputs = LLMInputs.left_padded([p.extended(embed(start_run)) if dg.start_run else p for p in prompts])
+    inputs, start_run = _with_start_run(core, prompts, dg)
     p_cols = inputs.embeds.shape[1]
-    cap = w if max_width is None else max(1, min(int(max_width), w))
-    # Every pass after the prefill is at most W (or `cap`) wide; with a cap, a pass happens at most once per
-    # decoded token.
-    length = p_cols + (max(0, dg.max_choices - 1) * w if cap == w else dg.max_tokens * cap)
-    dtype = inputs.embeds.dtype
-    key_real = torch.zeros((b, length), dtype=torch.bool, device=device)
+    cap = dg.width if max_width is None else max(1, min(int(max_width), dg.width))
+    length = _cache_length(dg, p_cols, cap)
+    key_real = torch.zeros((len(prompts), length), dtype=torch.bool, device=device)
     key_real[:, :p_cols] = inputs.attention_mask.bool()
     prefix = inputs.prefix_len.to(device) if core.layout.prefix_lm else None
+    run = _pass(core, key_real, prefix, length, inputs.embeds.dtype, lean, fixed_shapes=False)
+    hidden = run(inputs.embeds, 0)
+    head = core.llm.get_output_embeddings()
+    if adaptive:
+        rows = _host_driven_loop(dg, grammar, run, core.llm.get_input_embeddings(), head,
+                                 getattr(head, "bias", None), hidden, key_real, p_cols, cap)
+        return BatchDecodeResult(rows, max(r.forward_passes for r in rows))
+    outs = _device_loop(core, dg, run, hidden, key_real, p_cols, start_run, sync_every)
+    # The one copy to the host.
+    return _rows(*(t.tolist() for t in outs))
+
+
+def _with_start_run(core, prompts: list[LLMInputs], dg: DeviceGrammar) -> tuple[LLMInputs, torch.Tensor]:
+    """The prompts, each followed by the grammar's forced start run, left-padded into one batch; and the run."""
+    embed = core.llm.get_input_embeddings()
+    start_run = torch.tensor([dg.start_run], dtype=torch.long, device=prompts[0].embeds.device)
+    return LLMInputs.left_padded([p.extended(embed(start_run)) if dg.start_run else p for p in prompts]), start_run
+
+
+def _cache_length(dg: DeviceGrammar, p_cols: int, cap: int) -> int:
+    """Cache columns for a prompt of `p_cols` columns: every pass after the prefill is at most W (or `cap`)
+    wide; with a cap, a pass happens at most once per decoded token."""
+    return p_cols + (max(0, dg.max_choices - 1) * dg.width if cap == dg.width else dg.max_tokens * cap)
+
+
+def _pass(core, key_real: torch.Tensor, prefix: torch.Tensor | None, length: int, dtype: torch.dtype,
+          lean: bool | None, fixed_shapes: bool):
+    """`run(embeds, start) -> (B, H)`: one LLM pass feeding `embeds` at cache columns [start, start + W) over a
+    new cache of `length` columns (the lean pass's or a `StaticCache`), masked by `key_real` (which the
+    caller updates before each pass), returning each row's last hidden state. `fixed_shapes`: never read a
+    value back (the lean pass then always takes a mask), so the pass can be captured."""
+    device = key_real.device
     offset = core.layout.position_offset
     if lean is None:
         lean = device.type == "cpu"
     lean_decoder = LeanDecoder.build(core) if lean else None
-
+    b = key_real.shape[0]
     if lean_decoder is not None:
         lean_cache = lean_decoder.new_cache(b, length, dtype, device)
-        rotary = lean_decoder.rotary_tables(length + offset, inputs.embeds)
+        rotary = lean_decoder.rotary_tables(length + offset, torch.zeros(1, 1, 1, dtype=dtype, device=device))
 
         def run(embeds: torch.Tensor, start: int) -> torch.Tensor:
             end = start + embeds.shape[1]
             real = key_real[:, :end]  # the columns written so far; later ones are masked anyway
             positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, start:end] + offset
-            return lean_decoder.forward(embeds, positions, _visible(real, start, end - start, prefix), start,
-                                        lean_cache, rotary)
-    else:
-        cache = StaticCache(config=core.llm.config, max_cache_len=length)
+            mask = _allowed(real, start, end - start, prefix)[:, None] if fixed_shapes else \
+                _visible(real, start, end - start, prefix)
+            return lean_decoder.forward(embeds, positions, mask, start, lean_cache, rotary)
+        run.weights = lean_cache.layers  # what a captured graph reads (rebuilt when a weight changes)
+        return run
+    from transformers import StaticCache
 
-        def run(embeds: torch.Tensor, start: int) -> torch.Tensor:
-            width = embeds.shape[1]
-            positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, start:start + width] + offset
-            out = decoder(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
-                          attention_mask=_mask(key_real, start, width, prefix, dtype),
-                          cache_position=torch.arange(start, start + width, device=device))
-            return out.last_hidden_state[:, -1]
+    decoder = core.decoder()
+    cache = StaticCache(config=core.llm.config, max_cache_len=length)
 
-    hidden = run(inputs.embeds, 0)
-    if adaptive:
-        rows = _host_driven_loop(dg, grammar, run, embed, head, bias, hidden, key_real, p_cols, cap)
-        return BatchDecodeResult(rows, max(r.forward_passes for r in rows))
+    def run(embeds: torch.Tensor, start: int) -> torch.Tensor:
+        width = embeds.shape[1]
+        positions = (key_real.long().cumsum(1) - 1).clamp(min=0)[:, start:start + width] + offset
+        out = decoder(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
+                      attention_mask=_mask(key_real, start, width, prefix, dtype),
+                      cache_position=torch.arange(start, start + width, device=device))
+        return out.last_hidden_state[:, -1]
+    run.weights = None
+    return run
+
+
+def _device_loop(core, dg: DeviceGrammar, run, hidden: torch.Tensor, key_real: torch.Tensor, cur: int,
+                 start_run: torch.Tensor, sync_every: int) -> tuple[torch.Tensor, ...]:
+    """The decode after the prefill with every step on the device: (ids (B, max tokens + 1), lengths,
+    passes, choices), all device tensors. Every pass is W wide; with `sync_every` 0 it never reads a value
+    back, so a whole call can be captured (`DecodeGraphs`)."""
+    device, b, w = hidden.device, hidden.shape[0], dg.width
+    embed = core.llm.get_input_embeddings()
+    head = core.llm.get_output_embeddings()
+    bias = getattr(head, "bias", None)
     state = torch.full((b,), dg.start_state, dtype=torch.long, device=device)
     max_tokens = dg.max_tokens
     out = torch.zeros((b, max_tokens + 1), dtype=torch.long, device=device)  # the last column takes spills
@@ -243,7 +288,6 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
     passes = torch.ones((b,), dtype=torch.long, device=device)
     choices = torch.zeros((b,), dtype=torch.long, device=device)
     ar = torch.arange(w, device=device)
-    cur = p_cols
     for it in range(dg.max_choices):
         finished = state == done
         allowed = dg.allowed.index_select(0, state)
@@ -272,10 +316,122 @@ def constrained_greedy_static(core, prompts: list[LLMInputs], grammar, sync_ever
         passes += need.long()
         hidden = run(embed(ids), cur)
         cur += w
-    # The one copy to the host.
-    out_h, len_h, passes_h, choices_h = (t.tolist() for t in (out, out_len, passes, choices))
-    rows = [DecodeResult(out_h[r][:len_h[r]], passes_h[r], choices_h[r]) for r in range(b)]
+    return out, out_len, passes, choices
+
+
+def _rows(out_h: list, len_h: list, passes_h: list, choices_h: list) -> BatchDecodeResult:
+    rows = [DecodeResult(out_h[r][:len_h[r]], passes_h[r], choices_h[r]) for r in range(len(len_h))]
     return BatchDecodeResult(rows, max(passes_h))
+
+
+class DecodeGraphs:
+    """Whole static decodes captured as CUDA graphs: one per (rows, prompt columns rounded up to `BUCKET`, dtype,
+    grammar, LLM pass), kept on the model (at most `CAPACITY`, least recently used dropped).
+
+    A call left-pads its prompts to the bucket (padding attends nowhere and positions count real tokens, so
+    a row decodes what it decodes alone), copies them into the entry's input buffers and replays the graph:
+    the prefill, every pass of the device loop (`_device_loop`, W wide, `max_choices` iterations, no value
+    read back) and the grammar steps, then one copy of the ids to the host. The first call of a key runs the
+    decode twice on a side stream (kernels compiled, the cache allocated) and then captures it. A graph
+    reads the weights where they were at capture: an entry is rebuilt when a parameter of the LLM moves or,
+    for the lean pass, when a weight changes in place (its fused copies are rebuilt).
+
+    On a CPU nothing is captured: the same bucketed, fixed-shape decode runs directly on the entry's buffers
+    (the tests check it there against the eager decoder). The capture itself runs only on a GPU
+    (`benchmarks/run_gpu.sh`: its equality test and its `static_graphs` timing column).
+    """
+
+    BUCKET = 16
+    CAPACITY = 8
+
+    def __init__(self, core):
+        from collections import OrderedDict
+
+        self.core = core
+        self.entries: "OrderedDict[tuple, _GraphEntry]" = OrderedDict()
+
+    @staticmethod
+    def of(core) -> "DecodeGraphs":
+        """The model's graphs (kept on the core module, outside its parameters and state dict)."""
+        graphs = core.__dict__.get("_vla_decode_graphs")
+        if graphs is None:
+            graphs = core.__dict__["_vla_decode_graphs"] = DecodeGraphs(core)
+        return graphs
+
+    def decode(self, prompts: list[LLMInputs], grammar, lean: bool | None) -> BatchDecodeResult:
+        core = self.core
+        device = prompts[0].embeds.device
+        if lean is None:
+            lean = device.type == "cpu"
+        dg = DeviceGrammar.build(grammar, device)
+        inputs, start_run = _with_start_run(core, prompts, dg)
+        p = inputs.embeds.shape[1]
+        cols = -(-p // self.BUCKET) * self.BUCKET
+        extra = cols - p
+        embeds = torch.nn.functional.pad(inputs.embeds, (0, 0, extra, 0))
+        mask = torch.nn.functional.pad(inputs.attention_mask, (extra, 0))
+        prefix = inputs.prefix_len.to(device) + extra  # the prefix is counted in columns, pads included
+        key = (len(prompts), cols, embeds.dtype, str(device), id(grammar), bool(lean))
+        params = tuple(t.data_ptr() for t in core.llm.parameters())
+        entry = self.entries.get(key)
+        if entry is None or not entry.valid(grammar, params):
+            self.entries.pop(key, None)
+            entry = _GraphEntry(core, dg, grammar, start_run, embeds, mask, prefix, lean, params)
+            self.entries[key] = entry
+            while len(self.entries) > self.CAPACITY:
+                self.entries.popitem(last=False)
+        self.entries.move_to_end(key)
+        return _rows(*(t.tolist() for t in entry.replay(embeds, mask, prefix)))
+
+
+class _GraphEntry:
+    """One captured decode: its input buffers, the body's state (cache, mask columns) and its outputs."""
+
+    def __init__(self, core, dg: DeviceGrammar, grammar, start_run: torch.Tensor, embeds: torch.Tensor,
+                 mask: torch.Tensor, prefix: torch.Tensor, lean: bool, params: tuple):
+        device = embeds.device
+        self.grammar, self.params = grammar, params
+        self.embeds, self.mask, self.prefix = embeds.clone(), mask.clone(), prefix.clone()
+        b, cols = mask.shape
+        length = _cache_length(dg, cols, dg.width)
+        self.key_real = torch.zeros((b, length), dtype=torch.bool, device=device)
+        self.run = _pass(core, self.key_real, self.prefix if core.layout.prefix_lm else None, length,
+                         embeds.dtype, lean, fixed_shapes=True)
+        self.lean = LeanDecoder.build(core) if self.run.weights is not None else None
+
+        def body() -> tuple[torch.Tensor, ...]:
+            self.key_real.zero_()
+            self.key_real[:, :cols] = self.mask.bool()
+            hidden = self.run(self.embeds, 0)
+            return _device_loop(core, dg, self.run, hidden, self.key_real, cols, start_run, 0)
+
+        self.body = body
+        self.graph = None
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):  # compile the kernels, allocate the cache: never during a capture
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = body()
+
+    def valid(self, grammar, params: tuple) -> bool:
+        """Still reads the model's weights: no parameter moved and, for the lean pass, no fused copy rebuilt."""
+        if grammar is not self.grammar or params != self.params:
+            return False
+        return self.lean is None or self.lean._weights()[0] is self.run.weights
+
+    def replay(self, embeds: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.embeds.copy_(embeds)
+        self.mask.copy_(mask)
+        self.prefix.copy_(prefix)
+        if self.graph is None:
+            return self.body()
+        self.graph.replay()
+        return self.outputs
 
 
 def _host_driven_loop(dg: DeviceGrammar, grammar, run, embed, head, bias, hidden: torch.Tensor,
