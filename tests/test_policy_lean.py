@@ -129,6 +129,14 @@ def test_lean_weights_follow_in_place_updates():
         want = decoder(inputs_embeds=embeds, position_ids=positions).last_hidden_state[:, -1]
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+    # A Parameter replaced by another object (`load_state_dict(assign=True)`): followed too.
+    proj = decoder.layers[1].self_attn.q_proj
+    proj.weight = torch.nn.Parameter(proj.weight.detach() * -2.0)
+    with torch.no_grad():
+        replaced = last_hidden()
+        want = decoder(inputs_embeds=embeds, position_ids=positions).last_hidden_state[:, -1]
+    assert not torch.allclose(replaced, after)
+    torch.testing.assert_close(replaced, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_families_fall_back():

@@ -80,7 +80,6 @@ class LeanDecoder:
         self.eps = getattr(decoder.norm, "variance_epsilon", getattr(decoder.norm, "eps", None))
         self.hidden = cfg.hidden_size
         self._key = None
-        self._params: list[torch.Tensor] | None = None
         self._built: tuple[list[_Layer], torch.Tensor] | None = None  # per-layer weights, final norm
 
     @staticmethod
@@ -125,11 +124,9 @@ class LeanDecoder:
     def _weights(self) -> tuple[list[_Layer], torch.Tensor]:
         """Per-layer weights, q/k/v and gate/up concatenated; rebuilt when any weight changed (an optimizer
         step updates in place and bumps `_version`) or moved."""
-        if self._params is None:
-            self._params = [p for layer in self.decoder.layers for p in layer.parameters()] + list(
-                self.decoder.norm.parameters())
-        params = self._params
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        # Listed on every call: a replaced Parameter object (`load_state_dict(assign=True)`) is a change too.
+        params = [p for layer in self.decoder.layers for p in layer.parameters()] + list(self.decoder.norm.parameters())
+        key = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in params)
         if key != self._key:
             layers = []
             for layer in self.decoder.layers:

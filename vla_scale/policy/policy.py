@@ -83,6 +83,12 @@ class VLAPolicy:
         # was available; `benchmarks/run_gpu.sh` tests and times it). On a CPU nothing is captured.
         if cuda_graphs and self.decoder == "eager":
             raise ConfigError("cuda_graphs=True needs the static decoder (decoder='static' or 'auto')")
+        if cuda_graphs:
+            from vla_scale.policy.static_decoding import DecodeGraphs
+
+            why = DecodeGraphs.unsupported(self.model.core)
+            if why is not None:
+                raise ConfigError(f"cuda_graphs=True: this model's decode cannot be captured: {why}")
         self.cuda_graphs = bool(cuda_graphs)
         self.last_decode: DecodeResult | None = None  # the last predict_action's decode
         self.last_batch_decode: BatchDecodeResult | None = None  # the last call's, per row

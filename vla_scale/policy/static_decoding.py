@@ -345,10 +345,23 @@ class DecodeGraphs:
     CAPACITY = 8
 
     def __init__(self, core):
+        import threading
         from collections import OrderedDict
 
         self.core = core
         self.entries: "OrderedDict[tuple, _GraphEntry]" = OrderedDict()
+        self.lock = threading.Lock()  # an entry's buffers and outputs serve one call at a time
+
+    @staticmethod
+    def unsupported(core) -> str | None:
+        """Why this LLM's decode cannot be captured, or None. Dynamic and longrope RoPE read the longest
+        position back to the host in every forward (to resize their tables)."""
+        cfg = core.llm.config
+        cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+        rope = (getattr(cfg, "rope_scaling", None) or {}).get("rope_type", "default")
+        if "dynamic" in rope or rope == "longrope":
+            return f"its rotary embedding ({rope!r}) reads the positions back in every forward"
+        return None
 
     @staticmethod
     def of(core) -> "DecodeGraphs":
@@ -359,8 +372,15 @@ class DecodeGraphs:
         return graphs
 
     def decode(self, prompts: list[LLMInputs], grammar, lean: bool | None) -> BatchDecodeResult:
-        core = self.core
+        why = self.unsupported(self.core)
+        if why is not None:
+            raise ValueError(f"this model's decode cannot be captured as a CUDA graph: {why}")
         device = prompts[0].embeds.device
+        with self.lock, (torch.cuda.device(device) if device.type == "cuda" else _nothing()):
+            return self._decode(prompts, grammar, lean, device)
+
+    def _decode(self, prompts: list[LLMInputs], grammar, lean: bool | None, device: torch.device) -> BatchDecodeResult:
+        core = self.core
         if lean is None:
             lean = device.type == "cpu"
         dg = DeviceGrammar.build(grammar, device)
@@ -372,16 +392,24 @@ class DecodeGraphs:
         mask = torch.nn.functional.pad(inputs.attention_mask, (extra, 0))
         prefix = inputs.prefix_len.to(device) + extra  # the prefix is counted in columns, pads included
         key = (len(prompts), cols, embeds.dtype, str(device), id(grammar), bool(lean))
-        params = tuple(t.data_ptr() for t in core.llm.parameters())
+        params = tuple(t.data_ptr() for t in (*core.llm.parameters(), *core.llm.buffers()))
         entry = self.entries.get(key)
         if entry is None or not entry.valid(grammar, params):
-            self.entries.pop(key, None)
+            # The weights moved or changed: every entry that reads the old ones goes (their memory first).
+            for k in [k for k, e in self.entries.items() if k == key or not e.valid(e.grammar, params)]:
+                del self.entries[k]
             entry = _GraphEntry(core, dg, grammar, start_run, embeds, mask, prefix, lean, params)
             self.entries[key] = entry
             while len(self.entries) > self.CAPACITY:
                 self.entries.popitem(last=False)
         self.entries.move_to_end(key)
         return _rows(*(t.tolist() for t in entry.replay(embeds, mask, prefix)))
+
+
+def _nothing():
+    from contextlib import nullcontext
+
+    return nullcontext()
 
 
 class _GraphEntry:
@@ -399,11 +427,13 @@ class _GraphEntry:
                          embeds.dtype, lean, fixed_shapes=True)
         self.lean = LeanDecoder.build(core) if self.run.weights is not None else None
 
-        def body() -> tuple[torch.Tensor, ...]:
-            self.key_real.zero_()
-            self.key_real[:, :cols] = self.mask.bool()
-            hidden = self.run(self.embeds, 0)
-            return _device_loop(core, dg, self.run, hidden, self.key_real, cols, start_run, 0)
+        key_real, run, in_embeds, in_mask = self.key_real, self.run, self.embeds, self.mask
+
+        def body() -> tuple[torch.Tensor, ...]:  # locals only: no cycle through the entry, freed when dropped
+            key_real.zero_()
+            key_real[:, :cols] = in_mask.bool()
+            hidden = run(in_embeds, 0)
+            return _device_loop(core, dg, run, hidden, key_real, cols, start_run, 0)
 
         self.body = body
         self.graph = None
