@@ -86,3 +86,15 @@ def test_a_projected_state_takes_its_size_from_the_demonstrations(demo, tmp_path
         b = replace(BUDGETS["smoke"], state=state)
         cfg = vla_config(work, b, work / "source_vlm", data, held_out, run_dir=tmp_path / state)
         assert (cfg.data.state, cfg.model.state_dim) == (state, dim)
+
+
+def test_a_seed_changes_the_vla_stages_sample_order(demo, tmp_path):
+    """The VLA stage starts from the source's weights without augmentation, so a seed must reach the sample
+    order (data.shuffle_seed) or seeds train identical models (as the ablation's seeds 1 and 2 once did)."""
+    from vla_scale.demo import BUDGETS, vla_config
+
+    work, _ = demo
+    data, held_out = work / "data" / "train", work / "data" / "held_out"
+    cfgs = [vla_config(work, BUDGETS["smoke"], work / "source_vlm", data, held_out, run_dir=tmp_path / str(s),
+                       seed=s) for s in (0, 1, 2)]
+    assert [(c.train.seed, c.data.shuffle_seed) for c in cfgs] == [(0, 0), (1, 1), (2, 2)]
