@@ -42,6 +42,7 @@ the loop.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -376,7 +377,7 @@ class DecodeGraphs:
         if why is not None:
             raise ValueError(f"this model's decode cannot be captured as a CUDA graph: {why}")
         device = prompts[0].embeds.device
-        with self.lock, (torch.cuda.device(device) if device.type == "cuda" else _nothing()):
+        with self.lock, (torch.cuda.device(device) if device.type == "cuda" else nullcontext()):
             return self._decode(prompts, grammar, lean, device)
 
     def _decode(self, prompts: list[LLMInputs], grammar, lean: bool | None, device: torch.device) -> BatchDecodeResult:
@@ -404,12 +405,6 @@ class DecodeGraphs:
                 self.entries.popitem(last=False)
         self.entries.move_to_end(key)
         return _rows(*(t.tolist() for t in entry.replay(embeds, mask, prefix)))
-
-
-def _nothing():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 class _GraphEntry:
